@@ -1,0 +1,47 @@
+# Everything a fresh machine needs (Python 3.11, Java 17, Maven) is installed by these targets.
+PY     ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBIAN_TOOLS := kcat
+
+.PHONY: demo test lint unit tools up down clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[local,dev]'
+	touch $@
+
+# Debian packages some tests drive for real (kcat reads the broker like a third-party client).
+tools:
+	@missing=""; for t in $(DEBIAN_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## The main job: local Kafka + PostgreSQL + all workers, the bundled samples uploaded, a summary.
+demo: $(BIN)/.installed
+	$(BIN)/ragstream demo
+
+## The whole test suite (lint, types, unit and integration against a real broker and database).
+test: $(BIN)/.installed tools lint
+	$(BIN)/pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check ragstream consumers producers tests
+	$(BIN)/mypy
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest tests/unit
+
+up: $(BIN)/.installed
+	$(BIN)/ragstream stack up
+
+down: $(BIN)/.installed
+	$(BIN)/ragstream stack down
+
+clean:
+	-$(BIN)/ragstream stack down
+	rm -rf .ragstream

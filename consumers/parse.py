@@ -1,0 +1,126 @@
+"""The parse stage: DocumentUploaded → DocumentParsed. Knows nothing of Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from ragstream.parsing import Parser
+from ragstream.store.models import UploadDecision
+
+from consumers.stage import AdvanceStatus, Outcome
+from ragstream.blobs import BlobStore, sha256_hex
+from ragstream.errors import PermanentError
+from ragstream.events import DocumentParsed, DocumentUploaded
+
+
+class ParseStore(Protocol):
+    """What the parse stage needs of the store."""
+
+    async def register_upload(
+        self,
+        document_id: str,
+        tenant_id: str,
+        filename: str | None,
+        content_type: str | None,
+        size_bytes: int | None,
+        sha256: str,
+        source_uri: str | None,
+        metadata: Mapping[str, Any] | None,
+        correlation_id: str | None,
+        uploaded_at: datetime | None,
+        force: bool = False,
+    ) -> UploadDecision: ...
+
+    async def save_parse(
+        self,
+        document_id: str,
+        tenant_id: str,
+        content_sha256: str,
+        parser: str,
+        parser_version: str,
+        markdown: str,
+        page_count: int | None,
+        title: str | None,
+    ) -> bool: ...
+
+    advance_status: AdvanceStatus
+
+
+@dataclass(frozen=True)
+class ParseDeps:
+    store: ParseStore
+    parser: Parser
+    blobs: BlobStore
+
+
+async def read_source(uploaded: DocumentUploaded, blobs: BlobStore) -> bytes:
+    """The document's bytes, inline or from the claim check, verified against its sha256."""
+    if uploaded.content is not None:
+        data = uploaded.content
+        if sha256_hex(data) != uploaded.sha256:
+            raise PermanentError("inline content does not match its sha256")
+        return data
+    if not uploaded.source_uri:
+        raise PermanentError("upload carries neither inline content nor a source_uri")
+    return await asyncio.to_thread(blobs.get, uploaded.source_uri, uploaded.sha256)
+
+
+async def parse(uploaded: DocumentUploaded, deps: ParseDeps) -> Outcome:
+    """Register the upload; parse it unless it duplicates one already in the tenant's store."""
+    decision = await deps.store.register_upload(
+        document_id=uploaded.document_id,
+        tenant_id=uploaded.tenant_id,
+        filename=uploaded.filename,
+        content_type=uploaded.content_type,
+        size_bytes=uploaded.size_bytes,
+        sha256=uploaded.sha256,
+        source_uri=uploaded.source_uri,
+        metadata=dict(uploaded.metadata),
+        correlation_id=uploaded.correlation_id,
+        uploaded_at=uploaded.occurred_at,
+        force=uploaded.force,
+    )
+    if not decision.proceed:
+        return Outcome(None, "duplicate", {"duplicate_of": decision.duplicate_of})
+    data = await read_source(uploaded, deps.blobs)
+    result = await deps.parser.parse(
+        data, filename=uploaded.filename, content_type=uploaded.content_type
+    )
+    content_sha = sha256_hex(result.markdown.encode())
+    await deps.store.save_parse(
+        document_id=uploaded.document_id,
+        tenant_id=uploaded.tenant_id,
+        content_sha256=content_sha,
+        parser=result.parser,
+        parser_version=result.parser_version,
+        markdown=result.markdown,
+        page_count=result.page_count,
+        title=result.title,
+    )
+    await deps.store.advance_status(
+        uploaded.document_id,
+        "parsed",
+        page_count=result.page_count,
+        current_parse_sha256=content_sha,
+    )
+    parsed = DocumentParsed(
+        document_id=uploaded.document_id,
+        tenant_id=uploaded.tenant_id,
+        correlation_id=uploaded.correlation_id,
+        uploaded_at=uploaded.occurred_at,
+        parser=result.parser,
+        parser_version=result.parser_version,
+        source_sha256=uploaded.sha256,
+        content_sha256=content_sha,
+        page_count=result.page_count,
+        char_count=len(result.markdown),
+        title=result.title,
+    )
+    return Outcome(
+        parsed,
+        detail={"pages": result.page_count, "chars": len(result.markdown), "parser": result.parser},
+    )

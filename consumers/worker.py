@@ -1,0 +1,174 @@
+"""Assembling and running stage workers: `ragstream worker parse|chunk|embed|all`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from ragstream.chunking import Chunker
+from ragstream.embedding import LocalEmbedder
+from ragstream.parsing import LocalParser
+from ragstream.tokens import get_tokenizer
+
+from consumers.chunk import ChunkDeps, chunk
+from consumers.embed import EmbedDeps, embed
+from consumers.parse import ParseDeps, parse
+from consumers.runtime import StageHandler, StageRunner
+from consumers.stage import Outcome, RecordContext
+from ragstream.blobs import BlobStore
+from ragstream.codec import Codec
+from ragstream.events import DocumentChunked, DocumentEvent, DocumentParsed, DocumentUploaded, Event
+from ragstream.settings import Settings
+from ragstream.store import Store
+from ragstream.store.migrate import migrate
+from ragstream.topology import Stage
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class JourneyRecorder:
+    """Writes each step of a document's journey, and its failure, to PostgreSQL."""
+
+    store: Store
+
+    async def step_done(
+        self,
+        event: DocumentEvent,
+        stage: Stage,
+        outcome: Outcome,
+        attempt: int,
+        started_at: datetime,
+        finished_at: datetime,
+    ) -> None:
+        await self.store.record_step(
+            document_id=event.document_id,
+            tenant_id=event.tenant_id,
+            stage=stage.value,
+            input_event_id=str(event.event_id),
+            outcome=outcome.status,
+            attempt=attempt,
+            started_at=started_at,
+            finished_at=finished_at,
+            detail=outcome.detail,
+            correlation_id=event.correlation_id,
+        )
+
+    async def step_failed(
+        self,
+        event: DocumentEvent,
+        stage: Stage,
+        error: BaseException,
+        attempt: int,
+        started_at: datetime,
+        finished_at: datetime,
+        *,
+        final: bool,
+    ) -> None:
+        reason = f"{stage.value}: {type(error).__name__}: {error}"
+        await self.store.record_step(
+            document_id=event.document_id,
+            tenant_id=event.tenant_id,
+            stage=stage.value,
+            input_event_id=str(event.event_id),
+            outcome="failed" if final else "retry",
+            attempt=attempt,
+            started_at=started_at,
+            finished_at=finished_at,
+            detail={"error_class": type(error).__name__, "error": str(error)[:2000]},
+            correlation_id=event.correlation_id,
+        )
+        if final:
+            await self.store.advance_status(
+                event.document_id, "failed", reason=reason[:2000], stage=stage.value
+            )
+
+
+def _typed(kind: type[Event], fn: Callable[[Any], Awaitable[Outcome]]) -> StageHandler:
+    async def handler(event: Event, ctx: RecordContext) -> Outcome:
+        if not isinstance(event, kind):
+            from ragstream.errors import PermanentError
+
+            raise PermanentError(f"expected {kind.__name__}, got {type(event).__name__}")
+        return await fn(event)
+
+    return handler
+
+
+def build_handler(stage: Stage, settings: Settings, store: Store) -> StageHandler:
+    if stage is Stage.PARSE:
+        deps_p = ParseDeps(
+            store=store,  # type: ignore[arg-type]
+            parser=LocalParser(settings.parse),
+            blobs=BlobStore(settings.blob_root(), settings.blobs.allowed_roots),
+        )
+        return _typed(DocumentUploaded, lambda e: parse(e, deps_p))
+    if stage is Stage.CHUNK:
+        deps_c = ChunkDeps(store=store, chunker=Chunker(settings.chunk, get_tokenizer()))  # type: ignore[arg-type]
+        return _typed(DocumentParsed, lambda e: chunk(e, deps_c))
+    deps_e = EmbedDeps(
+        store=store,  # type: ignore[arg-type]
+        embedder=LocalEmbedder(settings.embed.dimensions),
+        batch_size=settings.embed.batch_size,
+    )
+    return _typed(DocumentChunked, lambda e: embed(e, deps_e))
+
+
+async def run_workers(
+    settings: Settings,
+    stages: list[Stage],
+    *,
+    concurrency: int = 1,
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = False,
+    started: Callable[[list[StageRunner]], None] | None = None,
+) -> list[StageRunner]:
+    """Run the given stages in this process until `stop` is set (or SIGTERM/SIGINT)."""
+    stop = stop or asyncio.Event()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    async with AsyncExitStack() as stack:
+        store = await Store.connect(
+            settings.postgres.dsn(),
+            min_size=settings.postgres.pool_min_size,
+            max_size=settings.postgres.pool_max_size,
+        )
+        stack.push_async_callback(store.close)
+        await store.ensure_vector_index(settings.embed.dimensions)
+        codec = Codec()
+        recorder = JourneyRecorder(store)
+        runners = [
+            StageRunner(
+                settings,
+                stage,
+                build_handler(stage, settings, store),
+                codec,
+                recorder,
+                concurrency=concurrency,
+            )
+            for stage in stages
+        ]
+        if started:
+            started(runners)
+        tasks = [asyncio.create_task(r.run(stop), name=f"stage-{r.stage.value}") for r in runners]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    stop.set()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    raise task.exception()  # type: ignore[misc]
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+    return runners

@@ -1,0 +1,207 @@
+"""Publishing uploads: files and directories to `<prefix>.documents.uploaded`.
+
+Bytes go to the blob store and the event carries a claim check (`source_uri` + `sha256`);
+files up to `blobs.inline_limit_bytes` travel inline. Other Python systems use `Uploader`;
+systems in other languages follow `schemas/README.md`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
+from ragstream.parsing import detect_content_type
+
+from ragstream.blobs import BlobStore, sha256_hex
+from ragstream.codec import Codec
+from ragstream.errors import PermanentError, RetryableError
+from ragstream.events import DocumentUploaded
+from ragstream.settings import Settings
+from ragstream.topology import Topology
+
+log = structlog.get_logger(__name__)
+
+
+class UploadRejected(PermanentError):
+    """A file that will not be published: missing, empty, too large or of an unknown type."""
+
+
+@dataclass(frozen=True)
+class UploadReceipt:
+    filename: str
+    document_id: str
+    correlation_id: str
+    tenant_id: str
+    sha256: str
+    size_bytes: int
+    content_type: str
+    inline: bool
+
+
+@dataclass(frozen=True)
+class Rejection:
+    path: str
+    reason: str
+
+
+def collect_files(
+    paths: Iterable[Path], include: Iterable[str] = ()
+) -> tuple[list[Path], list[Rejection]]:
+    """Expand directories recursively (hidden files skipped), keeping names that match `include`."""
+    patterns = list(include)
+    files: list[Path] = []
+    missing: list[Rejection] = []
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                rel = child.relative_to(path)
+                if child.is_file() and not any(p.startswith(".") for p in rel.parts):
+                    if not patterns or any(fnmatch.fnmatch(child.name, p) for p in patterns):
+                        files.append(child)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(Rejection(str(path), "no such file or directory"))
+    return files, missing
+
+
+class Uploader:
+    """Publishes DocumentUploaded events. Use as `async with Uploader(settings) as up:`."""
+
+    def __init__(self, settings: Settings, codec: Codec | None = None) -> None:
+        self.settings = settings
+        self.codec = codec or Codec()
+        self.topic = Topology(settings.kafka.topic_prefix).uploaded
+        self.blobs = BlobStore(settings.blob_root(), settings.blobs.allowed_roots)
+        self._producer = AIOKafkaProducer(
+            **settings.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=10
+        )
+
+    async def __aenter__(self) -> Uploader:
+        try:
+            await self._producer.start()
+        except KafkaConnectionError as exc:
+            await self._producer.stop()
+            raise RetryableError(
+                f"cannot reach Kafka at {self.settings.kafka.bootstrap_servers}: {exc}"
+            ) from exc
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._producer.stop()
+
+    def check(self, data: bytes, filename: str) -> str:
+        """Refuse what cannot be processed; return the content type."""
+        if not data:
+            raise UploadRejected(f"{filename}: file is empty")
+        limit = self.settings.blobs.max_upload_bytes
+        if len(data) > limit:
+            raise UploadRejected(
+                f"{filename}: {len(data)} bytes is over the upload limit of {limit} bytes"
+            )
+        try:
+            return detect_content_type(filename, data)
+        except PermanentError as exc:
+            raise UploadRejected(f"{filename}: {exc}") from None
+
+    async def upload_bytes(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        tenant_id: str,
+        metadata: Mapping[str, str] | None = None,
+        force: bool = False,
+        document_id: str | None = None,
+        correlation_id: str | None = None,
+        source_system: str | None = "ragstream-cli",
+    ) -> UploadReceipt:
+        content_type = self.check(data, filename)
+        digest = sha256_hex(data)
+        inline = len(data) <= self.settings.blobs.inline_limit_bytes
+        event = DocumentUploaded(
+            document_id=document_id or str(uuid.uuid4()),
+            tenant_id=tenant_id,
+            correlation_id=correlation_id or str(uuid.uuid4()),
+            filename=filename,
+            content_type=content_type,
+            size_bytes=len(data),
+            sha256=digest,
+            source_uri=None if inline else self.blobs.put(data, digest),
+            content=data if inline else None,
+            metadata=dict(metadata or {}),
+            force=force,
+            source_system=source_system,
+        )
+        await self._producer.send_and_wait(
+            self.topic,
+            self.codec.encode(event),
+            key=event.document_id.encode(),
+            headers=self.codec.headers_for(event),
+        )
+        log.info(
+            "uploaded",
+            document_id=event.document_id,
+            filename=filename,
+            correlation_id=event.correlation_id,
+            bytes=len(data),
+            inline=inline,
+        )
+        return UploadReceipt(
+            filename,
+            event.document_id,
+            event.correlation_id,
+            tenant_id,
+            digest,
+            len(data),
+            content_type,
+            inline,
+        )
+
+    async def upload_file(self, path: Path, **kwargs: object) -> UploadReceipt:
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise UploadRejected(f"{path}: no such file") from None
+        except OSError as exc:
+            raise UploadRejected(f"{path}: cannot read: {exc.strerror}") from None
+        return await self.upload_bytes(data, path.name, **kwargs)  # type: ignore[arg-type]
+
+
+async def upload_paths(
+    settings: Settings,
+    paths: Iterable[Path],
+    *,
+    tenant_id: str,
+    metadata: Mapping[str, str] | None = None,
+    include: Iterable[str] = (),
+    force: bool = False,
+) -> tuple[list[UploadReceipt], list[Rejection]]:
+    """Upload every file under `paths`; refused files are reported, the rest still go."""
+    files, rejected = collect_files(paths, include)
+    receipts: list[UploadReceipt] = []
+    async with Uploader(settings) as uploader:
+        for path in files:
+            try:
+                receipts.append(
+                    await uploader.upload_file(
+                        path, tenant_id=tenant_id, metadata=metadata, force=force
+                    )
+                )
+            except UploadRejected as exc:
+                log.warning("upload refused", path=str(path), reason=str(exc))
+                rejected.append(Rejection(str(path), str(exc)))
+    return receipts, rejected

@@ -1,0 +1,114 @@
+"""Topic administration: create the topology idempotently and describe it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
+
+from ragstream.errors import InfrastructureError, RetryableError
+from ragstream.settings import Settings
+from ragstream.topology import Topology
+
+_TOPIC_ALREADY_EXISTS = 36
+SHOWN_CONFIGS = ("cleanup.policy", "retention.ms", "min.compaction.lag.ms")
+
+
+@dataclass(frozen=True)
+class TopicState:
+    name: str
+    partitions: int
+    replication_factor: int
+    config: dict[str, str]
+    action: str = ""  # created | exists | exists (N partitions, wanted M)
+
+
+@asynccontextmanager
+async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
+    client = AIOKafkaAdminClient(**settings.kafka.client_options())
+    try:
+        await client.start()
+    except KafkaConnectionError as exc:
+        await client.close()
+        raise RetryableError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def ensure_topics(settings: Settings) -> list[TopicState]:
+    """Create every topic of the topology that does not exist yet. Never alters existing ones."""
+    topology = Topology(settings.kafka.topic_prefix)
+    specs = topology.topics(settings.kafka.partitions)
+    async with admin_client(settings) as admin:
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        s.name,
+                        s.partitions,
+                        settings.kafka.replication_factor,
+                        topic_configs=s.config,
+                    )
+                    for s in missing
+                ]
+            )
+            for topic, code, message in response.topic_errors:
+                if code and code != _TOPIC_ALREADY_EXISTS:
+                    err = for_code(code)
+                    raise InfrastructureError(
+                        f"cannot create topic {topic}: {err.__name__}: {message}"
+                    )
+        states = await _describe(admin, [s.name for s in specs])
+    created = {s.name for s in missing}
+    wanted = {s.name: s.partitions for s in specs}
+    out = []
+    for st in states:
+        if st.name in created:
+            action = "created"
+        elif st.partitions != wanted[st.name]:
+            action = f"exists ({st.partitions} partitions, config asks {wanted[st.name]})"
+        else:
+            action = "exists"
+        out.append(TopicState(st.name, st.partitions, st.replication_factor, st.config, action))
+    return out
+
+
+async def describe_topics(settings: Settings) -> list[TopicState]:
+    """The topology's topics as the broker sees them (missing ones are left out)."""
+    topology = Topology(settings.kafka.topic_prefix)
+    names = [s.name for s in topology.topics(settings.kafka.partitions)]
+    async with admin_client(settings) as admin:
+        existing = set(await admin.list_topics())
+        return await _describe(admin, [n for n in names if n in existing])
+
+
+async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> list[TopicState]:
+    if not names:
+        return []
+    meta = {t["topic"]: t for t in await admin.describe_topics(names)}
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
+    )
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.resources:
+            error_code, _msg, _rtype, rname, entries = resource[:5]
+            if error_code:
+                raise KafkaError(f"describe configs of {rname} failed: code {error_code}")
+            configs[rname] = {e[0]: e[1] for e in entries if e[0] in SHOWN_CONFIGS}
+    out = []
+    for name in names:
+        parts = meta[name]["partitions"]
+        rf = len(parts[0]["replicas"]) if parts else 0
+        out.append(TopicState(name, len(parts), rf, configs.get(name, {})))
+    return out

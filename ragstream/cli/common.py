@@ -1,0 +1,48 @@
+"""Shared pieces of the CLI: consoles, settings, and running an async operation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from ragstream.errors import ConfigError, RagstreamError
+from ragstream.logs import configure_logging
+from ragstream.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise fail(str(exc), EXIT_CONFIG) from None
+    configure_logging(settings.observability.log_level, settings.observability.log_format)
+    return settings
+
+
+def run(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """Run an async operation; turn ragstream's errors into one line and an exit code."""
+    try:
+        return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise fail(str(exc), EXIT_CONFIG) from None
+    except RagstreamError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

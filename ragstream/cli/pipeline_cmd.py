@@ -1,0 +1,154 @@
+"""Pipeline commands: `worker`, `upload`, `doc`, `search`, `db migrate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ragstream.cli.common import console, fail, run, settings_or_exit
+from ragstream.topology import Stage
+
+db_app = typer.Typer(help="The PostgreSQL store.", no_args_is_help=True)
+
+STAGE_CHOICES = [s.value for s in Stage] + ["all"]
+
+
+def worker(
+    stage: Annotated[str, typer.Argument(help="parse | chunk | embed | all")],
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=64, help="Partitions handled at once.")
+    ] = 1,
+) -> None:
+    """Run a stage worker (a member of the stage's consumer group) until SIGTERM/SIGINT."""
+    if stage not in STAGE_CHOICES:
+        raise fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
+    from consumers.worker import run_workers
+
+    settings = settings_or_exit()
+    stages = list(Stage) if stage == "all" else [Stage(stage)]
+    run(run_workers, settings, stages, concurrency=concurrency, handle_signals=True)
+
+
+def _parse_metadata(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise fail(f"--metadata {item!r}: expected key=value")
+        out[key] = value
+    return out
+
+
+def upload(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories (recursive).")],
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant the documents belong to.")],
+    metadata: Annotated[
+        list[str], typer.Option("--metadata", "-m", help="key=value, repeatable.")
+    ] = [],  # noqa: B006
+    include: Annotated[
+        list[str], typer.Option("--include", "-i", help="Glob on file names, repeatable.")
+    ] = [],  # noqa: B006
+    force: Annotated[
+        bool, typer.Option(help="Process even if the tenant already has these bytes.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the documents to 'embedded' and print a table.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600.0,
+) -> None:
+    """Publish documents to the uploaded topic."""
+    from producers.upload import upload_paths
+
+    settings = settings_or_exit()
+    meta = _parse_metadata(metadata)
+    receipts, rejected = run(
+        upload_paths, settings, paths, tenant_id=tenant, metadata=meta, include=include, force=force
+    )
+    for refusal in rejected:
+        console.print(f"[yellow]refused[/] {refusal.reason}", highlight=False)
+    console.print(f"published {len(receipts)} document(s) for tenant {tenant!r}")
+    if wait and receipts:
+        from producers.wait import result_table, wait_for_documents
+
+        results = run(wait_for_documents, settings, [r.document_id for r in receipts], timeout)
+        console.print(result_table(receipts, results))
+        if any(r.status not in ("embedded", "duplicate") for r in results.values()):
+            raise typer.Exit(1)
+    elif not wait:
+        for r in receipts:
+            console.print(f"  {r.document_id}  {r.filename}", highlight=False)
+    if rejected and not receipts:
+        raise typer.Exit(1)
+
+
+def doc(
+    identifier: Annotated[str, typer.Argument(help="Document id or correlation id.")],
+) -> None:
+    """Show one document's journey: each stage, when, how long, what came out."""
+    from ragstream.store import Store
+
+    settings = settings_or_exit()
+
+    async def load() -> Any:
+        async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=2) as store:
+            return await store.journey(identifier)
+
+    journey = run(load)
+    if journey is None:
+        raise fail(f"no document with id or correlation id {identifier!r}")
+    d = journey.document
+    reason = f" ({d.status_reason})" if d.status_reason else ""
+    console.print(
+        f"[bold]{d.filename}[/]  document {d.document_id}  tenant {d.tenant_id}\n"
+        f"status [bold]{d.status}[/]{reason}  sha256 {d.sha256[:16]}  correlation {d.correlation_id}",
+        highlight=False,
+    )
+    table = Table(title="journey")
+    for col in ("stage", "outcome", "attempt", "started", "ms", "detail"):
+        table.add_column(col)
+    for step in journey.steps:
+        detail = ", ".join(f"{k}={v}" for k, v in step.detail.items())
+        table.add_row(
+            step.stage,
+            step.outcome,
+            str(step.attempt),
+            step.started_at.isoformat(timespec="milliseconds"),
+            f"{step.duration_ms:.1f}",
+            detail,
+        )
+    console.print(table)
+
+
+def search(
+    question: Annotated[str, typer.Argument(help="What to look for.")],
+    tenant: Annotated[str, typer.Option("--tenant", "-t")],
+    k: Annotated[int, typer.Option("-k", min=1, max=100, help="How many chunks.")] = 5,
+) -> None:
+    """Embed the question like the stored chunks and print the nearest ones."""
+    from ragstream.search import search_chunks
+
+    settings = settings_or_exit()
+    hits = run(search_chunks, settings, question, tenant, k)
+    if not hits:
+        console.print(f"no embedded chunks for tenant {tenant!r}")
+        raise typer.Exit(1)
+    table = Table(title=f"nearest chunks for {question!r} (tenant {tenant})")
+    for col in ("score", "document", "heading path", "snippet"):
+        table.add_column(col, overflow="fold")
+    for hit in hits:
+        snippet = " ".join(hit.text.split())[:160]
+        table.add_row(f"{hit.score:.3f}", hit.filename, " > ".join(hit.heading_path), snippet)
+    console.print(table)
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending SQL migrations (also done on every worker start)."""
+    from ragstream.store.migrate import migrate
+
+    settings = settings_or_exit()
+    applied = run(migrate, settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    console.print(f"migrations applied: {', '.join(applied) if applied else 'none pending'}")

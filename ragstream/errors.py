@@ -1,0 +1,51 @@
+"""ragstream's exception tree. Each class says what the caller must do.
+
+    RagstreamError                  base of everything ragstream raises on purpose
+    ├── ConfigError                 a setting is wrong: stop start-up, name the key
+    ├── RetryableError              may pass if tried again (timeouts, 429/5xx, lost connections)
+    ├── PermanentError              will never pass (validation, corrupt or unsupported input, 4xx)
+    │   └── DecodeError             bytes that are not a ragstream event (poison pill)
+    ├── BudgetExceeded              not a failure: wait until the budget window allows the call
+    └── InfrastructureError         a local service (broker, database) could not be started/reached
+
+Other libraries' errors are translated into these at the boundary; one piece of code (the
+consumer runtime) reads them.
+"""
+
+from __future__ import annotations
+
+
+class RagstreamError(Exception):
+    """Base of every error ragstream raises on purpose."""
+
+    retryable: bool = False
+
+
+class ConfigError(RagstreamError):
+    """A configuration value is wrong. The message names the key."""
+
+
+class RetryableError(RagstreamError):
+    """A failure that may pass: retry with backoff, then dead-letter."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(RagstreamError):
+    """A failure that cannot pass: dead-letter at once."""
+
+
+class DecodeError(PermanentError):
+    """Bytes that do not decode as a ragstream event: a poison pill."""
+
+
+class BudgetExceeded(RagstreamError):
+    """The call would exceed the budget: pause, do not fail."""
+
+
+class InfrastructureError(RagstreamError):
+    """A local service could not be started or reached."""

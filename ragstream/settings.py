@@ -1,0 +1,357 @@
+"""Settings: `config/ragstream.toml` defaults, then an optional file named by
+`RAGSTREAM_CONFIG`, then `RAGSTREAM_*` environment variables (nested with `__`, e.g.
+`RAGSTREAM_KAFKA__PARTITIONS=24`). Secrets (`SecretStr` fields) come only from the environment.
+
+Build once with `load_settings()` at the entry point and pass the object down.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ragstream.errors import ConfigError
+from ragstream.events import ServiceMode
+from ragstream.resources import config_dir
+
+Port = int  # validated by Field(ge=1, le=65535) where used
+
+
+# How a paid service is served: the real API, the local provider, or real with local fallback.
+Mode = ServiceMode
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = Field("ragstream", pattern=r"^[A-Za-z0-9._-]+$")
+    partitions: int = Field(12, ge=1, le=1000)
+    replication_factor: int = Field(1, ge=1, le=16)
+    client_id: str = "ragstream"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    session_timeout_ms: int = Field(45_000, ge=1_000)
+    request_timeout_ms: int = Field(40_000, ge=1_000)
+
+    def client_options(self) -> dict[str, Any]:
+        """Options every aiokafka client takes: servers, client id and security pass-through."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username
+            if self.sasl_password is not None:
+                opts["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        return opts
+
+
+class PostgresSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(5433, ge=1, le=65535)
+    database: str = "ragstream"
+    user: str = "postgres"
+    password: SecretStr | None = None
+    pool_min_size: int = Field(1, ge=0)
+    pool_max_size: int = Field(10, ge=1)
+    url: str | None = None  # a full DSN wins over the fields above (password still from env)
+
+    def dsn(self) -> str:
+        """The connection string, password included (never log this)."""
+        if self.url:
+            return self.url
+        auth = self.user
+        if self.password is not None:
+            from urllib.parse import quote
+
+            auth += ":" + quote(self.password.get_secret_value(), safe="")
+        return f"postgresql://{auth}@{self.host}:{self.port}/{self.database}"
+
+    def redacted_dsn(self) -> str:
+        if self.url:
+            from urllib.parse import urlsplit, urlunsplit
+
+            parts = urlsplit(self.url)
+            if parts.password:
+                netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+                return urlunsplit(parts._replace(netloc=netloc))
+            return self.url
+        auth = self.user + (":***" if self.password is not None else "")
+        return f"postgresql://{auth}@{self.host}:{self.port}/{self.database}"
+
+
+class LocalStackSettings(_Section):
+    """The no-Docker local stack: a Kafka broker from Maven Central jars and pgserver's PostgreSQL."""
+
+    data_dir: Path = Path(".ragstream")
+    # kafka_port and postgres_port default to the ports in kafka.bootstrap_servers and
+    # postgres.port, so clients and the local servers agree unless told otherwise.
+    kafka_version: str = Field("4.3.1", pattern=r"^4\.\d+\.\d+$")
+    kafka_port: int = Field(9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(9093, ge=1, le=65535)
+    kafka_heap: str = Field("512m", pattern=r"^\d+[mMgG]$")
+    postgres_port: int = Field(5433, ge=1, le=65535)
+    postgres_system_user: str = "ragstream-pg"
+    start_timeout_s: float = Field(90.0, gt=0)
+
+
+class BlobSettings(_Section):
+    root: Path | None = None  # default: <local.data_dir>/blobs
+    inline_limit_bytes: int = Field(64 * 1024, ge=0, le=512 * 1024)
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    allowed_roots: list[Path] = Field(default_factory=list)
+
+
+class LlamaParseSettings(_Section):
+    mode: Mode = Mode.LOCAL
+    base_url: str = "https://api.cloud.llamaindex.ai"
+    api_key: SecretStr | None = None
+    tier: str = "cost_effective"
+    max_jobs_in_flight: int = Field(16, ge=1)
+    job_timeout_s: float = Field(1800.0, gt=0)
+    poll_interval_s: float = Field(2.0, gt=0)
+
+
+class OpenAISettings(_Section):
+    mode: Mode = Mode.LOCAL
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    model: str = "text-embedding-3-small"
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class ServicesSettings(_Section):
+    llamaparse: LlamaParseSettings = LlamaParseSettings()
+    openai: OpenAISettings = OpenAISettings()
+
+
+class ParseSettings(_Section):
+    max_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    max_pages: int = Field(2000, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class ChunkSettings(_Section):
+    max_tokens: int = Field(400, ge=16)
+    overlap_tokens: int = Field(40, ge=0)
+
+    @field_validator("overlap_tokens")
+    @classmethod
+    def _overlap_below_max(cls, v: int, info: Any) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and v >= max_tokens:
+            raise ValueError(f"must be smaller than chunk.max_tokens ({max_tokens})")
+        return v
+
+
+class EmbedSettings(_Section):
+    dimensions: int = Field(512, ge=8, le=2000)  # pgvector's HNSW index allows up to 2000
+    batch_size: int = Field(256, ge=1, le=2048)
+
+
+class BudgetSettings(_Section):
+    daily_usd: Decimal = Field(Decimal("5.00"), ge=0)
+    hourly_requests: int = Field(100, ge=0)
+    warn_ratio: float = Field(0.8, gt=0, lt=1)
+
+
+class RetrySettings(_Section):
+    base_s: float = Field(1.0, gt=0)
+    factor: float = Field(2.0, ge=1)
+    cap_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+
+
+class ObservabilitySettings(_Section):
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)  # 0: pick a free port
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """Everything ragstream can be told. Nested sections mirror `config/ragstream.toml`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGSTREAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    local: LocalStackSettings = LocalStackSettings()
+    blobs: BlobSettings = BlobSettings()
+    services: ServicesSettings = ServicesSettings()
+    parse: ParseSettings = ParseSettings()
+    chunk: ChunkSettings = ChunkSettings()
+    embed: EmbedSettings = EmbedSettings()
+    budgets: BudgetSettings = BudgetSettings()
+    retry: RetrySettings = RetrySettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_ports_follow_clients(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        local = dict(data.get("local") or {})
+        kafka = data.get("kafka") or {}
+        postgres = data.get("postgres") or {}
+        if "kafka_port" not in local and isinstance(kafka, dict):
+            first = str(kafka.get("bootstrap_servers", "127.0.0.1:9092")).split(",")[0]
+            port = first.rsplit(":", 1)[-1]
+            if port.isdigit():
+                local["kafka_port"] = int(port)
+        if "postgres_port" not in local and isinstance(postgres, dict) and "port" in postgres:
+            local["postgres_port"] = postgres["port"]
+        return {**data, "local": local}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    def blob_root(self) -> Path:
+        return self.blobs.root or self.local.data_dir / "blobs"
+
+
+SECRET_KEYS = (
+    "kafka.sasl_password",
+    "postgres.password",
+    "services.llamaparse.api_key",
+    "services.openai.api_key",
+)
+
+# Short names the tests and the README use for pointing at existing services.
+_SHORTCUTS = {
+    "RAGSTREAM_KAFKA_BOOTSTRAP": ("kafka", "bootstrap_servers"),
+    "RAGSTREAM_DATABASE_URL": ("postgres", "url"),
+}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _check_no_secrets(data: dict[str, Any], path: Path) -> None:
+    for dotted in SECRET_KEYS:
+        node: Any = data
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            env = "RAGSTREAM_" + dotted.upper().replace(".", "__")
+            raise ConfigError(
+                f"{dotted}: secrets are read only from the environment ({env}), not from {path}"
+            )
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Bundled defaults, then the file named by RAGSTREAM_CONFIG, then the shortcut variables."""
+
+    def get_field_value(
+        self, field: Any, field_name: str
+    ) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        default_path = config_dir() / "ragstream.toml"
+        data = _read_toml(default_path)
+        _check_no_secrets(data, default_path)
+        extra = os.environ.get("RAGSTREAM_CONFIG")
+        if extra:
+            extra_data = _read_toml(Path(extra))
+            _check_no_secrets(extra_data, Path(extra))
+            data = _deep_merge(data, extra_data)
+        for env, (section, key) in _SHORTCUTS.items():
+            if os.environ.get(env):
+                data = _deep_merge(data, {section: {key: os.environ[env]}})
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings once. A wrong value raises ConfigError with one line naming the key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = (
+            ""
+            if isinstance(value, dict) or key.endswith(("password", "api_key"))
+            else f" (got {value!r})"
+        )
+        more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"config error: {key}: {err['msg']}{shown}{more}") from None
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data with every secret shown as '***' (or null)."""
+    data = settings.model_dump(mode="json")
+    for dotted in SECRET_KEYS:
+        parts = dotted.split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node[part]
+        if node.get(parts[-1]) is not None:
+            node[parts[-1]] = "***"
+    data["postgres"]["url"] = settings.postgres.redacted_dsn() if settings.postgres.url else None
+    return data

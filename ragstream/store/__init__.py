@@ -1,0 +1,49 @@
+"""The PostgreSQL + pgvector store: documents, their journey, parse results, chunks, embeddings.
+
+It takes and returns plain values (no event classes). Errors come out as ragstream errors:
+RetryableError (connection lost, serialization failure, deadlock, timeout), PermanentError (bad
+data), ConfigError (bad credentials, unknown database, a changed migration).
+"""
+
+from ragstream.store.migrate import (
+    MigrationError,
+    available_migrations,
+    ensure_vector_index,
+    migrate,
+)
+from ragstream.store.models import (
+    OUTCOMES,
+    STAGES,
+    STATUSES,
+    ChunkRow,
+    Document,
+    EmbeddingRow,
+    Journey,
+    ParseResult,
+    SearchHit,
+    Step,
+    Summary,
+    UploadDecision,
+)
+from ragstream.store.postgres import Store, StoreTx
+
+__all__ = [
+    "OUTCOMES",
+    "STAGES",
+    "STATUSES",
+    "ChunkRow",
+    "Document",
+    "EmbeddingRow",
+    "Journey",
+    "MigrationError",
+    "ParseResult",
+    "SearchHit",
+    "Step",
+    "Store",
+    "StoreTx",
+    "Summary",
+    "UploadDecision",
+    "available_migrations",
+    "ensure_vector_index",
+    "migrate",
+]

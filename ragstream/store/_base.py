@@ -1,0 +1,51 @@
+"""What the store's operation classes share: the connection seam and value checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from pgvector import Vector
+
+from ragstream.errors import PermanentError
+from ragstream.store.models import Document
+
+
+def json_dumps(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def check_vector(vector: Sequence[float], dimensions: int, what: str) -> Vector:
+    if len(vector) != dimensions:
+        raise PermanentError(f"{what}: expected {dimensions} dimensions, got {len(vector)}")
+    values = [float(v) for v in vector]
+    if not all(math.isfinite(v) for v in values):
+        raise PermanentError(f"{what}: a vector holds NaN or infinity")
+    return Vector(values)
+
+
+def check_dimensions(dimensions: int) -> int:
+    if (
+        isinstance(dimensions, bool)
+        or not isinstance(dimensions, int)
+        or not 1 <= dimensions <= 16000
+    ):
+        raise PermanentError(f"dimensions must be an int in 1..16000, got {dimensions!r}")
+    return dimensions
+
+
+def document_from_row(row: Mapping[str, Any]) -> Document:
+    return Document(**dict(row))
+
+
+class OnConnection:
+    """Operations run on the connection `_conn()` yields. `Store` takes a pooled connection per
+    call; `StoreTx` runs everything on its one connection, in its transaction."""
+
+    _can_rerun: bool = True  # after a unique violation, run the call again (see _errors)
+
+    def _conn(self) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError

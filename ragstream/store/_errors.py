@@ -1,0 +1,119 @@
+"""asyncpg's errors translated into ragstream's at the store boundary, in one place.
+
+    lost or refused connection, server shutting down, too many connections,
+    timeouts, lock timeouts, serialization failures, deadlocks, disk full  → RetryableError
+    bad credentials, unknown database                                      → ConfigError
+    bad data (invalid text, wrong vector dimensions, violated constraint)  → PermanentError
+    unique violation                                                       → UniqueViolation
+        (internal: an idempotent write lost a race; `translate_errors` runs it again once,
+         and the second run sees the winner's row; inside a caller's transaction, which
+         is now aborted, it becomes RetryableError so the whole unit is done again)
+
+Errors that are not the database's (a TypeError from a bug) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+
+from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_exc = asyncpg.exceptions
+
+# SQLSTATE classes and codes that may pass if tried again.
+_RETRYABLE_TYPES: tuple[type[BaseException], ...] = (
+    _exc.PostgresConnectionError,  # class 08
+    _exc.TransactionRollbackError,  # class 40: serialization failure, deadlock
+    _exc.InsufficientResourcesError,  # class 53: disk full, out of memory, too many connections
+    _exc.OperatorInterventionError,  # class 57: query canceled (timeout), shutdown, cannot connect now
+    _exc.LockNotAvailableError,  # 55P03: lock_timeout
+    _exc.ReadOnlySQLTransactionError,  # 25006: a failover left us on a replica
+    _exc.InternalClientError,  # protocol trouble inside asyncpg: reconnecting helps
+    ConnectionError,
+    OSError,
+    TimeoutError,  # pool acquire, connect and command timeouts (asyncio.TimeoutError too)
+)
+_CONFIG_TYPES: tuple[type[BaseException], ...] = (
+    _exc.InvalidAuthorizationSpecificationError,  # class 28: bad user or password
+    _exc.InvalidCatalogNameError,  # 3D000: the database does not exist
+)
+_CLOSED_MARKERS = (
+    "connection is closed",
+    "connection was closed",
+    "pool is closed",
+    "pool is closing",
+)
+
+
+class UniqueViolation(RetryableError):
+    """A unique violation inside an idempotent write: another writer won the race."""
+
+
+def translate(exc: BaseException) -> BaseException:
+    """The ragstream error for a database-side exception, or `exc` itself if it is not one."""
+    unchanged = exc  # asyncpg is untyped: isinstance() against it would make `exc` Any
+    if isinstance(exc, RagstreamError):
+        return exc
+    if isinstance(exc, _exc.UniqueViolationError):
+        return UniqueViolation(f"unique violation: {exc}")
+    if isinstance(exc, _CONFIG_TYPES):
+        return ConfigError(f"postgres.url: {type(exc).__name__}: {exc}")
+    if isinstance(exc, _RETRYABLE_TYPES) or isinstance(exc, asyncio.TimeoutError):
+        return RetryableError(f"database unavailable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, _exc.InterfaceError) and not isinstance(exc, _exc.DataError):
+        if any(marker in str(exc) for marker in _CLOSED_MARKERS):
+            return RetryableError(f"database connection lost: {exc}")
+        return unchanged  # a client-side misuse: a bug, not a data problem
+    if isinstance(exc, _exc.UndefinedTableError | _exc.UndefinedFunctionError):
+        return PermanentError(f"the store's schema is missing or old (run migrations): {exc}")
+    if isinstance(exc, _exc.PostgresError):
+        sqlstate: str = getattr(exc, "sqlstate", "?")
+        return PermanentError(
+            f"database rejected the data ({sqlstate} {type(exc).__name__}): {exc}"
+        )
+    if isinstance(exc, _exc.DataError):  # asyncpg could not encode an argument
+        return PermanentError(f"invalid value for the database: {exc}")
+    return exc
+
+
+@contextmanager
+def translating() -> Iterator[None]:
+    """Re-raise database errors as ragstream errors (the cause is kept as __cause__)."""
+    try:
+        yield
+    except BaseException as exc:
+        new = translate(exc)
+        if new is exc:
+            raise
+        raise new from exc
+
+
+def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Decorate a store method: translate errors; run it again once after a unique violation.
+
+    The method's owner says whether it may be re-run through `_can_rerun` (False inside a
+    caller's transaction: that transaction is aborted, so the violation becomes retryable).
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        owner: Any = args[0] if args else None
+        for attempt in (1, 2):
+            try:
+                with translating():
+                    return await fn(*args, **kwargs)
+            except UniqueViolation:
+                if attempt == 2 or not getattr(owner, "_can_rerun", False):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper

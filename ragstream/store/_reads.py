@@ -1,0 +1,148 @@
+"""What a retrieval system and operators read: search, a document's journey, summaries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ragstream.store import _sql as sql
+from ragstream.store._base import OnConnection, check_dimensions, check_vector, document_from_row
+from ragstream.store._errors import translate_errors
+from ragstream.store.models import Document, Journey, SearchHit, Step, Summary
+
+MAX_K = 1000
+# A tenant with fewer candidate embeddings (for the model and dimensions) than this is searched
+# exactly: every vector measured, perfect recall, a few milliseconds. Above it, the HNSW index.
+EXACT_SEARCH_LIMIT = 2000
+
+
+class ReadOperations(OnConnection):
+    """Nearest chunks for a query vector, a document's journey, counts."""
+
+    @translate_errors
+    async def search(
+        self, tenant_id: str, vector: Sequence[float], model: str, dimensions: int, k: int = 5
+    ) -> list[SearchHit]:
+        """The k chunks nearest to `vector` among the tenant's documents, at their current
+        chunker version and embedding model; nearest first.
+
+        A tenant with few embeddings is searched exactly; a larger one through the HNSW index of
+        `dimensions`, with iterative scans, so rows filtered out (other tenants, old versions)
+        do not leave it short of k results."""
+        rows = await self._search_rows(tenant_id, vector, model, dimensions, k, explain=None)
+        return [
+            SearchHit(
+                score=float(r["score"]),
+                document_id=r["document_id"],
+                filename=r["filename"],
+                heading_path=list(r["heading_path"]),
+                chunk_index=r["chunk_index"],
+                text=r["text"],
+                page=r["page"],
+                chunker_version=r["chunker_version"],
+            )
+            for r in rows
+        ]
+
+    @translate_errors
+    async def explain_search(
+        self,
+        tenant_id: str,
+        vector: Sequence[float],
+        model: str,
+        dimensions: int,
+        k: int = 5,
+        *,
+        analyze: bool = False,
+    ) -> str:
+        """The plan PostgreSQL uses for exactly this search (for operators and tests)."""
+        explain = "EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN "
+        rows = await self._search_rows(tenant_id, vector, model, dimensions, k, explain=explain)
+        return "\n".join(r[0] for r in rows)
+
+    async def _search_rows(
+        self,
+        tenant_id: str,
+        vector: Sequence[float],
+        model: str,
+        dimensions: int,
+        k: int,
+        explain: str | None,
+    ) -> list[Any]:
+        query = check_vector(vector, check_dimensions(dimensions), "query")
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be 1..{MAX_K}, got {k}")
+        async with self._conn() as conn, conn.transaction():
+            candidates = await conn.fetchval(
+                sql.SEARCH_CANDIDATES, tenant_id, model, dimensions, EXACT_SEARCH_LIMIT
+            )
+            exact = candidates < EXACT_SEARCH_LIMIT
+            if not exact:
+                await conn.execute(sql.ANN_SETTINGS, str(min(1000, max(40, 2 * k))))
+            statement = (explain or "") + sql.search_sql(dimensions, exact=exact)
+            return list(await conn.fetch(statement, tenant_id, query, model, k))
+
+    @translate_errors
+    async def get_document(self, document_id: str) -> Document | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.GET_DOCUMENT, document_id)
+        return None if row is None else document_from_row(row)
+
+    # -- parse --------------------------------------------------------------------------------
+
+    @translate_errors
+    async def journey(self, document_id_or_correlation_id: str) -> Journey | None:
+        """A document and its steps in order, by document id or (else) correlation id."""
+        key = document_id_or_correlation_id
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.GET_DOCUMENT, key)
+            if row is None:
+                row = await conn.fetchrow(sql.DOCUMENT_BY_CORRELATION, key)
+            if row is None:
+                return None
+            steps = await conn.fetch(sql.STEPS, row["document_id"])
+        return Journey(document=document_from_row(row), steps=[Step(**dict(s)) for s in steps])
+
+    @translate_errors
+    async def summary(self, tenant_id: str | None = None) -> Summary:
+        """Documents by status, pages, chunks, searchable embeddings, duplicates (one tenant or all)."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.SUMMARY, tenant_id)
+        by_status = {str(k): int(v) for k, v in row["by_status"].items()}
+        return Summary(
+            documents=sum(by_status.values()),
+            by_status=by_status,
+            pages=int(row["pages"]),
+            chunks=int(row["chunks"]),
+            embeddings=int(row["embeddings"]),
+            duplicates=by_status.get("duplicate", 0),
+            cached_embeddings=int(row["cached_embeddings"]),
+        )
+
+    @translate_errors
+    async def count_rows(self, tenant_id: str | None = None) -> dict[str, int]:
+        """Rows per table (one tenant's, or all; embedding_cache is shared, so all-tenant only)."""
+        tables = sql.ALL_TABLES if tenant_id is None else sql.TENANT_TABLES
+        where = "" if tenant_id is None else " WHERE tenant_id = $1"
+        args = () if tenant_id is None else (tenant_id,)
+        async with self._conn() as conn:
+            return {
+                t: int(await conn.fetchval(f"SELECT count(*) FROM {t}{where}", *args))
+                for t in tables
+            }
+
+    @translate_errors
+    async def duplicate_rows(self, tenant_id: str | None = None) -> dict[str, int]:
+        """Natural keys held by more than one row, per table (all zero in a healthy store), and
+        `documents_same_content`: a tenant's content held by two originals, neither forced."""
+        tables = sql.ALL_TABLES if tenant_id is None else sql.TENANT_TABLES
+        where = "" if tenant_id is None else " WHERE tenant_id = $1"
+        args = () if tenant_id is None else (tenant_id,)
+        out: dict[str, int] = {}
+        async with self._conn() as conn:
+            for t in tables:
+                key = sql.NATURAL_KEYS[t]
+                query = f"SELECT count(*) FROM (SELECT 1 FROM {t}{where} GROUP BY {key} HAVING count(*) > 1) g"
+                out[t] = int(await conn.fetchval(query, *args))
+            out["documents_same_content"] = int(await conn.fetchval(sql.SAME_CONTENT, tenant_id))
+        return out

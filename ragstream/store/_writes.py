@@ -1,0 +1,344 @@
+"""The store's writes (and the reads the stages do while writing): idempotent upserts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from ragstream.errors import PermanentError
+from ragstream.store import _sql as sql
+from ragstream.store._base import (
+    OnConnection,
+    check_dimensions,
+    check_vector,
+    json_dumps,
+)
+from ragstream.store._errors import translate_errors
+from ragstream.store.models import (
+    FAILURE_STATUSES,
+    OUTCOMES,
+    STAGES,
+    SUCCESS_STATUSES,
+    ChunkRow,
+    EmbeddingRow,
+    ParseResult,
+    UploadDecision,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class WriteOperations(OnConnection):
+    """What the stages write: documents and their status, steps, parses, chunks, embeddings."""
+
+    @translate_errors
+    async def register_upload(
+        self,
+        document_id: str,
+        tenant_id: str,
+        filename: str | None,
+        content_type: str | None,
+        size_bytes: int | None,
+        sha256: str,
+        source_uri: str | None,
+        metadata: Mapping[str, Any] | None,
+        correlation_id: str | None,
+        uploaded_at: datetime | None,
+        force: bool = False,
+    ) -> UploadDecision:
+        """Register a document (idempotent on document_id) and decide whether it is a duplicate.
+
+        A duplicate is a later document of the same tenant with the same sha256 while an earlier
+        one still counts (not failed or dead-lettered); it does not proceed unless `force`.
+        Registrations of the same content are serialised, so of two arriving at once exactly one
+        proceeds. Redelivery returns the same decision; `force` on a registered duplicate turns
+        it into an original.
+        """
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(sql.LOCK_CONTENT, tenant_id, sha256)
+            existing = await conn.fetchrow(sql.EXISTING_UPLOAD, document_id)
+            if existing is None:
+                original = (
+                    None
+                    if force
+                    else await conn.fetchval(sql.ORIGINAL, tenant_id, sha256, document_id)
+                )
+                status = "duplicate" if original else "uploaded"
+                inserted = await conn.fetchval(
+                    sql.INSERT_DOCUMENT,
+                    document_id,
+                    tenant_id,
+                    filename,
+                    content_type,
+                    size_bytes,
+                    sha256,
+                    source_uri,
+                    dict(metadata or {}),
+                    correlation_id,
+                    uploaded_at,
+                    status,
+                    original,
+                    force,
+                    f"duplicate of {original}" if original else None,
+                )
+                if inserted:
+                    return UploadDecision(
+                        proceed=original is None, status=status, duplicate_of=original
+                    )
+                # The same document_id registered at this moment with other content: see below.
+                existing = await conn.fetchrow(sql.EXISTING_UPLOAD, document_id)
+            if existing["tenant_id"] != tenant_id or existing["sha256"] != sha256:
+                raise PermanentError(
+                    f"document_id {document_id} is already registered with another tenant or "
+                    "content; document ids must be unique"
+                )
+            if existing["status"] == "duplicate" and force:
+                await conn.execute(sql.PROMOTE_FORCED, document_id)
+                return UploadDecision(proceed=True, status="uploaded")
+            if existing["status"] == "duplicate":
+                return UploadDecision(False, "duplicate", existing["duplicate_of"])
+            return UploadDecision(proceed=True, status=existing["status"])
+
+    @translate_errors
+    async def advance_status(
+        self,
+        document_id: str,
+        status: str,
+        reason: str | None = None,
+        *,
+        stage: str | None = None,
+        current_parse_sha256: str | None = None,
+        current_chunker_version: str | None = None,
+        current_embedding_model: str | None = None,
+        current_embedding_dimensions: int | None = None,
+        page_count: int | None = None,
+        chunk_count: int | None = None,
+    ) -> bool:
+        """Move a document forward; True if applied. A stale result (a late 'chunked' after
+        'embedded', an embedding of a chunker version the document has left) changes nothing.
+
+        Pass the pointers a stage produced (and the ones it read: `current_parse_sha256` with
+        'chunked', `current_chunker_version` with 'embedded'), so stale results are recognised.
+        A failure ('failed', 'dead-lettered') names its `stage` and counts only while the
+        document has not passed that stage; any later success leaves it again (a redrive).
+        """
+        async with self._conn() as conn:
+            if status in FAILURE_STATUSES:
+                if stage is not None and stage not in STAGES:
+                    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+                row = await conn.fetchval(sql.ADVANCE_FAILURE, document_id, status, reason, stage)
+            elif status in SUCCESS_STATUSES:
+                row = await conn.fetchval(
+                    sql.ADVANCE_SUCCESS,
+                    document_id,
+                    status,
+                    reason,
+                    current_parse_sha256,
+                    current_chunker_version,
+                    current_embedding_model,
+                    current_embedding_dimensions,
+                    page_count,
+                    chunk_count,
+                )
+            else:
+                raise ValueError(f"advance_status cannot set status {status!r}")
+            return bool(row)
+
+    @translate_errors
+    async def record_step(
+        self,
+        document_id: str,
+        tenant_id: str,
+        stage: str,
+        input_event_id: str,
+        outcome: str,
+        attempt: int,
+        started_at: datetime,
+        finished_at: datetime,
+        detail: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Record one stage step of a document's journey (one row per input event and attempt)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        duration_ms = max(0.0, (finished_at - started_at).total_seconds() * 1000)
+        async with self._conn() as conn:
+            await conn.execute(
+                sql.RECORD_STEP,
+                document_id,
+                stage,
+                input_event_id,
+                attempt,
+                tenant_id,
+                outcome,
+                started_at,
+                finished_at,
+                duration_ms,
+                dict(detail or {}),
+                correlation_id,
+            )
+
+    @translate_errors
+    async def save_parse(
+        self,
+        document_id: str,
+        tenant_id: str,
+        content_sha256: str,
+        parser: str,
+        parser_version: str,
+        markdown: str,
+        page_count: int | None,
+        title: str | None,
+    ) -> bool:
+        """Keep a parse result, keyed by its content hash; True if it was new."""
+        async with self._conn() as conn:
+            row = await conn.fetchval(
+                sql.INSERT_PARSE,
+                document_id,
+                content_sha256,
+                tenant_id,
+                parser,
+                parser_version,
+                markdown,
+                page_count,
+                title,
+            )
+        return bool(row)
+
+    @translate_errors
+    async def load_parse(self, document_id: str, content_sha256: str) -> ParseResult | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.LOAD_PARSE, document_id, content_sha256)
+        return (
+            None if row is None else ParseResult(row["markdown"], row["page_count"], row["title"])
+        )
+
+    # -- chunks -------------------------------------------------------------------------------
+
+    @translate_errors
+    async def save_chunks(
+        self,
+        document_id: str,
+        tenant_id: str,
+        chunker_version: str,
+        chunker_settings: Mapping[str, Any],
+        chunks: Sequence[ChunkRow],
+        *,
+        parse_sha256: str | None = None,
+    ) -> int:
+        """Keep a document's chunks for one chunker version; the number of rows written.
+
+        With `parse_sha256` (the parse content they were cut from): when the stored set of this
+        version was cut from another parse and `parse_sha256` is the document's current one, the
+        set (and its embeddings) is replaced; a set cut from a parse the document has left is
+        stale and not written.
+        """
+        if not chunks:
+            return 0
+        async with self._conn() as conn, conn.transaction():
+            if parse_sha256 is not None:
+                state = await conn.fetchrow(sql.CHUNK_SET, document_id, chunker_version)
+                current = state["current"] if state else None
+                stored = [s for s in (state["stored"] or []) if s is not None] if state else []
+                if current is not None and parse_sha256 != current:
+                    log.warning(
+                        "store.chunks.stale",
+                        document_id=document_id,
+                        parse_sha256=parse_sha256,
+                        current=current,
+                    )
+                    return 0
+                if stored and stored != [parse_sha256]:
+                    await conn.execute(sql.DELETE_CHUNK_SET, document_id, chunker_version)
+            status = await conn.execute(
+                sql.INSERT_CHUNKS,
+                document_id,
+                chunker_version,
+                tenant_id,
+                dict(chunker_settings),
+                parse_sha256,
+                [c.index for c in chunks],
+                [c.text for c in chunks],
+                [c.text_sha256 for c in chunks],
+                [json_dumps(list(c.heading_path)) for c in chunks],
+                [c.token_count for c in chunks],
+                [c.char_start for c in chunks],
+                [c.char_end for c in chunks],
+                [c.page for c in chunks],
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
+    @translate_errors
+    async def load_chunks(self, document_id: str, chunker_version: str) -> list[ChunkRow]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.LOAD_CHUNKS, document_id, chunker_version)
+        return [
+            ChunkRow(
+                index=r["chunk_index"],
+                text=r["text"],
+                text_sha256=r["text_sha256"],
+                heading_path=list(r["heading_path"]),
+                token_count=r["token_count"],
+                char_start=r["char_start"],
+                char_end=r["char_end"],
+                page=r["page"],
+            )
+            for r in rows
+        ]
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    @translate_errors
+    async def cached_embeddings(
+        self, model: str, dimensions: int, text_sha256s: Iterable[str]
+    ) -> dict[str, list[float]]:
+        """The cached vectors among these texts (by sha256); each hit is counted."""
+        keys = sorted(set(text_sha256s))
+        if not keys:
+            return {}
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.CACHE_HITS, model, check_dimensions(dimensions), keys)
+        return {r["text_sha256"]: r["embedding"].to_list() for r in rows}
+
+    @translate_errors
+    async def save_embeddings(
+        self,
+        document_id: str,
+        tenant_id: str,
+        chunker_version: str,
+        model: str,
+        dimensions: int,
+        provider: str,
+        rows: Sequence[EmbeddingRow | tuple[int, str, Sequence[float]]],
+    ) -> int:
+        """Keep a document's chunk embeddings and cache them; the number of embedding rows written.
+
+        An embedding whose text_sha256 is not the chunk's current text is not written (a late
+        result for replaced text) but is cached.
+        """
+        check_dimensions(dimensions)
+        if not rows:
+            return 0
+        indexes = [int(r[0]) for r in rows]
+        shas = [str(r[1]) for r in rows]
+        vectors = [check_vector(r[2], dimensions, f"chunk {r[0]}") for r in rows]
+        async with self._conn() as conn, conn.transaction():
+            status = await conn.execute(
+                sql.INSERT_EMBEDDINGS,
+                document_id,
+                chunker_version,
+                model,
+                dimensions,
+                tenant_id,
+                provider,
+                indexes,
+                shas,
+                vectors,
+            )
+            await conn.execute(sql.INSERT_CACHE, model, dimensions, provider, shas, vectors)
+        return int(status.rsplit(" ", 1)[-1])
+
+    # -- reading ------------------------------------------------------------------------------

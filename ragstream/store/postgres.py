@@ -1,0 +1,133 @@
+"""The PostgreSQL + pgvector store: what the stages write and a retrieval system reads.
+
+    store = await Store.connect(dsn)            # or Store.from_settings(settings.postgres)
+    await store.migrate(dimensions=512)         # at worker start: schema + HNSW index
+    decision = await store.register_upload(...)
+    async with store.transaction() as tx:       # several writes, one transaction
+        await tx.save_chunks(...)
+        await tx.advance_status(...)
+
+Every write is an idempotent upsert keyed by what makes the row unique, so redelivery and replay
+leave no duplicates. The store takes plain values, never event objects. asyncpg's errors are
+translated at this boundary (see `_errors`): callers only ever see ragstream errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, cast
+
+import asyncpg
+from pgvector.asyncpg import register_vector
+
+from ragstream.settings import PostgresSettings
+from ragstream.store._base import json_dumps
+from ragstream.store._errors import translating
+from ragstream.store._reads import ReadOperations
+from ragstream.store._writes import WriteOperations
+from ragstream.store.migrate import ensure_vector_index as _ensure_vector_index
+from ragstream.store.migrate import migrate as _migrate
+
+
+async def _init_connection(conn: Any) -> None:
+    """Codecs on every pooled connection: jsonb as Python objects, vector as pgvector.Vector."""
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", encoder=json_dumps, decoder=json.loads, format="text"
+    )
+    try:
+        await register_vector(conn)
+    except ValueError as exc:  # the extension is not there yet: migrate() expires this connection
+        if "unknown type" not in str(exc):
+            raise
+
+
+class StoreTx(WriteOperations, ReadOperations):
+    """The store's operations inside one transaction, on one connection (see Store.transaction)."""
+
+    _can_rerun = False  # the transaction is the unit: a unique violation aborts it → retryable
+
+    def __init__(self, conn: Any) -> None:
+        self._connection = conn
+
+    @asynccontextmanager
+    async def _one(self) -> AsyncIterator[Any]:
+        yield self._connection
+
+    def _conn(self) -> AbstractAsyncContextManager[Any]:
+        return self._one()
+
+
+class Store(WriteOperations, ReadOperations):
+    """An asyncpg pool with the store's operations. Use `await Store.connect(dsn)`."""
+
+    def __init__(self, pool: Any, dsn: str) -> None:
+        self._pool = pool
+        self._dsn = dsn
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        min_size: int = 1,
+        max_size: int = 10,
+        *,
+        command_timeout: float | None = 60.0,
+        connect_timeout: float = 10.0,
+    ) -> Store:
+        """Open the pool; an unreachable server raises RetryableError, bad credentials ConfigError."""
+        with translating():
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                command_timeout=command_timeout,
+                timeout=connect_timeout,
+            )
+        return cls(pool, dsn)
+
+    @classmethod
+    async def from_settings(cls, settings: PostgresSettings) -> Store:
+        return await cls.connect(settings.dsn(), settings.pool_min_size, settings.pool_max_size)
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Close the pool, waiting up to `grace_s` for borrowed connections, then terminating."""
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _conn(self) -> AbstractAsyncContextManager[Any]:
+        return cast(AbstractAsyncContextManager[Any], self._pool.acquire())
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTx]:
+        """`async with store.transaction() as tx:` — tx has the store's operations, all in one
+        transaction, committed at the end of the block (rolled back if it raises)."""
+        with translating():
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield StoreTx(conn)
+
+    async def migrate(self, dimensions: int | Iterable[int] | None = None) -> list[str]:
+        """Apply pending migrations (and ensure HNSW indexes); the versions applied now.
+
+        Runs on a connection of its own (no command timeout: an index build may take long)."""
+        applied = await _migrate(self._dsn, dimensions=dimensions)
+        if applied:  # connections opened before the vector type existed lack its codec
+            with translating():
+                await self._pool.expire_connections()
+        return applied
+
+    async def ensure_vector_index(self, dimensions: int) -> bool:
+        """Create the HNSW index for `dimensions` if missing (idempotent; call at worker start)."""
+        return await _ensure_vector_index(self._dsn, dimensions)

@@ -1,0 +1,120 @@
+"""Topic names, consumer groups and header keys: the one place they are spelled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Stage(StrEnum):
+    PARSE = "parse"
+    CHUNK = "chunk"
+    EMBED = "embed"
+
+
+# Header keys carried by every ragstream record.
+H_EVENT_TYPE = "ragstream.event-type"
+H_CORRELATION_ID = "ragstream.correlation-id"
+H_REPLAY = "ragstream.replay"
+# Retry and dead-letter headers (in the spirit of Kafka Connect's __connect.errors.*).
+H_ATTEMPT = "ragstream.retry.attempt"
+H_DUE_AT = "ragstream.retry.due-at-ms"
+H_ERR_PREFIX = "ragstream.errors."
+
+CONTROL_THROTTLE = "throttle"
+CONTROL_MODE = "mode"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every name derived from one prefix (default `ragstream`)."""
+
+    prefix: str = "ragstream"
+
+    @property
+    def uploaded(self) -> str:
+        return f"{self.prefix}.documents.uploaded"
+
+    @property
+    def parsed(self) -> str:
+        return f"{self.prefix}.documents.parsed"
+
+    @property
+    def chunked(self) -> str:
+        return f"{self.prefix}.documents.chunked"
+
+    @property
+    def embedded(self) -> str:
+        return f"{self.prefix}.documents.embedded"
+
+    @property
+    def cost_usage(self) -> str:
+        return f"{self.prefix}.cost.usage"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}.control"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+    def retry(self, stage: Stage) -> str:
+        return f"{self.prefix}.retry.{stage.value}"
+
+    def input_topic(self, stage: Stage) -> str:
+        return {Stage.PARSE: self.uploaded, Stage.CHUNK: self.parsed, Stage.EMBED: self.chunked}[
+            stage
+        ]
+
+    def output_topic(self, stage: Stage) -> str:
+        return {Stage.PARSE: self.parsed, Stage.CHUNK: self.chunked, Stage.EMBED: self.embedded}[
+            stage
+        ]
+
+    def group(self, name: Stage | str) -> str:
+        """Consumer group of a stage (`<prefix>-parse`) or of another consumer (`<prefix>-cost`)."""
+        return f"{self.prefix}-{name}"
+
+    @staticmethod
+    def control_key(kind: str, service: str, tenant: str | None = None) -> bytes:
+        """Key on the compacted control topic: one live value per kind, service (and tenant)."""
+        return ":".join(p for p in (kind, service, tenant) if p).encode()
+
+    def topics(self, partitions: int) -> list[TopicSpec]:
+        """Every topic the flow needs, with its partition count and configuration."""
+        stage_cfg = {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * 3600 * 1000)}
+        specs = [
+            TopicSpec(self.uploaded, partitions, stage_cfg),
+            TopicSpec(self.parsed, partitions, stage_cfg),
+            TopicSpec(self.chunked, partitions, stage_cfg),
+            TopicSpec(self.embedded, partitions, stage_cfg),
+        ]
+        specs += [TopicSpec(self.retry(s), partitions, stage_cfg) for s in Stage]
+        specs += [
+            TopicSpec(
+                self.cost_usage,
+                partitions,
+                {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3600 * 1000)},
+            ),
+            # Compacted: the latest throttle state and service mode per key, read whole at start.
+            TopicSpec(
+                self.control,
+                1,
+                {
+                    "cleanup.policy": "compact",
+                    "min.compaction.lag.ms": "0",
+                    "segment.ms": "3600000",
+                },
+            ),
+            # Dead letters are kept until an operator purges them.
+            TopicSpec(self.dlq, 3, {"cleanup.policy": "delete", "retention.ms": "-1"}),
+        ]
+        return specs

@@ -1,0 +1,144 @@
+"""Session-wide services for the test suite: one real Kafka broker and one real PostgreSQL.
+
+Both start once per session in a temporary directory (or are taken from
+`RAGSTREAM_KAFKA_BOOTSTRAP` / `RAGSTREAM_DATABASE_URL` when set), wait until ready and are
+stopped at the end. A service that cannot start fails the tests that need it, with its log:
+nothing is skipped. Each test gets its own topic prefix (so its own topics and groups).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from ragstream.errors import InfrastructureError
+from ragstream.local.kafka import LocalKafka
+from ragstream.local.postgres import LocalPostgres
+from ragstream.settings import Settings, load_settings
+
+TEST_DATABASE = "ragstream_test"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def classpath_cache_dir() -> Path:
+    """Where the tests keep Kafka's resolved classpath between sessions (a list of jar paths
+    in ~/.m2; checked jar by jar before use), so a session runs no Maven when warm."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ragstream" / "kafka"
+
+
+@pytest.fixture(scope="session")
+def services_dir() -> Iterator[Path]:
+    """This session's directory for the local services' data and logs, removed at the end.
+
+    In the system temp directory rather than pytest's tmp_path: PostgreSQL's system user must
+    pass through every directory above it, and pytest resets /tmp/pytest-of-<user> to 0700 at
+    the start of every session, so a second pytest run on the machine would lock it out.
+    """
+    path = Path(tempfile.mkdtemp(prefix="ragstream-test-services-"))
+    path.chmod(0o711)  # others may pass through (not list or read)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_kafka(services_dir: Path) -> Iterator[LocalKafka | None]:
+    """The session's own broker, or None when RAGSTREAM_KAFKA_BOOTSTRAP names another."""
+    if os.environ.get("RAGSTREAM_KAFKA_BOOTSTRAP"):
+        yield None
+        return
+    local = load_settings().local
+    kafka = LocalKafka(
+        services_dir,
+        port=free_port(),
+        controller_port=free_port(),
+        version=local.kafka_version,
+        heap=local.kafka_heap,
+        start_timeout_s=local.start_timeout_s,
+        classpath_cache_dir=classpath_cache_dir(),
+    )
+    try:
+        kafka.start()
+    except InfrastructureError as exc:
+        kafka.stop()
+        pytest.fail(f"the test Kafka broker did not start: {exc}", pytrace=False)
+    yield kafka
+    kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_classpath(local_kafka: LocalKafka | None, services_dir: Path) -> list[Path]:
+    """Kafka's jars, for running Kafka's own tools (kafka_tool_command) against the broker."""
+    kafka = local_kafka or LocalKafka(services_dir, classpath_cache_dir=classpath_cache_dir())
+    try:
+        return kafka.ensure_classpath()
+    except InfrastructureError as exc:
+        pytest.fail(f"Kafka's classpath could not be resolved: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(local_kafka: LocalKafka | None) -> str:
+    if local_kafka is None:
+        return os.environ["RAGSTREAM_KAFKA_BOOTSTRAP"]
+    return local_kafka.bootstrap
+
+
+@pytest.fixture(scope="session")
+def local_postgres(services_dir: Path) -> Iterator[LocalPostgres | None]:
+    """The session's own PostgreSQL, or None when RAGSTREAM_DATABASE_URL names another."""
+    if os.environ.get("RAGSTREAM_DATABASE_URL"):
+        yield None
+        return
+    local = load_settings().local
+    postgres = LocalPostgres(
+        services_dir,
+        port=free_port(),
+        system_user=local.postgres_system_user,
+        start_timeout_s=local.start_timeout_s,
+    )
+    try:
+        postgres.start()
+    except InfrastructureError as exc:
+        pytest.fail(f"the test PostgreSQL did not start: {exc}", pytrace=False)
+    yield postgres
+    postgres.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(local_postgres: LocalPostgres | None) -> str:
+    if local_postgres is None:
+        return os.environ["RAGSTREAM_DATABASE_URL"]
+    try:
+        return local_postgres.ensure_database(TEST_DATABASE)
+    except InfrastructureError as exc:
+        pytest.fail(f"the test database could not be created: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix of this test's own: its topics and consumer groups are new."""
+    return f"t{uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, database_url: str, prefix: str, tmp_path: Path) -> Settings:
+    # Init arguments are deep-merged over the TOML defaults: sections keep their other keys.
+    return load_settings(
+        kafka={"bootstrap_servers": kafka_bootstrap, "topic_prefix": prefix, "partitions": 3},
+        postgres={"url": database_url},
+        local={"data_dir": tmp_path / "data"},
+    )

@@ -1,0 +1,253 @@
+"""The no-Docker local services: Kafka from Maven Central jars, PostgreSQL + pgvector.
+
+Most tests use the session's broker and database; the start-up failure tests start small
+instances of their own in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from ragstream.errors import InfrastructureError
+from ragstream.local.kafka import CONSUMER_GROUPS, LocalKafka, kafka_tool_command
+from ragstream.local.postgres import LocalPostgres
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def own_kafka(local_kafka: LocalKafka | None) -> LocalKafka:
+    if local_kafka is None:
+        pytest.skip("about the local broker; RAGSTREAM_KAFKA_BOOTSTRAP names another one")
+    return local_kafka
+
+
+@pytest.fixture
+def own_postgres(local_postgres: LocalPostgres | None) -> LocalPostgres:
+    if local_postgres is None:
+        pytest.skip("about the local PostgreSQL; RAGSTREAM_DATABASE_URL names another one")
+    return local_postgres
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something else listens on for the duration of the test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def _no_subprocess(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError(f"no subprocess expected, got {args!r}")
+
+
+# -- Kafka ----------------------------------------------------------------------------------
+
+
+def test_classpath_is_cached_and_needs_no_maven(
+    own_kafka: LocalKafka, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = own_kafka.ensure_classpath()
+    monkeypatch.setenv("PATH", "/nonexistent")  # no mvn to be found
+    monkeypatch.setattr(subprocess, "run", _no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", _no_subprocess)
+    assert own_kafka.ensure_classpath() == first
+    names = {jar.name for jar in first}
+    version = own_kafka.version
+    assert {f"kafka_2.13-{version}.jar", f"kafka-tools-{version}.jar"} <= names
+    # SLF4J 2 only (1.7 cannot bind to Log4j 2), and the Log4j 2 binding is there.
+    assert [n for n in names if n.startswith("slf4j-api-")] == [
+        next(n for n in names if n.startswith("slf4j-api-2.0."))
+    ]
+    assert any(n.startswith("log4j-slf4j2-impl-2.24.") for n in names)
+
+
+def test_start_again_returns_at_once_with_the_same_broker(own_kafka: LocalKafka) -> None:
+    pid = own_kafka.pid()
+    assert pid is not None and own_kafka.is_running()
+    started = time.monotonic()
+    assert own_kafka.start() == own_kafka.bootstrap
+    assert time.monotonic() - started < 3
+    assert own_kafka.pid() == pid
+    # Another process (a fresh object on the same directory) sees it running too.
+    twin = LocalKafka(own_kafka.data_dir, own_kafka.port, own_kafka.controller_port)
+    assert twin.is_running() and twin.pid() == pid
+
+
+def test_a_taken_port_fails_with_the_broker_log(
+    tmp_path: Path, taken_port: int, own_kafka: LocalKafka
+) -> None:
+    kafka = LocalKafka(
+        tmp_path,
+        port=taken_port,
+        controller_port=free_port(),
+        start_timeout_s=60,
+        classpath_cache_dir=own_kafka.classpath_file.parent,
+    )
+    with pytest.raises(InfrastructureError) as info:
+        kafka.start()
+    message = str(info.value)
+    assert "exited during start-up" in message
+    assert f"port {taken_port}" in message and "already in use" in message
+    assert "Address already in use" in message  # the broker's own log line
+    assert str(kafka.log_path) in message
+    assert not kafka.pid_path.exists() and not kafka.is_running()
+
+
+def test_a_broken_config_fails_fast_with_the_log(tmp_path: Path, own_kafka: LocalKafka) -> None:
+    kafka = LocalKafka(
+        tmp_path,
+        port=free_port(),
+        controller_port=free_port(),
+        heap="1m",  # the JVM refuses to start
+        classpath_cache_dir=own_kafka.classpath_file.parent,
+    )
+    started = time.monotonic()
+    with pytest.raises(InfrastructureError) as info:
+        kafka.start()
+    assert time.monotonic() - started < 30
+    assert "Too small maximum heap" in str(info.value)
+
+
+@pytest.mark.slow
+def test_first_resolution_runs_maven_and_the_next_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kafka = LocalKafka(tmp_path, classpath_cache_dir=tmp_path / "cache")
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def spy(cmd: list[str], *args: Any, **kwargs: Any) -> Any:
+        calls.append(cmd)
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    jars = kafka.ensure_classpath()
+    assert len(calls) == 1 and Path(calls[0][0]).name == "mvn"
+    assert kafka.classpath_file.is_file() and all(j.is_file() for j in jars)
+    assert not (Path(calls[0][calls[0].index("-f") + 1]).parent / "target").exists()
+    assert kafka.ensure_classpath() == jars
+    assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_an_unresolvable_version_fails_with_mavens_output(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, version="4.0.99", classpath_cache_dir=tmp_path)
+    with pytest.raises(InfrastructureError) as info:
+        kafka.ensure_classpath()
+    message = str(info.value)
+    assert "Maven could not resolve Kafka 4.0.99" in message
+    assert "kafka_2.13:jar:4.0.99" in message or "4.0.99" in message.split("\n", 1)[1]
+    assert not kafka.classpath_file.exists()
+
+
+async def test_kafkas_consumer_group_command_lists_our_group(
+    kafka_bootstrap: str, kafka_classpath: list[Path], prefix: str
+) -> None:
+    topic, group = f"{prefix}.tools", f"{prefix}-tools"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"hello", key=b"k")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), 30)
+        assert record.value == b"hello"
+        await consumer.commit()
+    finally:
+        await consumer.stop()
+
+    cmd = kafka_tool_command(
+        kafka_classpath,
+        CONSUMER_GROUPS,
+        ["--bootstrap-server", kafka_bootstrap, "--list"],
+    )
+    done = await asyncio.to_thread(
+        subprocess.run, cmd, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert group in done.stdout.split()
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+async def test_pgvector_hnsw_nearest_neighbours(database_url: str, prefix: str) -> None:
+    table = f"{prefix}_items"
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, embedding vector(3))")
+        await conn.execute(f"CREATE INDEX ON {table} USING hnsw (embedding vector_l2_ops)")
+        rows = [(1, "[1,0,0]"), (2, "[0,1,0]"), (3, "[0,0,1]"), (4, "[0.9,0.1,0]")]
+        await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2::vector)", rows)
+        nearest = await conn.fetch(
+            f"SELECT id FROM {table} ORDER BY embedding <-> $1::vector LIMIT 3", "[1,0.05,0]"
+        )
+        assert [r["id"] for r in nearest] == [1, 4, 2]
+        version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname='vector'")
+        assert version is not None
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
+def test_postgres_start_again_and_ensure_database_are_idempotent(
+    own_postgres: LocalPostgres, database_url: str
+) -> None:
+    pid = own_postgres.pid()
+    assert pid is not None and own_postgres.is_running()
+    started = time.monotonic()
+    own_postgres.start()
+    assert time.monotonic() - started < 3
+    assert own_postgres.pid() == pid
+    assert own_postgres.ensure_database("ragstream_test") == database_url
+    assert own_postgres.dsn("ragstream_test") == database_url
+
+
+def test_postgres_on_a_taken_port_fails_with_the_server_log(
+    services_dir: Path, prefix: str, taken_port: int
+) -> None:
+    # Under services_dir: PostgreSQL's system user can reach it (pytest's tmp_path it cannot).
+    postgres = LocalPostgres(services_dir / prefix, port=taken_port, start_timeout_s=30)
+    with pytest.raises(InfrastructureError) as info:
+        postgres.start()
+    message = str(info.value)
+    assert "PostgreSQL did not start" in message
+    assert "Address already in use" in message  # from the server's log
+    assert str(postgres.log_path) in message
+    assert not postgres.is_running()

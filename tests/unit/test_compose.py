@@ -1,0 +1,105 @@
+"""docker-compose.yml cannot run here (no Docker engine); this keeps it agreeing with the code."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ragstream.cli import app
+from ragstream.settings import load_settings
+from ragstream.topology import Stage
+
+COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _env_default(value: str) -> str:
+    """${VAR:-default} → default, as compose resolves it with VAR unset."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+
+
+def _argv(command: Any) -> list[str]:
+    if isinstance(command, str):
+        return shlex.split(command)
+    if command[:2] == ["sh", "-c"]:
+        return shlex.split(command[2])
+    return list(command)
+
+
+def test_services_and_images_agree_with_config(compose: dict[str, Any]) -> None:
+    settings = load_settings()
+    services = compose["services"]
+    assert {"kafka", "postgres", "init", *(s.value for s in Stage)} <= set(services)
+    assert services["kafka"]["image"] == f"apache/kafka:{settings.local.kafka_version}"
+    assert services["postgres"]["image"].startswith("pgvector/pgvector:pg18")
+    kafka_port = settings.kafka.bootstrap_servers.rsplit(":", 1)[1]
+    assert f"127.0.0.1:{kafka_port}:9092" in services["kafka"]["ports"]
+    assert f"127.0.0.1:{settings.postgres.port}:5432" in services["postgres"]["ports"]
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == settings.postgres.database
+    env = services["kafka"]["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    assert "EXTERNAL://127.0.0.1:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert str(env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]) == "false"
+
+
+def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name != "init":
+            assert "healthcheck" in service, name
+    init_deps = compose["services"]["init"]["depends_on"]
+    assert init_deps["kafka"]["condition"] == "service_healthy"
+    assert init_deps["postgres"]["condition"] == "service_healthy"
+    for stage in Stage:
+        assert compose["services"][stage.value]["depends_on"]["init"]["condition"] == (
+            "service_completed_successfully"
+        )
+
+
+def test_commands_are_real_cli_commands(compose: dict[str, Any]) -> None:
+    runner = CliRunner()
+    commands: list[list[str]] = []
+    for service in compose["services"].values():
+        if "command" not in service:
+            continue
+        argv = _argv(service["command"])
+        # split "a && b" chains
+        chain: list[str] = []
+        for token in [*argv, "&&"]:
+            if token == "&&":
+                commands.append(chain)
+                chain = []
+            else:
+                chain.append(token)
+    ragstream_commands = [c for c in commands if c and c[0] == "ragstream"]
+    assert ["ragstream", "topics", "create"] in ragstream_commands
+    for stage in Stage:
+        assert ["ragstream", "worker", stage.value] in ragstream_commands
+    for argv in ragstream_commands:
+        result = runner.invoke(app, [*argv[1:], "--help"])
+        assert result.exit_code == 0, f"{argv}: {result.output}"
+
+
+def test_worker_environment_is_valid_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = compose["services"]["parse"]["environment"]
+    assert env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:29092"
+    for key, value in env.items():
+        assert key.startswith("RAGSTREAM_"), key
+        monkeypatch.setenv(key, _env_default(value))
+    settings = load_settings()  # raises ConfigError on any unknown key or bad value
+    assert settings.postgres.host == "postgres"
+    assert settings.postgres.port == 5432
+    assert settings.observability.metrics_host == "0.0.0.0"

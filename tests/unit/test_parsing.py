@@ -1,0 +1,255 @@
+"""The local parser: every sample parses right; broken, empty and oversized input is permanent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+from fpdf import FPDF
+
+from ragstream.errors import PermanentError
+from ragstream.parsing import (
+    SUPPORTED_CONTENT_TYPES,
+    LocalParser,
+    ParseResult,
+    decode_text,
+    detect_content_type,
+    normalize_content_type,
+    page_marker,
+)
+from ragstream.samples import SampleInfo, sample_dir, sample_manifest
+from ragstream.settings import ParseSettings
+
+MANIFEST = sample_manifest()
+
+
+def _parser(**limits: float) -> LocalParser:
+    return LocalParser(ParseSettings(**limits))
+
+
+def _bytes(name: str) -> bytes:
+    return (sample_dir() / name).read_bytes()
+
+
+def _pdf(*pages: str, user_password: str | None = None) -> bytes:
+    pdf = FPDF()
+    pdf.set_creation_date(dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    if user_password is not None:
+        pdf.set_encryption(owner_password="owner-secret", user_password=user_password)
+    for text in pages:
+        pdf.add_page()
+        if text:
+            pdf.set_font("Helvetica", "", 11)
+            pdf.multi_cell(0, 6, text, new_x="LMARGIN", new_y="NEXT")
+        else:
+            pdf.rect(20, 20, 50, 50)  # a drawing, no text
+    return bytes(pdf.output())
+
+
+def test_sample_set_is_complete_and_small() -> None:
+    kinds = [entry["content_type"] for entry in MANIFEST if not entry["duplicate_of"]]
+    assert kinds.count("application/pdf") >= 3
+    assert kinds.count("text/markdown") >= 3
+    assert kinds.count("text/html") >= 3
+    assert kinds.count("text/plain") >= 2
+    assert sum(entry["bytes"] for entry in MANIFEST) < 300_000
+    (duplicate,) = [entry for entry in MANIFEST if entry["duplicate_of"]]
+    assert _bytes(duplicate["filename"]) == _bytes(str(duplicate["duplicate_of"]))
+    assert duplicate["filename"] != duplicate["duplicate_of"]
+    on_disk = {p.name for p in sample_dir().iterdir()} - {"manifest.json"}
+    assert on_disk == {entry["filename"] for entry in MANIFEST}
+
+
+@pytest.mark.parametrize("entry", MANIFEST, ids=[e["filename"] for e in MANIFEST])
+async def test_each_sample_parses_with_its_pages_title_and_headings(entry: SampleInfo) -> None:
+    data = _bytes(entry["filename"])
+    assert detect_content_type(entry["filename"], data) == entry["content_type"]
+    result = await _parser().parse(
+        data, filename=entry["filename"], content_type=entry["content_type"]
+    )
+    assert isinstance(result, ParseResult)
+    assert (result.parser, result.parser_version) == ("local", "local-1")
+    assert result.page_count == entry["pages"]
+    assert len(result.pages) == entry["pages"]
+    assert result.title == entry["title"]
+    assert re.findall(r"^#{1,6} (.+)$", result.markdown, re.MULTILINE) == entry["headings"]
+    assert "\r" not in result.markdown and "\x00" not in result.markdown
+    if entry["content_type"] == "application/pdf":
+        markers = [page_marker(n) for n in range(1, entry["pages"] + 1)]
+        assert [m for m in markers if m in result.markdown] == markers
+        assert all(page.strip() for page in result.pages)
+
+
+async def test_pdf_pages_hold_their_own_sections() -> None:
+    result = await _parser().parse(
+        _bytes("kafka-consumer-groups.pdf"), filename="k.pdf", content_type="application/pdf"
+    )
+    assert result.page_count == 4
+    assert result.pages[0].startswith("# Kafka Consumer Groups in Practice")
+    assert "## Rebalancing without stopping the world" in result.pages[1]
+    assert "## Sizing a group" in result.pages[3]
+    assert "- Order is guaranteed within a partition" in result.pages[0]
+    assert "\n\nThe classic assignors are range" in result.pages[0]  # paragraph gap kept
+
+
+async def test_html_keeps_structure_and_drops_scripts_styles_and_nav() -> None:
+    result = await _parser().parse(
+        _bytes("solar-panel-buyers-guide.html"), filename="s.html", content_type="text/html"
+    )
+    md = result.markdown
+    assert md.startswith("# Buying Solar Panels for Your Home\n")
+    assert "| Type | Typical efficiency | Price per watt | Best for |" in md
+    assert "| Monocrystalline | 20\u201323% | \u20ac0.35 |" in md
+    assert "- Microinverters sit behind each panel" in md
+    for dropped in ("tracking code", "window.analytics", "font-family", "Subscribe"):
+        assert dropped not in md
+
+
+async def test_plain_text_in_latin1_decodes() -> None:
+    data = _bytes("houseplant-care.txt")
+    with pytest.raises(UnicodeDecodeError):
+        data.decode("utf-8")
+    result = await _parser().parse(data, filename="h.txt", content_type="text/plain")
+    assert "between 18 and 27 °C" in result.markdown
+    assert (result.page_count, result.title) == (1, None)
+
+
+def test_decode_text_fallbacks() -> None:
+    assert decode_text("café".encode()) == "café"
+    assert decode_text(b"\xef\xbb\xbfBOM") == "BOM"
+    assert decode_text("naïve".encode("utf-16")) == "naïve"
+    assert decode_text(b"\x93quoted\x94") == "\u201cquoted\u201d"  # cp1252
+    assert decode_text(b"\x81\x8d") == "\x81\x8d"  # not cp1252 either: latin-1 never fails
+    assert decode_text("€".encode("iso-8859-15"), "iso-8859-15") == "€"
+
+
+async def test_newlines_and_nuls_are_normalised() -> None:
+    result = await _parser().parse(
+        b"# T\r\n\r\nline one\rline two\x00\n\n\n\n", filename="x.md", content_type="text/markdown"
+    )
+    assert result.markdown == "# T\n\nline one\nline two\n"
+    assert result.title == "T"
+
+
+def test_content_type_detection() -> None:
+    pdf = _bytes("sourdough-country-loaf.pdf")
+    assert detect_content_type("upload.bin", pdf) == "application/pdf"  # magic beats name
+    assert detect_content_type("notes.MD", b"# hi") == "text/markdown"
+    assert detect_content_type("page.htm", b"<p>x</p>") == "text/html"
+    assert detect_content_type("page", b"  <!DOCTYPE html><html><p>x</p>") == "text/html"
+    assert detect_content_type("README", b"just some words\n") == "text/plain"
+    assert detect_content_type("a.txt", b"words") == "text/plain"
+    assert SUPPORTED_CONTENT_TYPES == {
+        "application/pdf",
+        "text/markdown",
+        "text/html",
+        "text/plain",
+    }
+    for name, data in [
+        ("image.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+        ("sheet.xlsx", b"PK\x03\x04\x14\x00\x06\x00"),
+        ("empty", b""),
+    ]:
+        with pytest.raises(PermanentError, match="unsupported content type"):
+            detect_content_type(name, data)
+
+
+async def test_content_type_parameters_aliases_and_unknowns() -> None:
+    assert normalize_content_type("Text/HTML; charset=UTF-8") == "text/html"
+    assert normalize_content_type("text/x-markdown") == "text/markdown"
+    parser = _parser()
+    result = await parser.parse(
+        "<h1>Überblick</h1>".encode("utf-16"),
+        filename="u",
+        content_type="text/html; charset=utf-16",
+    )
+    assert result.markdown == "# Überblick\n"
+    with pytest.raises(PermanentError, match="corrupt PDF"):  # sniffed as PDF by its magic
+        await parser.parse(b"%PDF-broken", filename="x", content_type="application/octet-stream")
+
+
+async def test_octet_stream_is_sniffed() -> None:
+    result = await _parser().parse(
+        _bytes("lisbon-weekend-guide.pdf"), filename="blob", content_type="application/octet-stream"
+    )
+    assert result.page_count == 3
+    with pytest.raises(PermanentError, match="unsupported content type 'application/msword'"):
+        await _parser().parse(b"x", filename="a.doc", content_type="application/msword")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%PDF-1.7\n this is not really a PDF at all \x00\x01\x02",
+        b"not even the header",
+        b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF",
+    ],
+)
+async def test_corrupt_pdf_is_permanent(data: bytes) -> None:
+    with pytest.raises(PermanentError, match="corrupt PDF"):
+        await _parser().parse(data, filename="broken.pdf", content_type="application/pdf")
+
+
+async def test_encrypted_pdf_needs_a_password_but_owner_only_encryption_reads() -> None:
+    with pytest.raises(PermanentError, match="encrypted PDF"):
+        await _parser().parse(
+            _pdf("secret plans", user_password="letmein"),
+            filename="locked.pdf",
+            content_type="application/pdf",
+        )
+    result = await _parser().parse(
+        _pdf("readable text", user_password=""),
+        filename="owner.pdf",
+        content_type="application/pdf",
+    )
+    assert "readable text" in result.markdown
+
+
+async def test_pdf_without_text_is_permanent() -> None:
+    with pytest.raises(PermanentError, match="no extractable text"):
+        await _parser().parse(_pdf("", ""), filename="scan.pdf", content_type="application/pdf")
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        b"<html><head><title>Only a title</title><script>var a = 1;</script></head>"
+        b"<body><nav>Home | About</nav><div>   </div><style>p{}</style></body></html>",
+        b"",
+        b"<p>\n\n</p>",
+    ],
+)
+async def test_html_without_text_is_permanent(html: bytes) -> None:
+    with pytest.raises(PermanentError, match="no text content"):
+        await _parser().parse(html, filename="empty.html", content_type="text/html")
+
+
+async def test_empty_text_is_permanent() -> None:
+    with pytest.raises(PermanentError, match="no text content"):
+        await _parser().parse(b" \n\r\n\t", filename="e.txt", content_type="text/plain")
+
+
+async def test_size_limit_names_the_limit() -> None:
+    data = _bytes("espresso-at-home.md")
+    with pytest.raises(PermanentError, match=r"parse\.max_bytes=1000") as info:
+        await _parser(max_bytes=1000).parse(data, filename="e.md", content_type="text/markdown")
+    assert str(len(data)) in str(info.value)
+    ok = await _parser(max_bytes=len(data)).parse(
+        data, filename="e.md", content_type="text/markdown"
+    )
+    assert ok.page_count == 1
+
+
+async def test_page_limit_names_the_limit() -> None:
+    data = _bytes("kafka-consumer-groups.pdf")
+    with pytest.raises(PermanentError, match=r"4 pages, over the limit parse\.max_pages=3"):
+        await _parser(max_pages=3).parse(data, filename="k.pdf", content_type="application/pdf")
+    ok = await _parser(max_pages=4).parse(data, filename="k.pdf", content_type="application/pdf")
+    assert ok.page_count == 4
+
+
+async def test_time_limit_names_the_limit() -> None:
+    html = ("<html><body>" + "<p>word " * 20_000 + "</body></html>").encode()
+    with pytest.raises(PermanentError, match=r"parse\.timeout_s=0\.001"):
+        await _parser(timeout_s=0.001).parse(html, filename="big.html", content_type="text/html")

@@ -1,0 +1,117 @@
+"""Settings: defaults, environment overrides, secrets only from the environment, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ragstream.cli import app
+from ragstream.errors import ConfigError
+from ragstream.settings import Mode, load_settings, redacted
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("RAGSTREAM_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_come_from_the_bundled_toml() -> None:
+    s = load_settings()
+    assert s.kafka.topic_prefix == "ragstream"
+    assert s.kafka.partitions == 12
+    assert s.services.openai.mode is Mode.LOCAL
+    assert str(s.budgets.daily_usd) == "5.00"
+    assert s.budgets.hourly_requests == 100
+    assert (s.retry.base_s, s.retry.factor, s.retry.cap_s, s.retry.max_attempts) == (
+        1.0,
+        2.0,
+        60.0,
+        3,
+    )
+    # The local servers listen where the clients look, unless told otherwise.
+    assert s.local.kafka_port == 9092
+    assert s.local.postgres_port == s.postgres.port
+
+
+def test_environment_overrides_nested_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAGSTREAM_KAFKA__PARTITIONS", "24")
+    monkeypatch.setenv("RAGSTREAM_SERVICES__OPENAI__MODE", "hybrid")
+    monkeypatch.setenv("RAGSTREAM_KAFKA_BOOTSTRAP", "10.0.0.1:19092")
+    s = load_settings()
+    assert s.kafka.partitions == 24
+    assert s.services.openai.mode is Mode.HYBRID
+    assert s.kafka.bootstrap_servers == "10.0.0.1:19092"
+    assert s.local.kafka_port == 19092
+
+
+def test_extra_config_file_merges_over_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = tmp_path / "prod.toml"
+    extra.write_text('[kafka]\nreplication_factor = 3\n[budgets]\ndaily_usd = "12.50"\n')
+    monkeypatch.setenv("RAGSTREAM_CONFIG", str(extra))
+    s = load_settings()
+    assert s.kafka.replication_factor == 3
+    assert str(s.budgets.daily_usd) == "12.50"
+    assert s.kafka.partitions == 12  # untouched defaults stay
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "names"),
+    [
+        ("RAGSTREAM_POSTGRES__PORT", "70000", "postgres.port"),
+        ("RAGSTREAM_SERVICES__OPENAI__MODE", "mock", "services.openai.mode"),
+        ("RAGSTREAM_BUDGETS__DAILY_USD", "-1", "budgets.daily_usd"),
+        ("RAGSTREAM_KAFKA__PARTITIONS", "zero", "kafka.partitions"),
+    ],
+)
+def test_wrong_value_is_one_line_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, names: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"config error: {names}:")
+    assert repr(value) in message
+
+
+def test_secret_in_a_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = tmp_path / "leaky.toml"
+    extra.write_text('[services.openai]\napi_key = "sk-live-123"\n')
+    monkeypatch.setenv("RAGSTREAM_CONFIG", str(extra))
+    with pytest.raises(
+        ConfigError,
+        match=r"services\.openai\.api_key: secrets are read only from the environment \(RAGSTREAM_SERVICES__OPENAI__API_KEY\)",
+    ):
+        load_settings()
+
+
+def test_config_show_redacts_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAGSTREAM_SERVICES__OPENAI__API_KEY", "sk-test-very-secret")
+    monkeypatch.setenv("RAGSTREAM_POSTGRES__PASSWORD", "pg-very-secret")
+    s = load_settings()
+    assert s.services.openai.api_key is not None
+    assert s.services.openai.api_key.get_secret_value() == "sk-test-very-secret"
+    assert redacted(s)["services"]["openai"]["api_key"] == "***"
+    for args in (["config", "show"], ["config", "show", "--json"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "very-secret" not in result.output
+        assert "***" in result.output
+        assert "bootstrap_servers" in result.output
+
+
+def test_cli_wrong_value_exits_2_without_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAGSTREAM_POSTGRES__PORT", "-5")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 2
+    assert "config error: postgres.port" in result.output
+    assert "Traceback" not in result.output
