@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
-
-from ragstream.chunking import Chunker
 
 from consumers.stage import AdvanceStatus, Outcome
 from ragstream.blobs import sha256_hex
+from ragstream.chunking import Chunker
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentParsed
 from ragstream.store.models import ChunkRow, ParseResult
@@ -78,7 +77,10 @@ async def chunk(parsed: DocumentParsed, deps: ChunkDeps) -> Outcome:
     )
     tokens = sum(c.token_count for c in chunks)
     await deps.store.advance_status(
-        parsed.document_id, "chunked", chunk_count=len(chunks), current_chunker_version=version,
+        parsed.document_id,
+        "chunked",
+        chunk_count=len(chunks),
+        current_chunker_version=version,
         current_parse_sha256=parsed.content_sha256,
     )
     event = DocumentChunked(

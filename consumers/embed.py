@@ -6,13 +6,12 @@ before is sent to the embedder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from ragstream.embedding import Embedder
-
 from consumers.stage import AdvanceStatus, Outcome
+from ragstream.embedding import Embedder
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentEmbedded
 from ragstream.store.models import ChunkRow

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
-
-from ragstream.parsing import Parser
-from ragstream.store.models import UploadDecision
 
 from consumers.stage import AdvanceStatus, Outcome
 from ragstream.blobs import BlobStore, sha256_hex
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentParsed, DocumentUploaded
+from ragstream.parsing import Parser
+from ragstream.store.models import UploadDecision
 
 
 class ParseStore(Protocol):

@@ -11,10 +11,6 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from ragstream.chunking import Chunker
-from ragstream.embedding import LocalEmbedder
-from ragstream.parsing import LocalParser
-from ragstream.tokens import get_tokenizer
 
 from consumers.chunk import ChunkDeps, chunk
 from consumers.embed import EmbedDeps, embed
@@ -22,11 +18,15 @@ from consumers.parse import ParseDeps, parse
 from consumers.runtime import StageHandler, StageRunner
 from consumers.stage import Outcome, RecordContext
 from ragstream.blobs import BlobStore
+from ragstream.chunking import Chunker
 from ragstream.codec import Codec
+from ragstream.embedding import LocalEmbedder
 from ragstream.events import DocumentChunked, DocumentEvent, DocumentParsed, DocumentUploaded, Event
+from ragstream.parsing import LocalParser
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store.migrate import migrate
+from ragstream.tokens import get_tokenizer
 from ragstream.topology import Stage
 
 log = structlog.get_logger(__name__)

@@ -11,11 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from producers.upload import UploadReceipt
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store.models import Document
-
-from producers.upload import UploadReceipt
 
 TERMINAL = frozenset({"embedded", "duplicate", "failed", "dead-lettered"})
 
@@ -32,7 +31,9 @@ class DocumentResult:
 def _result(doc: Document | None) -> DocumentResult:
     if doc is None:
         return DocumentResult("published", None, None, None, None)
-    return DocumentResult(doc.status, doc.status_reason, doc.page_count, doc.chunk_count, doc.duplicate_of)
+    return DocumentResult(
+        doc.status, doc.status_reason, doc.page_count, doc.chunk_count, doc.duplicate_of
+    )
 
 
 async def poll_documents(store: Store, document_ids: Sequence[str]) -> dict[str, DocumentResult]:
@@ -91,8 +92,11 @@ def result_table(receipts: Sequence[UploadReceipt], results: dict[str, DocumentR
         style = {"embedded": "green", "duplicate": "cyan"}.get(res.status, "red")
         note = f"duplicate of {res.duplicate_of[:8]}" if res.duplicate_of else (res.reason or "")
         table.add_row(
-            r.filename, r.document_id[:8], f"[{style}]{res.status}[/]",
+            r.filename,
+            r.document_id[:8],
+            f"[{style}]{res.status}[/]",
             "" if res.pages is None else str(res.pages),
-            "" if res.chunks is None else str(res.chunks), note,
+            "" if res.chunks is None else str(res.chunks),
+            note,
         )
     return table

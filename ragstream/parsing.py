@@ -220,12 +220,19 @@ class _Line:
 def _parse_pdf(data: bytes, max_pages: int) -> ParseResult:
     try:
         reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
-        if reader.is_encrypted and not reader.decrypt(""):
-            raise PermanentError("encrypted PDF: a password is needed to read it")
-        page_count = len(reader.pages)
-    except PermanentError:
-        raise
+        encrypted = reader.is_encrypted
     except Exception as exc:  # pypdf raises many kinds on broken input
+        raise PermanentError(f"corrupt PDF: {type(exc).__name__}: {exc}") from exc
+    if encrypted:  # owner-password-only PDFs open with the empty user password
+        try:
+            opened = bool(reader.decrypt(""))
+        except Exception as exc:
+            raise PermanentError(f"encrypted PDF: cannot decrypt it: {exc}") from exc
+        if not opened:
+            raise PermanentError("encrypted PDF: a password is needed to read it")
+    try:
+        page_count = len(reader.pages)
+    except Exception as exc:
         raise PermanentError(f"corrupt PDF: {type(exc).__name__}: {exc}") from exc
     if page_count == 0:
         raise PermanentError("corrupt PDF: it has no pages")
@@ -242,7 +249,7 @@ def _parse_pdf(data: bytes, max_pages: int) -> ParseResult:
         raise PermanentError("PDF has no extractable text (scanned pages need OCR)")
     levels = _heading_levels([line for lines in page_lines for line in lines])
     pages = [_page_markdown(lines, levels) for lines in page_lines]
-    markdown = "\n\n".join(f"{page_marker(n)}\n\n{text}" for n, text in enumerate(pages, 1)) + "\n"
+    markdown = _clean("\n\n".join(f"{page_marker(n)}\n\n{text}" for n, text in enumerate(pages, 1)))
     title = str(meta_title).strip() or _first_heading(markdown)
     return ParseResult(markdown=markdown, page_count=page_count, title=title, pages=pages)
 

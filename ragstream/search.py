@@ -13,7 +13,9 @@ def embedder_for(settings: Settings) -> Embedder:
     return LocalEmbedder(settings.embed.dimensions)
 
 
-async def search_chunks(settings: Settings, question: str, tenant_id: str, k: int = 5) -> list[SearchHit]:
+async def search_chunks(
+    settings: Settings, question: str, tenant_id: str, k: int = 5
+) -> list[SearchHit]:
     embedder = embedder_for(settings)
     query = (await embedder.embed([question])).vectors[0]
     async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=2) as store:

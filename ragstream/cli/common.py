@@ -27,12 +27,18 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
-def settings_or_exit() -> Settings:
+def settings_or_exit(*, quiet: bool = True) -> Settings:
+    """Build the settings once and configure logging. Operator commands are `quiet` (warnings
+    and errors only, so tables and progress bars stay readable); workers log at the configured
+    level."""
     try:
         settings = load_settings()
     except ConfigError as exc:
         raise fail(str(exc), EXIT_CONFIG) from None
-    configure_logging(settings.observability.log_level, settings.observability.log_format)
+    level = settings.observability.log_level
+    if quiet and level in ("DEBUG", "INFO"):
+        level = "WARNING"
+    configure_logging(level, settings.observability.log_format)
     return settings
 
 

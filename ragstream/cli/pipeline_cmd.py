@@ -27,7 +27,7 @@ def worker(
         raise fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
     from consumers.worker import run_workers
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(quiet=False)
     stages = list(Stage) if stage == "all" else [Stage(stage)]
     run(run_workers, settings, stages, concurrency=concurrency, handle_signals=True)
 

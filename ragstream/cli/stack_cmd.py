@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from ragstream.cli.common import console, run, settings_or_exit
-from ragstream.cli.topics_cmd import topics_table
 
 if TYPE_CHECKING:
     from ragstream.stack import StackInfo
@@ -25,11 +24,19 @@ def where_table(info: StackInfo) -> Table:
     table.add_row("kafka (KRaft)", info.kafka_bootstrap)
     table.add_row("postgresql + pgvector", info.postgres_dsn)
     table.add_row("data directory", info.data_dir)
+    if info.workers_pid:
+        table.add_row(
+            "workers (parse, chunk, embed)", f"pid {info.workers_pid}, log {info.workers_log}"
+        )
     return table
 
 
 @app.command("up")
-def up() -> None:
+def up(
+    workers: Annotated[
+        bool, typer.Option(help="Also run every stage worker in the background.")
+    ] = True,
+) -> None:
     """Start the broker and PostgreSQL (if not running), create topics, migrate. Leaves them running."""
     from ragstream.stack import stack_up
 
@@ -37,7 +44,7 @@ def up() -> None:
     with console.status(
         "starting the local stack (first start resolves Kafka's jars from Maven Central)"
     ):
-        info = run(stack_up, settings)
+        info = run(stack_up, settings, workers=workers)
     console.print(where_table(info))
     console.print(
         f"started: {', '.join(info.started) or 'nothing (already running)'}; "
@@ -56,15 +63,17 @@ def down() -> None:
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
-def demo() -> None:
-    """The main job: local stack, every topic, and a summary; stops what it started."""
-    from ragstream.stack import stack_down, stack_up
+def demo(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the documents.")] = 300.0,
+) -> None:
+    """The main job: local stack, all workers, the bundled samples, a summary; stops what it started."""
+    from ragstream.demo import DEMO_QUESTION, hits_table, run_demo, summary_table
 
     settings = settings_or_exit()
-    with console.status("starting the local stack"):
-        info = run(stack_up, settings)
-    try:
-        console.print(where_table(info))
-        console.print(topics_table(info.topics, "topics"))
-    finally:
-        stack_down(settings, only=info.started)
+    report = run(run_demo, settings, console, timeout)
+    console.print(summary_table(report))
+    console.print(hits_table(report.hits, DEMO_QUESTION))
+    stopped = ", ".join(report.stack.started) or "nothing (the stack was already running)"
+    console.print(f"stopped what the demo started: {stopped}")
+    if report.statuses.get("embedded", 0) + report.summary["duplicates"] < report.uploaded:
+        raise typer.Exit(1)

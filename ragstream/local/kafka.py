@@ -59,6 +59,7 @@ MAVEN_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 30.0
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _HEAP = re.compile(r"^(\d+)([mMgG])$")
+_APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 _FRAME = re.compile(r"^\s+(at \S|\.\.\. \d+ more)")
 
 
@@ -259,13 +260,13 @@ class LocalKafka:
 
     def is_running(self) -> bool:
         """The broker from the pid file is alive and its port answers."""
-        return self._pid() is not None and port_open(self.port)
+        return self.pid() is not None and port_open(self.port)
 
     def start(self) -> str:
         """Start the broker unless it runs already; wait until it serves metadata."""
         self.home.mkdir(parents=True, exist_ok=True)
         with _file_lock(self.home / ".lifecycle.lock"):
-            pid = self._pid()
+            pid = self.pid()
             if pid is not None:
                 # Ours already (maybe still starting, from another process): wait for it.
                 self._wait_ready(pid, started=time.monotonic())
@@ -280,22 +281,20 @@ class LocalKafka:
         if not self.home.is_dir():
             return
         with _file_lock(self.home / ".lifecycle.lock"):
-            pid = self._pid()
+            pid = self.pid()
             if pid is None:
                 self.pid_path.unlink(missing_ok=True)
                 return
             log.info("kafka.stopping", pid=pid)
-            os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
             if not _wait_exit(pid, timeout_s):
                 log.warning("kafka.stop.killing", pid=pid, after_s=timeout_s)
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 _wait_exit(pid, 10.0)
             self.pid_path.unlink(missing_ok=True)
             log.info("kafka.stopped", pid=pid)
-
-    def pid(self) -> int | None:
-        """The running broker's process id, if any."""
-        return self._pid()
 
     def cluster_id(self) -> str | None:
         """The cluster id this data directory was formatted with (None before the first start)."""
@@ -309,7 +308,8 @@ class LocalKafka:
                 return value.strip()
         return None
 
-    def _pid(self) -> int | None:
+    def pid(self) -> int | None:
+        """The running broker's process id (from the pid file, checked alive), if any."""
         try:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
@@ -407,25 +407,10 @@ class LocalKafka:
             BROKER_MAIN,
             str(self.properties_path),
         ]
-        # posix_spawn, not Popen: the broker is meant to outlive this process (and this
-        # object), so nothing should own it; setsid keeps a terminal's Ctrl-C away from it.
-        pid = os.posix_spawn(
-            argv[0],
-            argv,
-            dict(os.environ),
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (
-                    os.POSIX_SPAWN_OPEN,
-                    1,
-                    str(self.log_path),
-                    os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                    0o644,
-                ),
-                (os.POSIX_SPAWN_DUP2, 1, 2),
-            ],
-            setsid=True,
-        )
+        try:
+            pid = self._spawn(argv)
+        except OSError as exc:
+            raise InfrastructureError(f"could not run {argv[0]}: {exc}") from exc
         self.pid_path.write_text(f"{pid}\n")
         log.info("kafka.starting", pid=pid, bootstrap=self.bootstrap, version=self.version)
         started = time.monotonic()
@@ -439,6 +424,21 @@ class LocalKafka:
             raise
         log.info("kafka.ready", pid=pid, seconds=round(time.monotonic() - started, 1))
         return self.bootstrap
+
+    def _spawn(self, argv: list[str]) -> int:
+        # posix_spawn, not Popen: the broker is meant to outlive this process (and this
+        # object), so nothing should own it; setsid keeps a terminal's Ctrl-C away from it.
+        return os.posix_spawn(
+            argv[0],
+            argv,
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, str(self.log_path), _APPEND, 0o644),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
 
     def _wait_ready(self, pid: int, started: float, *, hint_port_taken: bool = False) -> None:
         deadline = started + self.start_timeout_s

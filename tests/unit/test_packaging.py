@@ -37,6 +37,8 @@ def test_wheel_contains_schemas_config_and_packages(tmp_path: Path) -> None:
         assert f"ragstream/_bundled/schemas/{name}" in names
     assert "ragstream/_bundled/config/ragstream.toml" in names
     assert "ragstream/_bundled/config/kafka/pom.xml" in names
+    assert "ragstream/store/migrations/0001_initial.sql" in names
+    assert "ragstream/samples/docs/kafka-consumer-groups.pdf" in names
     for package in ("ragstream", "consumers", "producers"):
         assert f"{package}/__init__.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
