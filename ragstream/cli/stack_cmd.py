@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from ragstream.cli.common import console, run, settings_or_exit
+from ragstream.cli.common import console, fail, run, settings_or_exit
+from ragstream.errors import RagstreamError
 
 if TYPE_CHECKING:
     from ragstream.stack import StackInfo
@@ -77,3 +78,42 @@ def demo(
     console.print(f"stopped what the demo started: {stopped}")
     if report.statuses.get("embedded", 0) + report.summary["duplicates"] < report.uploaded:
         raise typer.Exit(1)
+
+
+KAFKA_TOOLS = ("consumer-groups", "topics", "get-offsets", "metadata-quorum", "configs")
+
+
+@app.command(
+    "kafka-tool",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def kafka_tool(
+    ctx: typer.Context,
+    tool: Annotated[str, typer.Argument(help=f"One of: {', '.join(KAFKA_TOOLS)}.")],
+) -> None:
+    """Run one of Kafka's own tools (same version as the broker) against kafka.bootstrap_servers.
+
+    Example: ragstream stack kafka-tool consumer-groups --describe --all-groups
+    """
+    import subprocess
+
+    from ragstream.local import kafka as local_kafka
+
+    mains = {
+        "consumer-groups": local_kafka.CONSUMER_GROUPS,
+        "topics": local_kafka.TOPICS,
+        "get-offsets": local_kafka.GET_OFFSETS,
+        "metadata-quorum": local_kafka.METADATA_QUORUM,
+        "configs": local_kafka.CONFIGS,
+    }
+    if tool not in mains:
+        raise fail(f"unknown Kafka tool {tool!r}; choose one of {', '.join(KAFKA_TOOLS)}")
+    settings = settings_or_exit()
+    broker = local_kafka.LocalKafka.from_settings(settings)
+    try:
+        cmd = broker.tool_command(
+            mains[tool], ["--bootstrap-server", settings.kafka.bootstrap_servers, *ctx.args]
+        )
+    except RagstreamError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(subprocess.run(cmd, check=False).returncode)

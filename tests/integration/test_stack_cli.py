@@ -129,6 +129,11 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
     assert found.returncode == 0, found.stderr
     assert "espresso-at-home.md" in found.stdout
 
+    # Kafka's own tools, same version as the broker, see the stage groups.
+    groups = ragstream(stack_env, "stack", "kafka-tool", "consumer-groups", "--list")
+    assert groups.returncode == 0, groups.stderr
+    assert {"ragstream-parse", "ragstream-chunk", "ragstream-embed"} <= set(groups.stdout.split())
+
     down = ragstream(stack_env, "stack", "down")
     assert down.returncode == 0, down.stderr
     assert "workers" in down.stdout and "kafka" in down.stdout and "postgres" in down.stdout
