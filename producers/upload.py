@@ -18,12 +18,12 @@ from types import TracebackType
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
-from ragstream.parsing import detect_content_type
 
 from ragstream.blobs import BlobStore, sha256_hex
 from ragstream.codec import Codec
 from ragstream.errors import PermanentError, RetryableError
 from ragstream.events import DocumentUploaded
+from ragstream.parsing import detect_content_type
 from ragstream.settings import Settings
 from ragstream.topology import Topology
 
