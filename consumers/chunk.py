@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from consumers.stage import AdvanceStatus, Outcome
+from consumers.stage import Outcome, StatusStore
 from ragstream.blobs import sha256_hex
 from ragstream.chunking import Chunker
 from ragstream.errors import PermanentError
@@ -14,12 +14,14 @@ from ragstream.events import DocumentChunked, DocumentParsed
 from ragstream.store.models import ChunkRow, ParseResult
 
 
-class ChunkStore(Protocol):
+class ChunkStore(StatusStore, Protocol):
     """What the chunk stage needs of the store."""
 
-    async def load_parse(self, document_id: str, content_sha256: str) -> ParseResult | None: ...
+    def load_parse(
+        self, document_id: str, content_sha256: str
+    ) -> Awaitable[ParseResult | None]: ...
 
-    async def save_chunks(
+    def save_chunks(
         self,
         document_id: str,
         tenant_id: str,
@@ -28,9 +30,7 @@ class ChunkStore(Protocol):
         chunks: Sequence[ChunkRow],
         *,
         parse_sha256: str | None = None,
-    ) -> int: ...
-
-    advance_status: AdvanceStatus
+    ) -> Awaitable[int]: ...
 
 
 @dataclass(frozen=True)

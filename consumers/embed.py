@@ -6,27 +6,27 @@ before is sent to the embedder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from consumers.stage import AdvanceStatus, Outcome
+from consumers.stage import Outcome, StatusStore
 from ragstream.embedding import Embedder
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentEmbedded
 from ragstream.store.models import ChunkRow
 
 
-class EmbedStore(Protocol):
+class EmbedStore(StatusStore, Protocol):
     """What the embed stage needs of the store."""
 
-    async def load_chunks(self, document_id: str, chunker_version: str) -> list[ChunkRow]: ...
+    def load_chunks(self, document_id: str, chunker_version: str) -> Awaitable[list[ChunkRow]]: ...
 
-    async def cached_embeddings(
+    def cached_embeddings(
         self, model: str, dimensions: int, text_sha256s: Sequence[str]
-    ) -> dict[str, list[float]]: ...
+    ) -> Awaitable[dict[str, list[float]]]: ...
 
-    async def save_embeddings(
+    def save_embeddings(
         self,
         document_id: str,
         tenant_id: str,
@@ -35,9 +35,7 @@ class EmbedStore(Protocol):
         dimensions: int,
         provider: str,
         rows: Sequence[tuple[int, str, Sequence[float]]],
-    ) -> int: ...
-
-    advance_status: AdvanceStatus
+    ) -> Awaitable[int]: ...
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from consumers.stage import AdvanceStatus, Outcome
+from consumers.stage import Outcome, StatusStore
 from ragstream.blobs import BlobStore, sha256_hex
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentParsed, DocumentUploaded
@@ -16,10 +16,10 @@ from ragstream.parsing import Parser
 from ragstream.store.models import UploadDecision
 
 
-class ParseStore(Protocol):
+class ParseStore(StatusStore, Protocol):
     """What the parse stage needs of the store."""
 
-    async def register_upload(
+    def register_upload(
         self,
         document_id: str,
         tenant_id: str,
@@ -32,9 +32,9 @@ class ParseStore(Protocol):
         correlation_id: str | None,
         uploaded_at: datetime | None,
         force: bool = False,
-    ) -> UploadDecision: ...
+    ) -> Awaitable[UploadDecision]: ...
 
-    async def save_parse(
+    def save_parse(
         self,
         document_id: str,
         tenant_id: str,
@@ -44,9 +44,7 @@ class ParseStore(Protocol):
         markdown: str,
         page_count: int | None,
         title: str | None,
-    ) -> bool: ...
-
-    advance_status: AdvanceStatus
+    ) -> Awaitable[bool]: ...
 
 
 @dataclass(frozen=True)

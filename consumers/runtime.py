@@ -1,16 +1,23 @@
 """The one consumer runtime every stage uses: decode, call the stage, publish, commit.
 
 Delivery: at-least-once with exactly-once effect. A record's input offset is committed only
-after the stage's PostgreSQL writes are done and its output record is acknowledged by the broker
-(acks=all, idempotent producer). Stage functions know nothing of Kafka; they take a typed event
-and return an `Outcome`.
+after the stage's PostgreSQL writes are done and its output record (or its retry or dead-letter
+copy) is acknowledged by the broker (acks=all, idempotent producer). Stage functions know
+nothing of Kafka; they take a typed event and return an `Outcome`.
 
 Ordering: records of one partition are handled in order (documents are keyed by document_id, so
 one document's events stay in order); `concurrency` partitions are handled at once.
 
-Failures are read here and only here (see ragstream.errors): a DecodeError (poison pill) or a
-PermanentError is recorded and the partition goes on; a RetryableError is tried again with
-exponential backoff and jitter up to `retry.max_attempts`, then recorded as failed.
+Failures are read here and only here (see ragstream.errors):
+- RetryableError (and any unexpected exception): the record goes to `<prefix>.retry.<stage>`
+  with its next attempt number and the time it becomes due (exponential backoff with jitter);
+  the input offset is committed, so the partition it came from goes on at once. The same
+  consumer reads the retry topic and pauses a retry partition until its head record is due.
+  When attempts are used up, the record goes to the dead-letter topic.
+- PermanentError: to the dead-letter topic at once.
+- DecodeError (a poison pill): to the dead-letter topic with its bytes untouched.
+A dead-letter record keeps the original key, value and headers and adds `ragstream.errors.*`
+headers saying where it came from and why.
 """
 
 from __future__ import annotations
@@ -32,15 +39,40 @@ from aiokafka.structs import OffsetAndMetadata
 
 from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
-from ragstream.errors import DecodeError, PermanentError, RetryableError
+from ragstream.errors import DecodeError, PermanentError
 from ragstream.events import DocumentEvent, Event
 from ragstream.settings import RetrySettings, Settings
-from ragstream.topology import H_ATTEMPT, H_CORRELATION_ID, H_REPLAY, Stage, Topology
+from ragstream.topology import (
+    H_ATTEMPT,
+    H_CORRELATION_ID,
+    H_DUE_AT,
+    H_ERR_ATTEMPTS,
+    H_ERR_CLASS,
+    H_ERR_DOCUMENT,
+    H_ERR_FIRST_FAILURE,
+    H_ERR_GROUP,
+    H_ERR_KIND,
+    H_ERR_LAST_FAILURE,
+    H_ERR_MESSAGE,
+    H_ERR_OFFSET,
+    H_ERR_PARTITION,
+    H_ERR_PREFIX,
+    H_ERR_STACKTRACE,
+    H_ERR_STAGE,
+    H_ERR_TENANT,
+    H_ERR_TIMESTAMP,
+    H_ERR_TOPIC,
+    H_REPLAY,
+    Stage,
+    Topology,
+)
 
 log = structlog.get_logger(__name__)
 
-
 StageHandler = Callable[[Event, RecordContext], Awaitable[Outcome]]
+Headers = list[tuple[str, bytes]]
+STACK_LIMIT = 4000
+MESSAGE_LIMIT = 1000
 
 
 class StepRecorder(Protocol):
@@ -69,23 +101,56 @@ class StepRecorder(Protocol):
     ) -> None: ...
 
 
+class RuntimeHooks(Protocol):
+    """What the runtime reports as it goes (metrics); every method must be cheap."""
+
+    def record_handled(self, stage: str, outcome: str, seconds: float) -> None: ...
+    def record_retry(self, stage: str, error_class: str) -> None: ...
+    def record_dead_letter(self, stage: str, error_class: str) -> None: ...
+
+
+class _NoHooks:
+    def record_handled(self, stage: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def record_retry(self, stage: str, error_class: str) -> None:
+        pass
+
+    def record_dead_letter(self, stage: str, error_class: str) -> None:
+        pass
+
+
 def backoff_delay(attempt: int, policy: RetrySettings, rng: random.Random | None = None) -> float:
-    """Exponential backoff with jitter: uniform(d/2, d), d = min(cap, base * factor**(attempt-1))."""
+    """Delay before `attempt + 1`: uniform(d/2, d) with d = min(cap, base * factor**(attempt-1))."""
     ceiling = min(policy.cap_s, policy.base_s * policy.factor ** max(attempt - 1, 0))
     return (rng or random).uniform(ceiling / 2, ceiling)
 
 
-def _header(record: ConsumerRecord[bytes, bytes], key: str) -> bytes | None:
-    for k, v in record.headers or ():
+def header(headers: Headers | None, key: str) -> bytes | None:
+    for k, v in headers or ():
         if k == key:
             return bytes(v)
     return None
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _carried(headers: Headers | None) -> Headers:
+    """The record's own headers, without retry or error bookkeeping."""
+    return [
+        (k, bytes(v))
+        for k, v in headers or ()
+        if not k.startswith(H_ERR_PREFIX) and k not in (H_ATTEMPT, H_DUE_AT)
+    ]
+
+
 @dataclass
 class RunnerStats:
     processed: int = 0
-    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
     poison: int = 0
     by_partition: dict[int, int] = field(default_factory=dict)
 
@@ -102,7 +167,8 @@ class StageRunner:
         recorder: StepRecorder,
         *,
         concurrency: int = 1,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        hooks: RuntimeHooks | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
@@ -110,17 +176,22 @@ class StageRunner:
         self.codec = codec
         self.recorder = recorder
         self.concurrency = max(1, concurrency)
+        self.hooks: RuntimeHooks = hooks or _NoHooks()
         self.topology = Topology(settings.kafka.topic_prefix)
         self.group_id = self.topology.group(stage)
+        self.input_topic = self.topology.input_topic(stage)
+        self.retry_topic = self.topology.retry(stage)
         self.stats = RunnerStats()
-        self._sleep = sleep
+        self._rng = rng or random.Random()
         self._pending: dict[TopicPartition, int] = {}
+        self._waiting: dict[TopicPartition, int] = {}  # paused retry partition -> due (ms)
         self._commit_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         self._idle.set()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()
+        self.assignment: set[TopicPartition] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -139,13 +210,14 @@ class StageRunner:
             heartbeat_interval_ms=min(3000, kafka.session_timeout_ms // 3),
             max_poll_records=200,
         )
-        self.consumer.subscribe([self.topology.input_topic(self.stage)], listener=_Listener(self))
+        self.consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
         await self.producer.start()
         try:
             await self.consumer.start()
             log.info("stage started", stage=self.stage.value, group=self.group_id)
             while not stop.is_set():
-                batch = await self.consumer.getmany(timeout_ms=500)
+                timeout_ms = self._resume_due()
+                batch = await self.consumer.getmany(timeout_ms=timeout_ms)
                 if batch:
                     await self._handle_batch(batch)
                     await self.commit_pending()
@@ -168,6 +240,19 @@ class StageRunner:
                 # The group moved on: the new owner re-reads these records; writes are idempotent.
                 log.warning("commit failed; records will be redelivered", error=str(exc))
 
+    def _resume_due(self) -> int:
+        """Resume retry partitions whose head record is due; return how long to poll (ms)."""
+        assert self.consumer is not None
+        now = _now_ms()
+        for tp, due in list(self._waiting.items()):
+            if due <= now:
+                del self._waiting[tp]
+                if tp in self.consumer.assignment():
+                    self.consumer.resume(tp)
+        if not self._waiting:
+            return 500
+        return max(10, min(500, min(self._waiting.values()) - now))
+
     # -- records ---------------------------------------------------------------------------
 
     async def _handle_batch(
@@ -182,6 +267,8 @@ class StageRunner:
             ) -> None:
                 async with gate:
                     for record in records:
+                        if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
+                            return
                         await self._handle_record(record)
                         self._pending[tp] = record.offset + 1
 
@@ -189,8 +276,19 @@ class StageRunner:
         finally:
             self._idle.set()
 
+    def _not_yet_due(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
+        """Pause a retry partition at a record that is not due yet (other partitions go on)."""
+        due = int((header(record.headers, H_DUE_AT) or b"0").decode() or 0)
+        if due <= _now_ms():
+            return False
+        assert self.consumer is not None
+        self.consumer.seek(tp, record.offset)
+        self.consumer.pause(tp)
+        self._waiting[tp] = due
+        return True
+
     async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        corr = (_header(record, H_CORRELATION_ID) or b"").decode(errors="replace") or None
+        corr = (header(record.headers, H_CORRELATION_ID) or b"").decode(errors="replace") or None
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
             partition=record.partition,
@@ -200,68 +298,69 @@ class StageRunner:
         ):
             try:
                 event = self.codec.decode(record.value or b"")
+                if not isinstance(event, DocumentEvent):
+                    raise DecodeError(f"{type(event).__name__} is not a document event")
             except DecodeError as exc:
                 self.stats.poison += 1
-                log.error("undecodable record skipped", error=str(exc))
-                return
-            if not isinstance(event, DocumentEvent):
-                self.stats.poison += 1
-                log.error("unexpected event type on stage input", event_type=type(event).__name__)
+                log.error("undecodable record dead-lettered", error=str(exc))
+                await self._dead_letter(record, None, exc, attempt=1, kind="poison")
                 return
             with structlog.contextvars.bound_contextvars(
                 document_id=event.document_id,
                 tenant_id=event.tenant_id,
                 correlation_id=event.correlation_id,
             ):
-                await self._attempts(record, event)
+                await self._attempt(record, event)
 
-    async def _attempts(self, record: ConsumerRecord[bytes, bytes], event: DocumentEvent) -> None:
-        first = int((_header(record, H_ATTEMPT) or b"1").decode() or 1)
-        policy = self.settings.retry
-        attempt = first
-        while True:
-            ctx = RecordContext(
-                record.topic,
-                record.partition,
-                record.offset,
-                attempt,
-                replay=_header(record, H_REPLAY) is not None,
+    async def _attempt(self, record: ConsumerRecord[bytes, bytes], event: DocumentEvent) -> None:
+        attempt = int((header(record.headers, H_ATTEMPT) or b"1").decode() or 1)
+        ctx = RecordContext(
+            record.topic,
+            record.partition,
+            record.offset,
+            attempt,
+            replay=header(record.headers, H_REPLAY) is not None,
+        )
+        started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        try:
+            outcome = await self.handler(event, ctx)
+            if outcome.output is not None:
+                await self._publish(outcome.output)
+            await self.recorder.step_done(
+                event, self.stage, outcome, attempt, started, datetime.now(UTC)
             )
-            started = datetime.now(UTC)
-            t0 = time.perf_counter()
-            try:
-                outcome = await self.handler(event, ctx)
-                if outcome.output is not None:
-                    await self._publish(outcome.output)
-                await self.recorder.step_done(
-                    event, self.stage, outcome, attempt, started, datetime.now(UTC)
-                )
-            except PermanentError as exc:
-                await self._failed(event, exc, attempt, started, final=True)
-                return
-            except (RetryableError, KafkaError, OSError) as exc:
-                final = attempt >= policy.max_attempts
-                await self._failed(event, exc, attempt, started, final=final)
-                if final:
-                    return
-                delay = getattr(exc, "retry_after", None) or backoff_delay(attempt, policy)
-                log.warning("retrying", attempt=attempt, delay_s=round(delay, 3), error=str(exc))
-                await self._sleep(delay)
-                attempt += 1
-                continue
-            self.stats.processed += 1
-            self.stats.by_partition[record.partition] = (
-                self.stats.by_partition.get(record.partition, 0) + 1
-            )
-            log.info(
-                "record handled",
-                outcome=outcome.status,
-                attempt=attempt,
-                duration_ms=round((time.perf_counter() - t0) * 1000, 1),
-            )
+        except PermanentError as exc:
+            await self._record_failure(event, exc, attempt, started, final=True)
+            await self._dead_letter(record, event, exc, attempt, kind="permanent")
+            self.hooks.record_handled(self.stage.value, "dead-lettered", time.perf_counter() - t0)
             return
+        except Exception as exc:  # retryable, or unexpected: retried, then dead-lettered
+            final = attempt >= self.settings.retry.max_attempts
+            await self._record_failure(event, exc, attempt, started, final=final)
+            if final:
+                await self._dead_letter(record, event, exc, attempt, kind="exhausted")
+                self.hooks.record_handled(
+                    self.stage.value, "dead-lettered", time.perf_counter() - t0
+                )
+            else:
+                await self._retry(record, exc, attempt)
+                self.hooks.record_handled(self.stage.value, "retried", time.perf_counter() - t0)
+            return
+        seconds = time.perf_counter() - t0
+        self.stats.processed += 1
+        self.stats.by_partition[record.partition] = (
+            self.stats.by_partition.get(record.partition, 0) + 1
+        )
+        self.hooks.record_handled(self.stage.value, outcome.status, seconds)
+        log.info(
+            "record handled",
+            outcome=outcome.status,
+            attempt=attempt,
+            duration_ms=round(seconds * 1000, 1),
+        )
 
-    async def _failed(
+    async def _record_failure(
         self,
         event: DocumentEvent,
         exc: BaseException,
@@ -270,21 +369,98 @@ class StageRunner:
         *,
         final: bool,
     ) -> None:
-        if final:
-            self.stats.failed += 1
-            log.error(
-                "record failed",
-                attempt=attempt,
-                error_class=type(exc).__name__,
-                error=str(exc),
-                stack="".join(traceback.format_exception(exc)[-3:]),
-            )
+        log.warning(
+            "record failed" if final else "record will be retried",
+            attempt=attempt,
+            error_class=type(exc).__name__,
+            error=str(exc)[:MESSAGE_LIMIT],
+        )
         try:
             await self.recorder.step_failed(
                 event, self.stage, exc, attempt, started, datetime.now(UTC), final=final
             )
-        except RetryableError as rec_exc:
-            log.error("could not record failure", error=str(rec_exc))
+        except Exception as rec_exc:  # the journey is best effort; the record still moves on
+            log.error("could not record the failure", error=str(rec_exc))
+
+    def _origin(self, record: ConsumerRecord[bytes, bytes]) -> Headers:
+        """Where the record first came from: kept from its retry headers, else this record."""
+        if header(record.headers, H_ERR_TOPIC) is not None:
+            keep = (
+                H_ERR_TOPIC,
+                H_ERR_PARTITION,
+                H_ERR_OFFSET,
+                H_ERR_TIMESTAMP,
+                H_ERR_FIRST_FAILURE,
+            )
+            return [(k, v) for k in keep if (v := header(record.headers, k)) is not None]
+        return [
+            (H_ERR_TOPIC, record.topic.encode()),
+            (H_ERR_PARTITION, str(record.partition).encode()),
+            (H_ERR_OFFSET, str(record.offset).encode()),
+            (H_ERR_TIMESTAMP, str(record.timestamp).encode()),
+            (H_ERR_FIRST_FAILURE, str(_now_ms()).encode()),
+        ]
+
+    def _error_headers(self, exc: BaseException) -> Headers:
+        stack = "".join(traceback.format_exception(exc))[-STACK_LIMIT:]
+        return [
+            (H_ERR_STAGE, self.stage.value.encode()),
+            (H_ERR_GROUP, self.group_id.encode()),
+            (H_ERR_CLASS, type(exc).__name__.encode()),
+            (H_ERR_MESSAGE, str(exc)[:MESSAGE_LIMIT].encode()),
+            (H_ERR_STACKTRACE, stack.encode()),
+            (H_ERR_LAST_FAILURE, str(_now_ms()).encode()),
+        ]
+
+    async def _retry(
+        self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int
+    ) -> None:
+        retry_after = getattr(exc, "retry_after", None)
+        delay = max(retry_after or 0.0, backoff_delay(attempt, self.settings.retry, self._rng))
+        headers = [
+            *_carried(record.headers),
+            *self._origin(record),
+            *self._error_headers(exc),
+            (H_ATTEMPT, str(attempt + 1).encode()),
+            (H_DUE_AT, str(_now_ms() + int(delay * 1000)).encode()),
+        ]
+        assert self.producer is not None
+        await self.producer.send_and_wait(
+            self.retry_topic, record.value, key=record.key, headers=headers
+        )
+        self.stats.retried += 1
+        self.hooks.record_retry(self.stage.value, type(exc).__name__)
+        log.info("sent to retry", next_attempt=attempt + 1, delay_s=round(delay, 3))
+
+    async def _dead_letter(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        event: DocumentEvent | None,
+        exc: BaseException,
+        attempt: int,
+        *,
+        kind: str,
+    ) -> None:
+        headers = [
+            *_carried(record.headers),
+            *self._origin(record),
+            *self._error_headers(exc),
+            (H_ERR_KIND, kind.encode()),
+            (H_ERR_ATTEMPTS, str(attempt).encode()),
+        ]
+        if event is not None:
+            headers += [
+                (H_ERR_TENANT, event.tenant_id.encode()),
+                (H_ERR_DOCUMENT, event.document_id.encode()),
+            ]
+        assert self.producer is not None
+        # Key and value exactly as they came: a poison pill stays the bytes it was.
+        await self.producer.send_and_wait(
+            self.topology.dlq, record.value, key=record.key, headers=headers
+        )
+        self.stats.dead_lettered += 1
+        self.hooks.record_dead_letter(self.stage.value, type(exc).__name__)
+        log.error("dead-lettered", kind=kind, attempts=attempt, error_class=type(exc).__name__)
 
     async def _publish(self, event: Event) -> None:
         assert self.producer is not None
@@ -306,12 +482,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self.runner._idle.wait()
         await self.runner.commit_pending()
+        for tp in revoked:
+            self.runner._waiting.pop(tp, None)
+        self.runner.assignment -= set(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.runner.assignment = set(assigned)
         log.info(
             "partitions assigned",
             stage=self.runner.stage.value,
-            partitions=sorted(tp.partition for tp in assigned),
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
         )
-        if assigned:
-            self.runner.assigned.set()
+        self.runner.assigned.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,10 +29,10 @@ class RecordContext:
     replay: bool
 
 
-class AdvanceStatus(Protocol):
-    """The store's forward-only status move (see ragstream.store)."""
+class StatusStore(Protocol):
+    """The store's forward-only status move (see ragstream.store), which every stage uses."""
 
-    async def __call__(
+    def advance_status(
         self,
         document_id: str,
         status: str,
@@ -44,4 +45,4 @@ class AdvanceStatus(Protocol):
         current_embedding_dimensions: int | None = None,
         page_count: int | None = None,
         chunk_count: int | None = None,
-    ) -> bool: ...
+    ) -> Awaitable[bool]: ...

@@ -20,9 +20,9 @@ from consumers.stage import Outcome, RecordContext
 from ragstream.blobs import BlobStore
 from ragstream.chunking import Chunker
 from ragstream.codec import Codec
-from ragstream.embedding import LocalEmbedder
+from ragstream.embedding import Embedder, LocalEmbedder
 from ragstream.events import DocumentChunked, DocumentEvent, DocumentParsed, DocumentUploaded, Event
-from ragstream.parsing import LocalParser
+from ragstream.parsing import LocalParser, Parser
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store.migrate import migrate
@@ -77,7 +77,7 @@ class JourneyRecorder:
             tenant_id=event.tenant_id,
             stage=stage.value,
             input_event_id=str(event.event_id),
-            outcome="failed" if final else "retry",
+            outcome="dead-lettered" if final else "retry",
             attempt=attempt,
             started_at=started_at,
             finished_at=finished_at,
@@ -86,7 +86,7 @@ class JourneyRecorder:
         )
         if final:
             await self.store.advance_status(
-                event.document_id, "failed", reason=reason[:2000], stage=stage.value
+                event.document_id, "dead-lettered", reason=reason[:2000], stage=stage.value
             )
 
 
@@ -101,20 +101,31 @@ def _typed(kind: type[Event], fn: Callable[[Any], Awaitable[Outcome]]) -> StageH
     return handler
 
 
-def build_handler(stage: Stage, settings: Settings, store: Store) -> StageHandler:
+@dataclass(frozen=True)
+class Providers:
+    """The services the stages call; None means the one the settings choose."""
+
+    parser: Parser | None = None
+    embedder: Embedder | None = None
+
+
+def build_handler(
+    stage: Stage, settings: Settings, store: Store, providers: Providers | None = None
+) -> StageHandler:
+    providers = providers or Providers()
     if stage is Stage.PARSE:
         deps_p = ParseDeps(
-            store=store,  # type: ignore[arg-type]
-            parser=LocalParser(settings.parse),
+            store=store,
+            parser=providers.parser or LocalParser(settings.parse),
             blobs=BlobStore(settings.blob_root(), settings.blobs.allowed_roots),
         )
         return _typed(DocumentUploaded, lambda e: parse(e, deps_p))
     if stage is Stage.CHUNK:
-        deps_c = ChunkDeps(store=store, chunker=Chunker(settings.chunk, get_tokenizer()))  # type: ignore[arg-type]
+        deps_c = ChunkDeps(store=store, chunker=Chunker(settings.chunk, get_tokenizer()))
         return _typed(DocumentParsed, lambda e: chunk(e, deps_c))
     deps_e = EmbedDeps(
-        store=store,  # type: ignore[arg-type]
-        embedder=LocalEmbedder(settings.embed.dimensions),
+        store=store,
+        embedder=providers.embedder or LocalEmbedder(settings.embed.dimensions),
         batch_size=settings.embed.batch_size,
     )
     return _typed(DocumentChunked, lambda e: embed(e, deps_e))
@@ -128,6 +139,7 @@ async def run_workers(
     stop: asyncio.Event | None = None,
     handle_signals: bool = False,
     started: Callable[[list[StageRunner]], None] | None = None,
+    providers: Providers | None = None,
 ) -> list[StageRunner]:
     """Run the given stages in this process until `stop` is set (or SIGTERM/SIGINT)."""
     stop = stop or asyncio.Event()
@@ -150,7 +162,7 @@ async def run_workers(
             StageRunner(
                 settings,
                 stage,
-                build_handler(stage, settings, store),
+                build_handler(stage, settings, store, providers),
                 codec,
                 recorder,
                 concurrency=concurrency,

@@ -16,10 +16,29 @@ class Stage(StrEnum):
 H_EVENT_TYPE = "ragstream.event-type"
 H_CORRELATION_ID = "ragstream.correlation-id"
 H_REPLAY = "ragstream.replay"
-# Retry and dead-letter headers (in the spirit of Kafka Connect's __connect.errors.*).
-H_ATTEMPT = "ragstream.retry.attempt"
-H_DUE_AT = "ragstream.retry.due-at-ms"
+# Retry headers, added to the original record's headers when it goes to <prefix>.retry.<stage>.
+H_ATTEMPT = "ragstream.retry.attempt"  # the attempt the record is due for (2, 3, ...)
+H_DUE_AT = "ragstream.retry.due-at-ms"  # epoch ms before which it must not run again
+# Dead-letter headers (in the spirit of Kafka Connect's __connect.errors.*). Retry records carry
+# the ERR_* headers too, so the DLQ record names the original topic, partition and offset.
 H_ERR_PREFIX = "ragstream.errors."
+H_ERR_TOPIC = "ragstream.errors.topic"
+H_ERR_PARTITION = "ragstream.errors.partition"
+H_ERR_OFFSET = "ragstream.errors.offset"
+H_ERR_TIMESTAMP = "ragstream.errors.timestamp"  # the original record's timestamp, epoch ms
+H_ERR_STAGE = "ragstream.errors.stage"
+H_ERR_GROUP = "ragstream.errors.group"
+H_ERR_CLASS = "ragstream.errors.class"  # e.g. PermanentError, DecodeError, RetryableError
+H_ERR_KIND = "ragstream.errors.kind"  # permanent | poison | exhausted
+H_ERR_MESSAGE = "ragstream.errors.message"
+H_ERR_STACKTRACE = "ragstream.errors.stacktrace"  # truncated
+H_ERR_ATTEMPTS = "ragstream.errors.attempts"
+H_ERR_FIRST_FAILURE = "ragstream.errors.first-failure-ms"
+H_ERR_LAST_FAILURE = "ragstream.errors.last-failure-ms"
+H_ERR_TENANT = "ragstream.errors.tenant-id"  # when the record decoded
+H_ERR_DOCUMENT = "ragstream.errors.document-id"  # when the record decoded
+# Set on records an operator sent back from the DLQ: "<dlq partition>:<dlq offset>".
+H_REDRIVE_OF = "ragstream.redrive.of"
 
 CONTROL_THROTTLE = "throttle"
 CONTROL_MODE = "mode"
