@@ -5,8 +5,11 @@ after the stage's PostgreSQL writes are done and its output record (or its retry
 copy) is acknowledged by the broker (acks=all, idempotent producer). Stage functions know
 nothing of Kafka; they take a typed event and return an `Outcome`.
 
-Ordering: records of one partition are handled in order (documents are keyed by document_id, so
-one document's events stay in order); `concurrency` partitions are handled at once.
+Ordering: records of one partition are handled in order by one task while the partition is
+paused (documents are keyed by document_id, so one document's events stay in order); up to
+`concurrency` partitions are handled at once, and the loop keeps polling meanwhile, so a slow
+record never exceeds `max.poll.interval.ms`. On shutdown or revocation, in-flight records get
+`kafka.shutdown_grace_s` to finish; the rest are handed back uncommitted.
 
 Failures are read here and only here (see ragstream.errors):
 - RetryableError (and any unexpected exception): the record goes to `<prefix>.retry.<stage>`
@@ -186,8 +189,8 @@ class StageRunner:
         self._pending: dict[TopicPartition, int] = {}
         self._waiting: dict[TopicPartition, int] = {}  # paused retry partition -> due (ms)
         self._commit_lock = asyncio.Lock()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._gate = asyncio.Semaphore(self.concurrency)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()
@@ -217,11 +220,15 @@ class StageRunner:
             log.info("stage started", stage=self.stage.value, group=self.group_id)
             while not stop.is_set():
                 timeout_ms = self._resume_due()
+                if self._inflight:
+                    timeout_ms = min(timeout_ms, 50)
                 batch = await self.consumer.getmany(timeout_ms=timeout_ms)
-                if batch:
-                    await self._handle_batch(batch)
-                    await self.commit_pending()
+                for tp, records in batch.items():
+                    self._dispatch(tp, records)
+                await self._reap()
+                await self.commit_pending()
         finally:
+            await self._drain(self.settings.kafka.shutdown_grace_s)
             await self.commit_pending()
             # Leaving the group at once (LeaveGroup), so a restart hands partitions over fast.
             await self.consumer.stop()
@@ -247,7 +254,7 @@ class StageRunner:
         for tp, due in list(self._waiting.items()):
             if due <= now:
                 del self._waiting[tp]
-                if tp in self.consumer.assignment():
+                if tp in self.consumer.assignment() and tp not in self._inflight:
                     self.consumer.resume(tp)
         if not self._waiting:
             return 500
@@ -255,26 +262,49 @@ class StageRunner:
 
     # -- records ---------------------------------------------------------------------------
 
-    async def _handle_batch(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Hand a partition's records to a task of their own; the partition is paused until
+        the task is done, so the loop keeps polling (no max.poll.interval.ms breach, however
+        long a record takes) while one document's records stay in order."""
+        assert self.consumer is not None
+        self.consumer.pause(tp)
+        self._inflight[tp] = asyncio.create_task(self._run_partition(tp, records))
+
+    async def _run_partition(
+        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
     ) -> None:
-        self._idle.clear()
-        try:
-            gate = asyncio.Semaphore(self.concurrency)
+        async with self._gate:
+            for record in records:
+                if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
+                    return
+                await self._handle_record(record)
+                self._pending[tp] = record.offset + 1
 
-            async def one_partition(
-                tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
-            ) -> None:
-                async with gate:
-                    for record in records:
-                        if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
-                            return
-                        await self._handle_record(record)
-                        self._pending[tp] = record.offset + 1
+    async def _reap(self) -> None:
+        """Collect finished partition tasks; resume their partitions (unless waiting on a retry)."""
+        assert self.consumer is not None
+        for tp, task in list(self._inflight.items()):
+            if not task.done():
+                continue
+            del self._inflight[tp]
+            task.result()  # a failure here is a bug or lost infrastructure: stop the worker
+            if tp not in self._waiting and tp in self.consumer.assignment():
+                self.consumer.resume(tp)
 
-            await asyncio.gather(*(one_partition(tp, recs) for tp, recs in batch.items()))
-        finally:
-            self._idle.set()
+    async def _drain(self, grace_s: float, only: set[TopicPartition] | None = None) -> None:
+        """Let in-flight records finish for up to `grace_s`, then hand the rest back (cancel;
+        their offsets stay uncommitted, so the next owner processes them again)."""
+        tasks = {tp: t for tp, t in self._inflight.items() if only is None or tp in only}
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks.values(), timeout=grace_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for tp in tasks:
+            self._inflight.pop(tp, None)
+        if late:
+            log.warning("in-flight records handed back", records=len(late))
 
     def _not_yet_due(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
         """Pause a retry partition at a record that is not due yet (other partitions go on)."""
@@ -480,8 +510,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.runner._idle.wait()
-        await self.runner.commit_pending()
+        runner = self.runner
+        await runner._drain(runner.settings.kafka.shutdown_grace_s, only=set(revoked))
+        await runner.commit_pending()
         for tp in revoked:
             self.runner._waiting.pop(tp, None)
         self.runner.assignment -= set(revoked)

@@ -55,6 +55,8 @@ class KafkaSettings(_Section):
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     session_timeout_ms: int = Field(45_000, ge=1_000)
     request_timeout_ms: int = Field(40_000, ge=1_000)
+    # On SIGTERM or a rebalance, in-flight records get this long to finish before being handed back.
+    shutdown_grace_s: float = Field(10.0, ge=0)
 
     def client_options(self) -> dict[str, Any]:
         """Options every aiokafka client takes: servers, client id and security pass-through."""

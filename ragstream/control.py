@@ -1,0 +1,163 @@
+"""The compacted control topic: service modes and throttle states, keyed by kind and service.
+
+Every worker reads the topic whole at start (so a new worker starts in the last mode set and
+the last throttle state) and then follows it; `ControlState` is what the providers consult on
+every call, so a change takes effect within a poll cycle, with no restart. Operators publish
+mode changes with `publish_mode` (`ragstream services mode SERVICE MODE`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from ragstream.codec import Codec
+from ragstream.errors import ConfigError, DecodeError
+from ragstream.events import Event, ServiceMode, ServiceModeChanged, ThrottleEvent, ThrottleState
+from ragstream.settings import Settings
+from ragstream.topology import CONTROL_MODE, CONTROL_THROTTLE, Topology
+
+log = structlog.get_logger(__name__)
+
+SERVICES = ("llamaparse", "openai")
+
+
+@dataclass
+class ControlState:
+    """The latest mode per service and throttle state per (service, tenant)."""
+
+    defaults: dict[str, ServiceMode]
+    modes: dict[str, ServiceMode] = field(default_factory=dict)
+    throttles: dict[tuple[str, str | None], ThrottleEvent] = field(default_factory=dict)
+    listeners: list[Callable[[Event], None]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ControlState:
+        services = settings.services
+        return cls(
+            defaults={"llamaparse": services.llamaparse.mode, "openai": services.openai.mode}
+        )
+
+    def mode(self, service: str) -> ServiceMode:
+        return self.modes.get(service, self.defaults[service])
+
+    def throttled(self, service: str, tenant: str | None = None) -> bool:
+        for key in ((service, None), (service, tenant)):
+            event = self.throttles.get(key)
+            if event is not None and event.state is ThrottleState.THROTTLED:
+                return True
+        return False
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, ServiceModeChanged):
+            if self.modes.get(event.service) != event.mode:
+                log.info("service mode changed", service=event.service, mode=event.mode.value)
+            self.modes[event.service] = event.mode
+        elif isinstance(event, ThrottleEvent):
+            self.throttles[(event.service, event.tenant_id)] = event
+        else:
+            return
+        for listener in self.listeners:
+            listener(event)
+
+
+class ControlFollower:
+    """Reads the control topic whole, then follows it until stopped."""
+
+    def __init__(self, settings: Settings, state: ControlState, codec: Codec | None = None) -> None:
+        self.settings = settings
+        self.state = state
+        self.codec = codec or Codec()
+        self.topic = Topology(settings.kafka.topic_prefix).control
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Catch up with everything on the topic, then keep following in the background."""
+        consumer = AIOKafkaConsumer(
+            **self.settings.kafka.client_options(), enable_auto_commit=False
+        )
+        await consumer.start()
+        self._consumer = consumer
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(self.topic) or {0}
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            self._apply_batch(await consumer.getmany(timeout_ms=1000))
+        self._task = asyncio.create_task(self._follow(), name="control-follower")
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            self._apply_batch(await self._consumer.getmany(timeout_ms=1000))
+
+    def _apply_batch(self, batch: dict[TopicPartition, list[object]]) -> None:
+        for records in batch.values():
+            for record in records:
+                value = getattr(record, "value", None)
+                if value is None:  # a tombstone: the key's state was removed
+                    continue
+                try:
+                    self.state.apply(self.codec.decode(value))
+                except DecodeError as exc:
+                    log.error("undecodable control record skipped", error=str(exc))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def publish_control(settings: Settings, key: bytes, event: Event) -> None:
+    codec = Codec()
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_options(), acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            Topology(settings.kafka.topic_prefix).control,
+            codec.encode(event),
+            key=key,
+            headers=codec.headers_for(event),
+        )
+    finally:
+        await producer.stop()
+
+
+async def publish_mode(
+    settings: Settings,
+    service: str,
+    mode: str,
+    *,
+    requested_by: str | None = None,
+    reason: str | None = None,
+) -> ServiceModeChanged:
+    """Tell every worker to serve `service` in `mode` from now on."""
+    if service not in SERVICES:
+        raise ConfigError(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+    try:
+        chosen = ServiceMode(mode)
+    except ValueError:
+        choices = ", ".join(m.value for m in ServiceMode)
+        raise ConfigError(f"unknown mode {mode!r}; choose one of {choices}") from None
+    event = ServiceModeChanged(
+        service=service, mode=chosen, requested_by=requested_by, reason=reason
+    )
+    await publish_control(settings, Topology.control_key(CONTROL_MODE, service), event)
+    return event
+
+
+def throttle_key(service: str, tenant: str | None = None) -> bytes:
+    return Topology.control_key(CONTROL_THROTTLE, service, tenant)
