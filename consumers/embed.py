@@ -42,48 +42,67 @@ class EmbedStore(StatusStore, Protocol):
 class EmbedDeps:
     store: EmbedStore
     embedder: Embedder
-    batch_size: int = 256
+
+
+def _for_this_document(embedder: Embedder) -> Embedder:
+    """The embedder serving now: a mode switch (see ragstream.providers.modes) picks per document."""
+    current = getattr(embedder, "current", None)
+    return current() if callable(current) else embedder
+
+
+async def _embed_missing(
+    embedder: Embedder, texts: dict[str, str], model: str
+) -> tuple[dict[str, list[float]], int, str, str]:
+    """Embed `texts` (sha -> text) in one call; the provider packs requests to its limits.
+    Returns vectors, tokens, and the provider and model that really produced them."""
+    if not texts:
+        return {}, 0, embedder.name, model
+    result = await embedder.embed(list(texts.values()))
+    vectors = dict(zip(texts, result.vectors, strict=True))
+    provider = getattr(result, "provider", None) or embedder.name
+    return vectors, result.token_count, provider, getattr(result, "model", None) or model
 
 
 async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
+    """Embed a document's chunks, reusing cached vectors of the same model and dimensions.
+
+    One document's vectors all come from one model: if a hybrid embedder fell back to the local
+    provider, cached vectors of the real model are not mixed in; the whole document is embedded
+    by the model that served the call."""
     chunks = await deps.store.load_chunks(chunked.document_id, chunked.chunker_version)
     if len(chunks) != chunked.chunk_count:
         raise PermanentError(
             f"store holds {len(chunks)} chunks of version {chunked.chunker_version}, "
             f"the event says {chunked.chunk_count}"
         )
-    embedder = deps.embedder
-    shas = [c.text_sha256 for c in chunks]
-    vectors = await deps.store.cached_embeddings(
-        embedder.model, embedder.dimensions, sorted(set(shas))
-    )
+    embedder = _for_this_document(deps.embedder)
+    dimensions = embedder.dimensions
+    texts = {c.text_sha256: c.text for c in chunks}
+    vectors = await deps.store.cached_embeddings(embedder.model, dimensions, sorted(texts))
     cached = len(vectors)
-    todo: dict[str, str] = {}
-    for c in chunks:
-        if c.text_sha256 not in vectors:
-            todo.setdefault(c.text_sha256, c.text)
-    tokens = 0
-    pending = list(todo.items())
-    for start in range(0, len(pending), deps.batch_size):
-        batch = pending[start : start + deps.batch_size]
-        result = await embedder.embed([text for _, text in batch])
-        tokens += result.token_count
-        for (sha, _), vector in zip(batch, result.vectors, strict=True):
-            vectors[sha] = vector
+    todo = {sha: text for sha, text in texts.items() if sha not in vectors}
+    fresh, tokens, provider, model = await _embed_missing(embedder, todo, embedder.model)
+    if model != embedder.model:  # served by the fallback: no vector of another model may stay
+        rest = {sha: text for sha, text in texts.items() if sha not in fresh}
+        more, more_tokens, _, _ = await _embed_missing(embedder, rest, model)
+        vectors, cached, tokens = {**fresh, **more}, 0, tokens + more_tokens
+        todo = texts
+    else:
+        vectors.update(fresh)
     await deps.store.save_embeddings(
         document_id=chunked.document_id,
         tenant_id=chunked.tenant_id,
         chunker_version=chunked.chunker_version,
-        model=embedder.model,
-        dimensions=embedder.dimensions,
-        provider=embedder.name,
+        model=model,
+        dimensions=dimensions,
+        provider=provider,
         rows=[(c.index, c.text_sha256, vectors[c.text_sha256]) for c in chunks],
     )
     await deps.store.advance_status(
         chunked.document_id,
         "embedded",
-        current_embedding_model=embedder.model,
-        current_embedding_dimensions=embedder.dimensions,
+        current_embedding_model=model,
+        current_embedding_dimensions=dimensions,
         current_chunker_version=chunked.chunker_version,
     )
     event = DocumentEmbedded(
@@ -92,9 +111,9 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
         correlation_id=chunked.correlation_id,
         uploaded_at=chunked.uploaded_at,
         chunker_version=chunked.chunker_version,
-        embedder=embedder.name,
-        model=embedder.model,
-        dimensions=embedder.dimensions,
+        embedder=provider,
+        model=model,
+        dimensions=dimensions,
         chunk_count=len(chunks),
         new_embeddings=len(todo),
         cached_embeddings=cached,
@@ -102,5 +121,11 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
     )
     return Outcome(
         event,
-        detail={"chunks": len(chunks), "embedded": len(todo), "cached": cached, "tokens": tokens},
+        detail={
+            "chunks": len(chunks),
+            "embedded": len(todo),
+            "cached": cached,
+            "tokens": tokens,
+            "provider": provider,
+        },
     )

@@ -43,7 +43,8 @@ from aiokafka.structs import OffsetAndMetadata
 from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
 from ragstream.errors import DecodeError, PermanentError
-from ragstream.events import DocumentEvent, Event
+from ragstream.events import DocumentEmbedded, DocumentEvent, Event
+from ragstream.metrics import Metrics, observe_lag
 from ragstream.settings import RetrySettings, Settings
 from ragstream.topology import (
     H_ATTEMPT,
@@ -104,25 +105,6 @@ class StepRecorder(Protocol):
     ) -> None: ...
 
 
-class RuntimeHooks(Protocol):
-    """What the runtime reports as it goes (metrics); every method must be cheap."""
-
-    def record_handled(self, stage: str, outcome: str, seconds: float) -> None: ...
-    def record_retry(self, stage: str, error_class: str) -> None: ...
-    def record_dead_letter(self, stage: str, error_class: str) -> None: ...
-
-
-class _NoHooks:
-    def record_handled(self, stage: str, outcome: str, seconds: float) -> None:
-        pass
-
-    def record_retry(self, stage: str, error_class: str) -> None:
-        pass
-
-    def record_dead_letter(self, stage: str, error_class: str) -> None:
-        pass
-
-
 def backoff_delay(attempt: int, policy: RetrySettings, rng: random.Random | None = None) -> float:
     """Delay before `attempt + 1`: uniform(d/2, d) with d = min(cap, base * factor**(attempt-1))."""
     ceiling = min(policy.cap_s, policy.base_s * policy.factor ** max(attempt - 1, 0))
@@ -170,7 +152,7 @@ class StageRunner:
         recorder: StepRecorder,
         *,
         concurrency: int = 1,
-        hooks: RuntimeHooks | None = None,
+        metrics: Metrics | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
@@ -179,7 +161,8 @@ class StageRunner:
         self.codec = codec
         self.recorder = recorder
         self.concurrency = max(1, concurrency)
-        self.hooks: RuntimeHooks = hooks or _NoHooks()
+        self.metrics = metrics or Metrics(process_metrics=False)
+        self.joined = False  # holds group membership (readiness), with or without partitions
         self.topology = Topology(settings.kafka.topic_prefix)
         self.group_id = self.topology.group(stage)
         self.input_topic = self.topology.input_topic(stage)
@@ -227,12 +210,15 @@ class StageRunner:
                     self._dispatch(tp, records)
                 await self._reap()
                 await self.commit_pending()
+                await observe_lag(self.metrics, self.stage.value, self.consumer)
         finally:
             await self._drain(self.settings.kafka.shutdown_grace_s)
             await self.commit_pending()
             # Leaving the group at once (LeaveGroup), so a restart hands partitions over fast.
             await self.consumer.stop()
             await self.producer.stop()
+            self.joined = False
+            self.metrics.stage_stopped(self.stage.value)
             log.info("stage stopped", stage=self.stage.value, **self.stats.__dict__)
 
     async def commit_pending(self) -> None:
@@ -318,6 +304,10 @@ class StageRunner:
         return True
 
     async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        with self.metrics.inflight(self.stage.value):
+            await self._handle_one(record)
+
+    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
         corr = (header(record.headers, H_CORRELATION_ID) or b"").decode(errors="replace") or None
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
@@ -334,6 +324,7 @@ class StageRunner:
                 self.stats.poison += 1
                 log.error("undecodable record dead-lettered", error=str(exc))
                 await self._dead_letter(record, None, exc, attempt=1, kind="poison")
+                self.metrics.record_handled(self.stage.value, "poison", 0.0)
                 return
             with structlog.contextvars.bound_contextvars(
                 document_id=event.document_id,
@@ -363,26 +354,28 @@ class StageRunner:
         except PermanentError as exc:
             await self._record_failure(event, exc, attempt, started, final=True)
             await self._dead_letter(record, event, exc, attempt, kind="permanent")
-            self.hooks.record_handled(self.stage.value, "dead-lettered", time.perf_counter() - t0)
+            self.metrics.record_handled(self.stage.value, "dead-lettered", time.perf_counter() - t0)
             return
         except Exception as exc:  # retryable, or unexpected: retried, then dead-lettered
             final = attempt >= self.settings.retry.max_attempts
             await self._record_failure(event, exc, attempt, started, final=final)
             if final:
                 await self._dead_letter(record, event, exc, attempt, kind="exhausted")
-                self.hooks.record_handled(
+                self.metrics.record_handled(
                     self.stage.value, "dead-lettered", time.perf_counter() - t0
                 )
             else:
                 await self._retry(record, exc, attempt)
-                self.hooks.record_handled(self.stage.value, "retried", time.perf_counter() - t0)
+                self.metrics.record_handled(self.stage.value, "retried", time.perf_counter() - t0)
             return
         seconds = time.perf_counter() - t0
         self.stats.processed += 1
         self.stats.by_partition[record.partition] = (
             self.stats.by_partition.get(record.partition, 0) + 1
         )
-        self.hooks.record_handled(self.stage.value, outcome.status, seconds)
+        self.metrics.record_handled(self.stage.value, outcome.status, seconds)
+        if isinstance(outcome.output, DocumentEmbedded):
+            self.metrics.record_embedded(outcome.output)
         log.info(
             "record handled",
             outcome=outcome.status,
@@ -459,7 +452,7 @@ class StageRunner:
             self.retry_topic, record.value, key=record.key, headers=headers
         )
         self.stats.retried += 1
-        self.hooks.record_retry(self.stage.value, type(exc).__name__)
+        self.metrics.record_retry(self.stage.value, type(exc).__name__)
         log.info("sent to retry", next_attempt=attempt + 1, delay_s=round(delay, 3))
 
     async def _dead_letter(
@@ -489,7 +482,7 @@ class StageRunner:
             self.topology.dlq, record.value, key=record.key, headers=headers
         )
         self.stats.dead_lettered += 1
-        self.hooks.record_dead_letter(self.stage.value, type(exc).__name__)
+        self.metrics.record_dead_letter(self.stage.value, type(exc).__name__)
         log.error("dead-lettered", kind=kind, attempts=attempt, error_class=type(exc).__name__)
 
     async def _publish(self, event: Event) -> None:
@@ -516,9 +509,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in revoked:
             self.runner._waiting.pop(tp, None)
         self.runner.assignment -= set(revoked)
+        runner.metrics.drop_lag(runner.stage.value, revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.runner.assignment = set(assigned)
+        self.runner.joined = True
+        self.runner.metrics.set_member(self.runner.stage.value, len(assigned))
         log.info(
             "partitions assigned",
             stage=self.runner.stage.value,

@@ -20,9 +20,27 @@ from consumers.stage import Outcome, RecordContext
 from ragstream.blobs import BlobStore
 from ragstream.chunking import Chunker
 from ragstream.codec import Codec
+from ragstream.control import ControlFollower, ControlState
 from ragstream.embedding import Embedder, LocalEmbedder
-from ragstream.events import DocumentChunked, DocumentEvent, DocumentParsed, DocumentUploaded, Event
+from ragstream.events import (
+    DocumentChunked,
+    DocumentEvent,
+    DocumentParsed,
+    DocumentUploaded,
+    Event,
+    ThrottleEvent,
+)
+from ragstream.health import HealthServer, database_ready, readiness
+from ragstream.metrics import Metrics
 from ragstream.parsing import LocalParser, Parser
+from ragstream.providers.modes import SwitchingEmbedder, SwitchingParser
+from ragstream.providers.select import (
+    EMBED_SERVICE,
+    PARSE_SERVICE,
+    breaker_for,
+    embedder_for,
+    parser_for,
+)
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store.migrate import migrate
@@ -126,9 +144,41 @@ def build_handler(
     deps_e = EmbedDeps(
         store=store,
         embedder=providers.embedder or LocalEmbedder(settings.embed.dimensions),
-        batch_size=settings.embed.batch_size,
     )
     return _typed(DocumentChunked, lambda e: embed(e, deps_e))
+
+
+async def _following_providers(
+    settings: Settings, codec: Codec, stack: AsyncExitStack, metrics: Metrics
+) -> Providers:
+    """Providers that follow the control topic: each service's mode as last set by an
+    operator (read whole at start), else as configured; one circuit breaker per service."""
+    state = ControlState.from_settings(settings)
+    state.listeners.append(lambda event: _observe_control(metrics, event))
+    follower = ControlFollower(settings, state, codec)
+    await follower.start()
+    stack.push_async_callback(follower.stop)
+    embed_breaker, parse_breaker = breaker_for(EMBED_SERVICE), breaker_for(PARSE_SERVICE)
+    for breaker in (embed_breaker, parse_breaker):
+        breaker.add_listener(metrics.on_circuit_change)
+        metrics.set_circuit_state(breaker.name, breaker.state)
+    embedder = SwitchingEmbedder(
+        state, EMBED_SERVICE, lambda mode: embedder_for(settings, mode, breaker=embed_breaker)
+    )
+    parser = SwitchingParser(
+        state, PARSE_SERVICE, lambda mode: parser_for(settings, mode, breaker=parse_breaker)
+    )
+    stack.push_async_callback(embedder.aclose)
+    stack.push_async_callback(parser.aclose)
+    for service in (EMBED_SERVICE, PARSE_SERVICE):
+        log.info("service mode", service=service, mode=state.mode(service).value)
+    return Providers(parser=parser, embedder=embedder)
+
+
+def _observe_control(metrics: Metrics, event: Event) -> None:
+    if isinstance(event, ThrottleEvent) and event.tenant_id is None:
+        metrics.set_throttle(event.service, event.state)
+        metrics.set_budget(event.service, event.window, event.budget_usd, event.spent_usd)
 
 
 async def run_workers(
@@ -158,6 +208,9 @@ async def run_workers(
         await store.ensure_vector_index(settings.embed.dimensions)
         codec = Codec()
         recorder = JourneyRecorder(store)
+        metrics = Metrics()
+        if providers is None:
+            providers = await _following_providers(settings, codec, stack, metrics)
         runners = [
             StageRunner(
                 settings,
@@ -166,9 +219,18 @@ async def run_workers(
                 codec,
                 recorder,
                 concurrency=concurrency,
+                metrics=metrics,
             )
             for stage in stages
         ]
+        obs = settings.observability
+        checks: dict[str, Callable[[], Any]] = {"database": lambda: database_ready(store)}
+        for r in runners:
+            checks[r.stage.value] = lambda r=r: r.joined  # type: ignore[misc]
+        health = HealthServer(metrics, obs.metrics_host, obs.metrics_port, readiness(checks))
+        port = await health.start()
+        stack.push_async_callback(health.stop)
+        log.info("serving metrics and health", url=f"http://{obs.metrics_host}:{port}/metrics")
         if started:
             started(runners)
         tasks = [asyncio.create_task(r.run(stop), name=f"stage-{r.stage.value}") for r in runners]

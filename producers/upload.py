@@ -69,7 +69,7 @@ def collect_files(
         elif path.is_file():
             files.append(path)
         else:
-            missing.append(Rejection(str(path), "no such file or directory"))
+            missing.append(Rejection(str(path), f"{path}: no such file or directory"))
     return files, missing
 
 

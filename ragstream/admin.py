@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from ragstream.settings import Settings
 from ragstream.topology import Topology
 
 _TOPIC_ALREADY_EXISTS = 36
+_UNKNOWN_TOPIC = 3
+_LEADER_NOT_AVAILABLE = 5
 SHOWN_CONFIGS = ("cleanup.policy", "retention.ms", "min.compaction.lag.ms")
 
 
@@ -68,7 +72,7 @@ async def ensure_topics(settings: Settings) -> list[TopicState]:
                     raise InfrastructureError(
                         f"cannot create topic {topic}: {err.__name__}: {message}"
                     )
-        states = await _describe(admin, [s.name for s in specs])
+        states = await _describe_when_ready(admin, [s.name for s in specs])
     created = {s.name for s in missing}
     wanted = {s.name: s.partitions for s in specs}
     out = []
@@ -89,13 +93,36 @@ async def describe_topics(settings: Settings) -> list[TopicState]:
     names = [s.name for s in topology.topics(settings.kafka.partitions)]
     async with admin_client(settings) as admin:
         existing = set(await admin.list_topics())
-        return await _describe(admin, [n for n in names if n in existing])
+        return await _describe_when_ready(admin, [n for n in names if n in existing])
+
+
+class _NotReady(KafkaError):  # type: ignore[misc]  # aiokafka is untyped
+    """A topic just created is not known to every part of the broker yet."""
+
+
+async def _describe_when_ready(
+    admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 10.0
+) -> list[TopicState]:
+    # CreateTopics returns once the controller has the topics; for a moment after, the broker
+    # may still answer "unknown topic" (or a topic without leaders) until its metadata catches up.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await _describe(admin, names)
+        except _NotReady:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> list[TopicState]:
     if not names:
         return []
     meta = {t["topic"]: t for t in await admin.describe_topics(names)}
+    for name in names:
+        code = meta[name]["error_code"] if name in meta else _UNKNOWN_TOPIC
+        if code in (_UNKNOWN_TOPIC, _LEADER_NOT_AVAILABLE):
+            raise _NotReady(f"topic {name}: code {code}")
     responses = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
     )
@@ -103,6 +130,8 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> list[TopicS
     for response in responses:
         for resource in response.resources:
             error_code, _msg, _rtype, rname, entries = resource[:5]
+            if error_code == _UNKNOWN_TOPIC:
+                raise _NotReady(f"describe configs of {rname}: unknown topic")
             if error_code:
                 raise KafkaError(f"describe configs of {rname} failed: code {error_code}")
             configs[rname] = {e[0]: e[1] for e in entries if e[0] in SHOWN_CONFIGS}

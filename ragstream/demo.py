@@ -66,7 +66,10 @@ async def run_demo(settings: Settings, console: Console, timeout_s: float = 300.
         f"kafka {stack.kafka_bootstrap}   postgresql {stack.postgres_dsn}", highlight=False
     )
     stop = asyncio.Event()
-    workers = asyncio.create_task(run_workers(settings, list(Stage), stop=stop))
+    # The demo's own workers serve metrics on a free port: a running stack may hold the default.
+    obs = settings.observability.model_copy(update={"metrics_port": 0})
+    worker_settings = settings.model_copy(update={"observability": obs})
+    workers = asyncio.create_task(run_workers(worker_settings, list(Stage), stop=stop))
     try:
         tenant = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         receipts, refused = await upload_paths(

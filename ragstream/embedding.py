@@ -38,6 +38,8 @@ _STOPWORDS: Final = frozenset(
 class EmbedResult:
     vectors: list[list[float]]
     token_count: int  # as the provider counts them (the local one counts words)
+    provider: str = "local"  # who produced the vectors (a hybrid embedder may fall back)
+    model: str = LOCAL_MODEL
 
 
 class Embedder(Protocol):

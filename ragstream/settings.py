@@ -182,7 +182,6 @@ class ChunkSettings(_Section):
 
 class EmbedSettings(_Section):
     dimensions: int = Field(512, ge=8, le=2000)  # pgvector's HNSW index allows up to 2000
-    batch_size: int = Field(256, ge=1, le=2048)
 
 
 class BudgetSettings(_Section):

@@ -141,4 +141,5 @@ def settings(kafka_bootstrap: str, database_url: str, prefix: str, tmp_path: Pat
         kafka={"bootstrap_servers": kafka_bootstrap, "topic_prefix": prefix, "partitions": 3},
         postgres={"url": database_url},
         local={"data_dir": tmp_path / "data"},
+        observability={"metrics_port": 0},  # a free port per worker process
     )

@@ -13,7 +13,14 @@ from typing import Annotated
 
 import typer
 
-from ragstream.cli import config_cmd, pipeline_cmd, stack_cmd, topics_cmd
+from ragstream.cli import (
+    config_cmd,
+    dlq_cmd,
+    pipeline_cmd,
+    services_cmd,
+    stack_cmd,
+    topics_cmd,
+)
 from ragstream.cli.common import EXIT_CONFIG, EXIT_FAILURE, err_console
 from ragstream.errors import ConfigError, RagstreamError
 
@@ -41,6 +48,7 @@ def _root(
 
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(topics_cmd.app, name="topics")
+app.add_typer(services_cmd.app, name="services")
 app.add_typer(stack_cmd.app, name="stack")
 app.command("demo")(stack_cmd.demo)
 app.command("worker")(pipeline_cmd.worker)
@@ -48,6 +56,7 @@ app.command("upload")(pipeline_cmd.upload)
 app.command("doc")(pipeline_cmd.doc)
 app.command("search")(pipeline_cmd.search)
 app.add_typer(pipeline_cmd.db_app, name="db")
+app.add_typer(dlq_cmd.app, name="dlq")
 
 
 def main() -> None:

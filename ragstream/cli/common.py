@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from ragstream.errors import ConfigError, RagstreamError
-from ragstream.logs import configure_logging
+from ragstream.logs import configure_logging, secret_values
 from ragstream.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -38,7 +38,7 @@ def settings_or_exit(*, quiet: bool = True) -> Settings:
     level = settings.observability.log_level
     if quiet and level in ("DEBUG", "INFO"):
         level = "WARNING"
-    configure_logging(level, settings.observability.log_format)
+    configure_logging(level, settings.observability.log_format, secrets=secret_values(settings))
     return settings
 
 

@@ -13,12 +13,16 @@ from contextlib import asynccontextmanager
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from typer.testing import CliRunner
 
 from consumers.worker import Providers, run_workers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
+from ragstream.cli import app
+from ragstream.dlq import DlqFilter, redrive
 from ragstream.embedding import EmbedResult, LocalEmbedder
 from ragstream.errors import PermanentError, RetryableError
+from ragstream.parsing import ParseResult
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import (
@@ -331,3 +335,71 @@ async def test_a_record_in_retry_does_not_hold_up_its_partition(settings: Settin
     assert failing_doc is not None and failing_doc.status == "chunked"
     retry = await read_all(settings, Topology(settings.kafka.topic_prefix).retry(Stage.EMBED), 1)
     assert [dict(r.headers)[H_ATTEMPT] for r in retry] == [b"2"]
+
+
+class BrokenParser:
+    """A parser with a bug: every document fails permanently (until it is 'fixed')."""
+
+    async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
+        raise PermanentError("parser bug: cannot read this document")
+
+
+async def test_redrive_after_the_fix_completes_the_documents_once(settings: Settings) -> None:
+    async with pipeline(settings, Providers(parser=BrokenParser())), Uploader(settings) as up:
+        receipts = [
+            await up.upload_bytes(
+                f"# Doc {i}\n\nRedrive me, number {i}.".encode(), f"d{i}.md", tenant_id="t1"
+            )
+            for i in range(3)
+        ]
+        async with await Store.connect(settings.postgres.dsn()) as store:
+            for r in receipts:
+                assert await wait_status(store, r.document_id, {"dead-lettered"}) == "dead-lettered"
+    # The fix is deployed (the local parser); the operator sends the parse dead letters back.
+    runner = CliRunner()
+    env = {
+        "RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "RAGSTREAM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "RAGSTREAM_DATABASE_URL": settings.postgres.dsn(),
+    }
+    async with pipeline(settings):
+        first = await asyncio.to_thread(
+            runner.invoke, app, ["dlq", "redrive", "--stage", "parse"], env=env
+        )
+        assert first.exit_code == 0, first.output
+        async with await Store.connect(settings.postgres.dsn()) as store:
+            for r in receipts:
+                assert await wait_status(store, r.document_id, {"embedded"}) == "embedded"
+            counts = await store.count_rows("t1")
+        second = await asyncio.to_thread(
+            runner.invoke, app, ["dlq", "redrive", "--stage", "parse"], env=env
+        )
+        assert second.exit_code == 0, second.output
+        assert "nothing to redrive" in second.output
+        await asyncio.sleep(2)
+        async with await Store.connect(settings.postgres.dsn()) as store:
+            assert await store.count_rows("t1") == counts
+            assert not any((await store.duplicate_rows("t1")).values())
+    report = await redrive(settings, DlqFilter.build(stages=["parse"]), dry_run=True)
+    assert report.selected == []
+
+
+async def test_bad_operator_input_gets_a_message_not_a_traceback(settings: Settings) -> None:
+    await ensure_topics(settings)
+    env = {
+        "RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "RAGSTREAM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "RAGSTREAM_DATABASE_URL": settings.postgres.dsn(),
+    }
+    runner = CliRunner()
+    for args, code, text in (
+        (["dlq", "list", "--stage", "index"], 2, "stage"),
+        (["dlq", "list", "--since", "yesterday-ish"], 2, "since"),
+        (["dlq", "stats"], 0, "the DLQ is empty"),
+        (["worker", "index"], 1, "unknown stage"),
+        (["services", "mode", "openai", "mock"], 2, "unknown mode"),
+    ):
+        result = await asyncio.to_thread(runner.invoke, app, args, env=env)
+        assert result.exit_code == code, (args, result.output)
+        assert text in result.output.lower() or text in result.output, (args, result.output)
+        assert "Traceback" not in result.output

@@ -46,6 +46,7 @@ def stack_env() -> Iterator[dict[str, str]]:
         RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka_port}",
         RAGSTREAM_LOCAL__KAFKA_CONTROLLER_PORT=str(_free_port()),
         RAGSTREAM_POSTGRES__PORT=str(pg_port),
+        RAGSTREAM_OBSERVABILITY__METRICS_PORT=str(_free_port()),
         COLUMNS="200",
     )
     yield env

@@ -103,3 +103,25 @@ def test_worker_environment_is_valid_settings(
     assert settings.postgres.host == "postgres"
     assert settings.postgres.port == 5432
     assert settings.observability.metrics_host == "0.0.0.0"
+
+
+def test_prometheus_scrapes_every_stage_and_grafana_is_provisioned(compose: dict[str, Any]) -> None:
+    root = COMPOSE.parent
+    services = compose["services"]
+    metrics_port = load_settings().observability.metrics_port
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (root / source).exists(), f"{name} mounts missing {source}"
+    mounts = services["prometheus"]["volumes"]
+    assert "./config/prometheus/prometheus.compose.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert "./config/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    scrape = yaml.safe_load((root / "config/prometheus/prometheus.compose.yml").read_text())
+    assert scrape["rule_files"] == ["alerts.yml"]  # beside the config file in the container
+    (workers,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "ragstream-workers"]
+    (dns,) = workers["dns_sd_configs"]
+    assert set(dns["names"]) == {s.value for s in Stage} and dns["port"] == metrics_port
+    # The workers' own healthcheck asks the same port for /ready.
+    assert f":{metrics_port}/ready" in " ".join(services["parse"]["healthcheck"]["test"])
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"

@@ -1,0 +1,421 @@
+"""LlamaParse through its REST API (v2), with many jobs in flight and no caller kept waiting.
+
+The v2 endpoints (what the maintained `llama-cloud` SDK calls; v1's `/api/v1/parsing/...` is
+the previous generation):
+
+    POST /api/v2/parse/upload       multipart: `file`, `configuration` (JSON: tier, version)
+                                    -> {id, project_id, status, ...}
+    GET  /api/v2/parse/{job_id}     -> {job: {id, status, error_message, ...}}
+         ?expand=markdown&expand=job_metadata
+                                    -> + markdown.pages[{page_number, markdown, success}]
+                                       + job_metadata {job_pages, job_credits_usage, ...}
+
+Job states: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED. `job_metadata` is a free-form
+object in the v2 schema; pages are read from `job_pages` (else the pages returned) and credits
+from `job_credits_usage` (else `credits_used`), the names v1 documents.
+
+`LlamaParseParser` has the three calls separately (`submit`, `poll`, `result`) and fits the
+`Parser` port through its `JobTracker`: it holds up to `max_jobs_in_flight` jobs, polls all of
+them every `poll_interval_s` in one background task and resolves each job's future, so a
+caller never sits in a poll loop. A job past `job_timeout_s` fails with `RetryableError`; a
+FAILED or CANCELLED job with `PermanentError` carrying the job's error message. HTTP errors are
+translated as for OpenAI: 429 (retry_after from `retry-after`), 408, 409, 5xx and lost
+connections are retryable; 402 (no credits left) and other 4xx are permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final, Protocol
+
+import httpx
+import structlog
+
+from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
+from ragstream.parsing import ParseResult, page_marker
+from ragstream.providers.ratelimit import retry_after_from
+from ragstream.settings import LlamaParseSettings
+
+log = structlog.get_logger(__name__)
+
+PROVIDER: Final = "llamaparse"
+API: Final = "/api/v2/parse"
+REQUEST_TIMEOUT_S: Final = 120.0
+_HEADING: Final = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+
+
+class JobState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+# v2 names, and v1's (SUCCESS, ERROR, CANCELED) for servers that still answer with them.
+_STATES: Final = {
+    **{state.value: state for state in JobState},
+    "SUCCESS": JobState.COMPLETED,
+    "ERROR": JobState.FAILED,
+    "CANCELED": JobState.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    job_id: str
+    state: JobState
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaParseResult(ParseResult):
+    """A `ParseResult` with what the bill needs: the job and the credits it used."""
+
+    job_id: str = ""
+    credits: float | None = None
+
+
+class JobBackend(Protocol):
+    """What a `JobTracker` drives: LlamaParse, or anything with the same three calls."""
+
+    async def submit(self, data: bytes, *, filename: str, content_type: str) -> str: ...
+
+    async def poll(self, job_id: str) -> JobStatus: ...
+
+    async def result(self, job_id: str) -> ParseResult: ...
+
+
+# -- the REST client ---------------------------------------------------------------------------
+
+
+class LlamaParseParser:
+    """The parse port over LlamaParse's REST API; `submit`/`poll`/`result` for the stage."""
+
+    name: Final = PROVIDER
+
+    def __init__(
+        self,
+        settings: LlamaParseSettings,
+        *,
+        max_bytes: int | None = None,
+        client: httpx.AsyncClient | None = None,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        if client is None:
+            if settings.api_key is None:
+                raise ConfigError(
+                    "services.llamaparse.api_key is not set "
+                    "(RAGSTREAM_SERVICES__LLAMAPARSE__API_KEY) but LlamaParse is in use"
+                )
+            client = httpx.AsyncClient(
+                base_url=settings.base_url.rstrip("/"),
+                headers={"Authorization": f"Bearer {settings.api_key.get_secret_value()}"},
+                timeout=request_timeout_s,
+            )
+        self._client = client
+        self._tier = settings.tier
+        self._max_bytes = max_bytes
+        self.version = f"llamaparse-v2-{settings.tier}"
+        self.tracker = JobTracker(
+            self,
+            max_jobs_in_flight=settings.max_jobs_in_flight,
+            poll_interval_s=settings.poll_interval_s,
+            job_timeout_s=settings.job_timeout_s,
+        )
+
+    async def aclose(self) -> None:
+        await self.tracker.aclose()
+        await self._client.aclose()
+
+    async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
+        """Submit, then wait for the tracker to see the job through (no polling here)."""
+        return await self.tracker.parse(data, filename=filename, content_type=content_type)
+
+    async def submit(self, data: bytes, *, filename: str, content_type: str) -> str:
+        """Upload the document and start a job; its id."""
+        if self._max_bytes is not None and len(data) > self._max_bytes:
+            raise PermanentError(
+                f"document is {len(data)} bytes, over the limit parse.max_bytes={self._max_bytes}"
+            )
+        configuration = {"tier": self._tier, "version": "latest"}
+        body = await self._call(
+            "POST",
+            f"{API}/upload",
+            f"uploading {filename!r}",
+            files={"file": (filename, data, content_type or "application/octet-stream")},
+            data={"configuration": json.dumps(configuration)},
+        )
+        job_id = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(job_id, str) or not job_id:
+            raise RetryableError(f"llamaparse: the upload of {filename!r} returned no job id")
+        log.debug("llamaparse job submitted", job_id=job_id, filename=filename, bytes=len(data))
+        return job_id
+
+    async def poll(self, job_id: str) -> JobStatus:
+        """The job's state now (one cheap request, no content)."""
+        body = await self._call("GET", f"{API}/{job_id}", f"polling job {job_id}")
+        return _status(job_id, body)
+
+    async def result(self, job_id: str) -> LlamaParseResult:
+        """The finished job's Markdown, page by page, with its page count and credits."""
+        body = await self._call(
+            "GET",
+            f"{API}/{job_id}",
+            f"reading the result of job {job_id}",
+            params=[("expand", "markdown"), ("expand", "job_metadata")],
+        )
+        status = _status(job_id, body)
+        if status.state is not JobState.COMPLETED:
+            if status.done:
+                raise PermanentError(_job_failed(status, None))
+            raise RetryableError(f"llamaparse: job {job_id} is {status.state}, not complete yet")
+        return self._to_result(job_id, body)
+
+    def _to_result(self, job_id: str, body: Mapping[str, Any]) -> LlamaParseResult:
+        markdown_part = body.get("markdown") or {}
+        raw_pages = markdown_part.get("pages") if isinstance(markdown_part, dict) else None
+        if not isinstance(raw_pages, list):
+            raise RetryableError(f"llamaparse: job {job_id} result has no markdown pages")
+        pages: list[str] = []
+        failed: list[str] = []
+        for raw in sorted(raw_pages, key=lambda p: int(p.get("page_number", 0))):
+            if raw.get("success", True) is False or "markdown" not in raw:
+                failed.append(f"page {raw.get('page_number')}: {raw.get('error', 'failed')}")
+                pages.append("")
+            else:
+                pages.append(_clean(str(raw["markdown"])))
+        if not any(page.strip() for page in pages):
+            detail = f" ({'; '.join(failed[:3])})" if failed else ""
+            raise PermanentError(f"llamaparse: job {job_id} produced no text{detail}")
+        if failed:
+            log.warning("llamaparse pages failed", job_id=job_id, failed=failed[:10])
+        meta = body.get("job_metadata") or {}
+        page_count = _int(meta.get("job_pages")) or len(pages)
+        credits = _float(meta.get("job_credits_usage"))
+        if credits is None:
+            credits = _float(meta.get("credits_used"))
+        markdown = "\n\n".join(f"{page_marker(n)}\n\n{text}" for n, text in enumerate(pages, 1))
+        heading = _HEADING.search(markdown)
+        return LlamaParseResult(
+            markdown=markdown.rstrip("\n") + "\n",
+            page_count=page_count,
+            title=heading.group(1).strip() if heading else None,
+            pages=pages,
+            parser=PROVIDER,
+            parser_version=self.version,
+            job_id=job_id,
+            credits=credits,
+        )
+
+    async def _call(self, method: str, url: str, what: str, **kwargs: Any) -> Any:
+        try:
+            response = await self._client.request(method, url, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise RetryableError(f"llamaparse: {what}: the request timed out") from exc
+        except httpx.TransportError as exc:
+            raise RetryableError(f"llamaparse: {what}: connection failed: {exc}") from exc
+        if response.status_code >= 400:
+            raise translate_status(response, what)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise RetryableError(f"llamaparse: {what}: the response is not JSON") from exc
+
+
+def translate_status(response: httpx.Response, what: str) -> RagstreamError:
+    """An HTTP error answer as the ragstream error that says what the caller must do."""
+    status = response.status_code
+    message = f"llamaparse: {what}: HTTP {status}: {_detail(response)}"
+    if status == 429 or status >= 500 or status in (408, 409):
+        return RetryableError(message, retry_after=retry_after_from(response.headers))
+    if status == 402:
+        return PermanentError(message + " (no LlamaParse credits left)")
+    if status == 401:
+        return PermanentError(message + " (check services.llamaparse.api_key)")
+    return PermanentError(message)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        detail = body.get("detail") or body.get("error") or body.get("message")
+        if isinstance(detail, dict):
+            detail = detail.get("message") or detail
+        if detail:
+            return str(detail)[:500]
+    return str(body)[:200]
+
+
+def _status(job_id: str, body: Any) -> JobStatus:
+    job = body.get("job", body) if isinstance(body, dict) else None
+    if not isinstance(job, dict):
+        raise RetryableError(f"llamaparse: job {job_id}: unexpected status response")
+    raw = str(job.get("status", "")).upper()
+    state = _STATES.get(raw)
+    if state is None:
+        raise RetryableError(f"llamaparse: job {job_id} has an unknown status {raw!r}")
+    error = job.get("error_message")
+    return JobStatus(job_id=job_id, state=state, error=str(error) if error else None)
+
+
+def _job_failed(status: JobStatus, filename: str | None) -> str:
+    about = f" ({filename!r})" if filename else ""
+    reason = status.error or "no error message given"
+    return f"llamaparse: job {status.job_id}{about} ended {status.state}: {reason}"
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+# -- many jobs in flight -----------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    job_id: str
+    filename: str
+    started: float
+    future: asyncio.Future[ParseResult]
+    last_error: RagstreamError | None = None
+    polls: int = field(default=0)
+
+
+class JobTracker:
+    """Holds up to `max_jobs_in_flight` jobs and polls them all from one background task."""
+
+    def __init__(
+        self,
+        backend: JobBackend,
+        *,
+        max_jobs_in_flight: int = 16,
+        poll_interval_s: float = 2.0,
+        job_timeout_s: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backend = backend
+        self.max_jobs_in_flight = max_jobs_in_flight
+        self.poll_interval_s = poll_interval_s
+        self.job_timeout_s = job_timeout_s
+        self._clock = clock
+        self._slots = asyncio.Semaphore(max_jobs_in_flight)
+        self._jobs: dict[str, _Job] = {}
+        self._wake = asyncio.Event()
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def has_capacity(self) -> bool:
+        return len(self._jobs) < self.max_jobs_in_flight
+
+    async def submit(
+        self, data: bytes, *, filename: str, content_type: str
+    ) -> asyncio.Future[ParseResult]:
+        """Start a job (waiting for a free slot first); a future for its result."""
+        await self._slots.acquire()
+        try:
+            job_id = await self._backend.submit(data, filename=filename, content_type=content_type)
+        except BaseException:
+            self._slots.release()
+            raise
+        future: asyncio.Future[ParseResult] = asyncio.get_running_loop().create_future()
+        self._jobs[job_id] = _Job(job_id, filename, self._clock(), future)
+        self._wake.set()
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_forever(), name="llamaparse-poller")
+        return future
+
+    async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
+        future = await self.submit(data, filename=filename, content_type=content_type)
+        return await future
+
+    async def aclose(self) -> None:
+        """Stop polling; jobs still in flight fail with a RetryableError."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        for job in list(self._jobs.values()):
+            self._finish(job, error=RetryableError(f"llamaparse: job {job.job_id} abandoned"))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            if not self._jobs:
+                self._wake.clear()
+                await self._wake.wait()
+            await asyncio.sleep(self.poll_interval_s)
+            jobs = list(self._jobs.values())
+            await asyncio.gather(*(self._check(job) for job in jobs))
+
+    async def _check(self, job: _Job) -> None:
+        if job.future.done():  # the caller gave up waiting
+            self._finish(job)
+            return
+        elapsed = self._clock() - job.started
+        if elapsed > self.job_timeout_s:
+            last = f" (last error: {job.last_error})" if job.last_error else ""
+            self._finish(
+                job,
+                error=RetryableError(
+                    f"llamaparse: job {job.job_id} ({job.filename!r}) did not finish within "
+                    f"services.llamaparse.job_timeout_s={self.job_timeout_s:g}{last}"
+                ),
+            )
+            return
+        job.polls += 1
+        try:
+            status = await self._backend.poll(job.job_id)
+            if status.state is JobState.COMPLETED:
+                self._finish(job, result=await self._backend.result(job.job_id))
+            elif status.done:
+                self._finish(job, error=PermanentError(_job_failed(status, job.filename)))
+        except RetryableError as exc:  # a passing fault: poll again next round, until timeout
+            job.last_error = exc
+            log.info("llamaparse poll failed, will retry", job_id=job.job_id, error=str(exc))
+        except Exception as exc:
+            self._finish(job, error=exc)
+
+    def _finish(
+        self, job: _Job, *, result: ParseResult | None = None, error: BaseException | None = None
+    ) -> None:
+        if self._jobs.pop(job.job_id, None) is None:
+            return
+        self._slots.release()
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        elif result is not None:
+            job.future.set_result(result)

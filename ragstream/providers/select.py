@@ -1,0 +1,186 @@
+"""Which provider serves a service: `real`, `local` or `hybrid`, each behind its circuit breaker.
+
+    real     the real provider behind its breaker: while the circuit is open a call fails at
+             once with `CircuitOpenError` (retryable), so errors turn into retries
+    local    the local provider, no network
+    hybrid   the real provider first; the local one when the circuit is open, or when a call
+             fails retryably and that failure opens the circuit (a lone failure below the
+             threshold is raised, so the record is retried on the real provider)
+
+Results say who produced them (`EmbedResult.provider` and `.model`, `ParseResult.parser`), so a
+hybrid caller stores the truth. A `PermanentError` from the real provider (bad input, no quota)
+is raised as it is: it is not the service being down, and a fallback would hide it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ragstream.embedding import Embedder, EmbedResult, LocalEmbedder
+from ragstream.errors import RetryableError
+from ragstream.parsing import LocalParser, Parser, ParseResult
+from ragstream.providers.circuit import CircuitBreaker, CircuitOpenError, CircuitState
+from ragstream.providers.ratelimit import RateLimiter
+from ragstream.settings import Mode, Settings
+
+EMBED_SERVICE = "openai"
+PARSE_SERVICE = "llamaparse"
+
+
+def breaker_for(service: str) -> CircuitBreaker:
+    """A breaker with the default policy: 5 failures within 60 s open it for 30 s."""
+    return CircuitBreaker(service)
+
+
+def embedder_for(
+    settings: Settings,
+    mode_override: Mode | None = None,
+    *,
+    breaker: CircuitBreaker | None = None,
+    limiter: RateLimiter | None = None,
+) -> Embedder:
+    """The embedder for the configured (or overriding) mode of `services.openai`."""
+    mode = Mode(mode_override or settings.services.openai.mode)
+    local = LocalEmbedder(settings.embed.dimensions)
+    if mode is Mode.LOCAL:
+        return local
+    from ragstream.providers.openai_embedder import OpenAIEmbedder
+
+    real = OpenAIEmbedder(
+        settings.services.openai, dimensions=settings.embed.dimensions, limiter=limiter
+    )
+    guard = breaker or breaker_for(EMBED_SERVICE)
+    return GuardedEmbedder(real, guard, fallback=local if mode is Mode.HYBRID else None)
+
+
+def parser_for(
+    settings: Settings,
+    mode_override: Mode | None = None,
+    *,
+    breaker: CircuitBreaker | None = None,
+) -> Parser:
+    """The parser for the configured (or overriding) mode of `services.llamaparse`."""
+    mode = Mode(mode_override or settings.services.llamaparse.mode)
+    local = LocalParser(settings.parse)
+    if mode is Mode.LOCAL:
+        return local
+    from ragstream.providers.llamaparse import LlamaParseParser
+
+    real = LlamaParseParser(settings.services.llamaparse, max_bytes=settings.parse.max_bytes)
+    guard = breaker or breaker_for(PARSE_SERVICE)
+    return GuardedParser(real, guard, fallback=local if mode is Mode.HYBRID else None)
+
+
+async def aclose(provider: object) -> None:
+    """Close what a provider holds (HTTP clients, pollers); nothing for local ones."""
+    close = getattr(provider, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class _Guard:
+    """The shared call policy of the guarded embedder and parser."""
+
+    def __init__(self, primary: Any, breaker: CircuitBreaker, fallback: Any | None) -> None:
+        self.primary = primary
+        self.breaker = breaker
+        self.fallback = fallback
+
+    async def aclose(self) -> None:
+        await aclose(self.primary)
+        if self.fallback is not None:
+            await aclose(self.fallback)
+
+    def _use_primary(self) -> bool:
+        if self.breaker.allow():
+            return True
+        if self.fallback is None:
+            raise CircuitOpenError(self.breaker.name, self.breaker.retry_after())
+        return False
+
+    def _after_failure(self, exc: Exception) -> bool:
+        """Record the outcome of a failed primary call; True when the fallback should run."""
+        if isinstance(exc, RetryableError):
+            self.breaker.record_failure()
+            return self.fallback is not None and self.breaker.state is not CircuitState.CLOSED
+        self.breaker.record_success()  # the service answered: the input was at fault
+        return False
+
+
+class GuardedEmbedder(_Guard):
+    """An `Embedder` behind a circuit breaker; with a fallback, the hybrid embedder."""
+
+    primary: Embedder
+    fallback: Embedder | None
+
+    def __init__(
+        self, primary: Embedder, breaker: CircuitBreaker, fallback: Embedder | None = None
+    ) -> None:
+        if fallback is not None and fallback.dimensions != primary.dimensions:
+            raise ValueError(
+                f"fallback embedder has {fallback.dimensions} dimensions, "
+                f"the primary {primary.dimensions}"
+            )
+        super().__init__(primary, breaker, fallback)
+
+    @property
+    def name(self) -> str:
+        return "hybrid" if self.fallback is not None else self.primary.name
+
+    @property
+    def model(self) -> str:
+        return self.primary.model
+
+    @property
+    def dimensions(self) -> int:
+        return self.primary.dimensions
+
+    async def embed(self, texts: list[str]) -> EmbedResult:
+        if self._use_primary():
+            try:
+                result = await self.primary.embed(texts)
+            except Exception as exc:
+                if not self._after_failure(exc):
+                    raise
+            except BaseException:
+                self.breaker.release()
+                raise
+            else:
+                self.breaker.record_success()
+                return result
+        assert self.fallback is not None
+        return await self.fallback.embed(texts)
+
+
+class GuardedParser(_Guard):
+    """A `Parser` behind a circuit breaker; with a fallback, the hybrid parser."""
+
+    primary: Parser
+    fallback: Parser | None
+
+    def __init__(
+        self, primary: Parser, breaker: CircuitBreaker, fallback: Parser | None = None
+    ) -> None:
+        super().__init__(primary, breaker, fallback)
+
+    @property
+    def name(self) -> str:
+        return "hybrid" if self.fallback is not None else str(getattr(self.primary, "name", "real"))
+
+    async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
+        if self._use_primary():
+            try:
+                result = await self.primary.parse(
+                    data, filename=filename, content_type=content_type
+                )
+            except Exception as exc:
+                if not self._after_failure(exc):
+                    raise
+            except BaseException:
+                self.breaker.release()
+                raise
+            else:
+                self.breaker.record_success()
+                return result
+        assert self.fallback is not None
+        return await self.fallback.parse(data, filename=filename, content_type=content_type)
