@@ -128,6 +128,7 @@ class LocalStackSettings(_Section):
     kafka_heap: str = Field("512m", pattern=r"^\d+[mMgG]$")
     postgres_port: int = Field(5433, ge=1, le=65535)
     postgres_system_user: str = "ragstream-pg"
+    prometheus_port: int = Field(9090, ge=1, le=65535)  # `ragstream stack up --prometheus`
     start_timeout_s: float = Field(90.0, gt=0)
 
 

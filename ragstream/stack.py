@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,9 +39,13 @@ class StackInfo:
     migrations: list[str] = field(default_factory=list)
     workers_pid: int | None = None
     workers_log: str | None = None
+    metrics_url: str | None = None
+    prometheus_url: str | None = None
 
 
-async def stack_up(settings: Settings, *, workers: bool = True) -> StackInfo:
+async def stack_up(
+    settings: Settings, *, workers: bool = True, prometheus: bool = False
+) -> StackInfo:
     kafka = LocalKafka.from_settings(settings)
     postgres = LocalPostgres.from_settings(settings)
     started: list[str] = []
@@ -66,7 +71,81 @@ async def stack_up(settings: Settings, *, workers: bool = True) -> StackInfo:
         info.workers_log = str(_workers_log(settings))
         if fresh:
             started.append("workers")
+        obs = settings.observability
+        info.metrics_url = f"http://{obs.metrics_host}:{obs.metrics_port}/metrics"
+    if prometheus:
+        port, fresh = start_prometheus(settings)
+        info.prometheus_url = f"http://127.0.0.1:{port}"
+        if fresh:
+            started.append("prometheus")
     return info
+
+
+def _pid_alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def start_prometheus(settings: Settings) -> tuple[int, bool]:
+    """Debian's `prometheus` scraping the stack's workers, with ragstream's alert rules."""
+    from ragstream.resources import config_dir
+
+    port = settings.local.prometheus_port
+    home = settings.local.data_dir / "prometheus"
+    pidfile = home / "prometheus.pid"
+    if _pid_alive(pidfile) is not None:
+        return port, False
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise InfrastructureError(
+            "prometheus is not installed (Debian: apt-get install prometheus)"
+        )
+    home.mkdir(parents=True, exist_ok=True)
+    obs = settings.observability
+    rules = (config_dir() / "prometheus" / "alerts.yml").resolve()
+    config = home / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 5s\n  evaluation_interval: 15s\n"
+        f"rule_files:\n  - {rules}\n"
+        "scrape_configs:\n  - job_name: ragstream-workers\n    static_configs:\n"
+        f"      - targets: ['{obs.metrics_host}:{obs.metrics_port}']\n"
+    )
+    with (home / "prometheus.log").open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={home / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    pidfile.write_text(str(proc.pid))
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        pidfile.unlink(missing_ok=True)
+        tail = "\n".join((home / "prometheus.log").read_text(errors="replace").splitlines()[-20:])
+        raise InfrastructureError(f"prometheus exited at start:\n{tail}")
+    return port, True
+
+
+def stop_prometheus(settings: Settings) -> bool:
+    pidfile = settings.local.data_dir / "prometheus" / "prometheus.pid"
+    pid = _pid_alive(pidfile)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    pidfile.unlink(missing_ok=True)
+    return True
 
 
 def _workers_pidfile(settings: Settings) -> Path:
@@ -79,14 +158,7 @@ def _workers_log(settings: Settings) -> Path:
 
 def workers_pid(settings: Settings) -> int | None:
     """The pid of the stack's background worker process, if it is alive."""
-    try:
-        pid = int(_workers_pidfile(settings).read_text().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
-    except PermissionError:
-        return pid
-    return pid
+    return _pid_alive(_workers_pidfile(settings))
 
 
 def start_workers(settings: Settings, timeout_s: float = 30.0) -> tuple[int, bool]:
@@ -150,6 +222,8 @@ def stop_workers(settings: Settings, timeout_s: float = 30.0) -> bool:
 def stack_down(settings: Settings, only: list[str] | None = None) -> list[str]:
     """Stop workers, broker and PostgreSQL (all, or those named in `only`); returns what stopped."""
     stopped = []
+    if (only is None or "prometheus" in only) and stop_prometheus(settings):
+        stopped.append("prometheus")
     if (only is None or "workers" in only) and stop_workers(settings):
         stopped.append("workers")
     for name, server in (

@@ -29,6 +29,10 @@ def where_table(info: StackInfo) -> Table:
         table.add_row(
             "workers (parse, chunk, embed)", f"pid {info.workers_pid}, log {info.workers_log}"
         )
+    if info.metrics_url:
+        table.add_row("worker metrics / readiness", f"{info.metrics_url}  (/ready, /healthz)")
+    if info.prometheus_url:
+        table.add_row("prometheus (alerts at /alerts)", info.prometheus_url)
     return table
 
 
@@ -37,6 +41,9 @@ def up(
     workers: Annotated[
         bool, typer.Option(help="Also run every stage worker in the background.")
     ] = True,
+    prometheus: Annotated[
+        bool, typer.Option(help="Also run Debian's prometheus against the workers.")
+    ] = False,
 ) -> None:
     """Start the broker and PostgreSQL (if not running), create topics, migrate. Leaves them running."""
     from ragstream.stack import stack_up
@@ -45,7 +52,7 @@ def up(
     with console.status(
         "starting the local stack (first start resolves Kafka's jars from Maven Central)"
     ):
-        info = run(stack_up, settings, workers=workers)
+        info = run(stack_up, settings, workers=workers, prometheus=prometheus)
     console.print(where_table(info))
     console.print(
         f"started: {', '.join(info.started) or 'nothing (already running)'}; "

@@ -47,6 +47,7 @@ def stack_env() -> Iterator[dict[str, str]]:
         RAGSTREAM_LOCAL__KAFKA_CONTROLLER_PORT=str(_free_port()),
         RAGSTREAM_POSTGRES__PORT=str(pg_port),
         RAGSTREAM_OBSERVABILITY__METRICS_PORT=str(_free_port()),
+        RAGSTREAM_LOCAL__PROMETHEUS_PORT=str(_free_port()),
         COLUMNS="200",
     )
     yield env
@@ -71,7 +72,8 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
 ) -> None:
     kcat = shutil.which("kcat")
     assert kcat, "kcat is not installed (make test installs Debian's kcat)"
-    up = ragstream(stack_env, "stack", "up")
+    assert shutil.which("prometheus"), "prometheus is not installed (make test installs it)"
+    up = ragstream(stack_env, "stack", "up", "--prometheus")
     assert up.returncode == 0, up.stdout + up.stderr
     bootstrap = stack_env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
     assert bootstrap in up.stdout
@@ -137,7 +139,8 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
 
     down = ragstream(stack_env, "stack", "down")
     assert down.returncode == 0, down.stderr
-    assert "workers" in down.stdout and "kafka" in down.stdout and "postgres" in down.stdout
+    for service in ("prometheus", "workers", "kafka", "postgres"):
+        assert service in down.stdout
     assert not _listening(int(bootstrap.rsplit(":", 1)[1]))
     assert not _listening(int(pg_port))
 
