@@ -30,7 +30,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
@@ -307,7 +307,7 @@ class _Job:
     started: float
     future: asyncio.Future[ParseResult]
     last_error: RagstreamError | None = None
-    polls: int = field(default=0)
+    polls: int = 0
 
 
 class JobTracker:

@@ -30,15 +30,12 @@ from typing import Any, Final, TypeVar
 
 import httpx
 import openai
-import structlog
 
 from ragstream.embedding import EmbedResult
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.providers.ratelimit import HEADER_PREFIX, RateLimiter, retry_after_from
 from ragstream.settings import OpenAISettings
 from ragstream.tokens import Tokenizer, get_tokenizer
-
-log = structlog.get_logger(__name__)
 
 MAX_INPUTS: Final = 2048
 MAX_INPUT_TOKENS: Final = 8192
@@ -166,7 +163,10 @@ class OpenAIEmbedder:
         await self._client.close()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Exact cl100k_base counts; refuses empty inputs and inputs over 8192 tokens."""
+        """Exact cl100k_base counts; refuses empty inputs and inputs over 8192 tokens.
+
+        A refusal names the input by its position in `texts` ("chunk 3"), with its count.
+        """
         counts: list[int] = []
         for index, text in enumerate(texts):
             if not text:
@@ -177,7 +177,8 @@ class OpenAIEmbedder:
             if count > MAX_INPUT_TOKENS:
                 raise PermanentError(
                     f"chunk {index} has {count} tokens, over the {MAX_INPUT_TOKENS}-token limit "
-                    f"of {self._model} per input: the chunker must split it"
+                    f"of {self._model} per input: the chunker must split it "
+                    f"(it starts {text[:40]!r})"
                 )
             counts.append(count)
         return counts

@@ -1,0 +1,260 @@
+"""The LlamaParse provider, real HTTP against a local server that speaks LlamaParse's v2 API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from pydantic import SecretStr
+
+from ragstream.errors import PermanentError, RetryableError
+from ragstream.parsing import LocalParser
+from ragstream.providers import CircuitBreaker, CircuitState, GuardedParser, aclose, parser_for
+from ragstream.providers.llamaparse import JobState, LlamaParseParser, LlamaParseResult
+from ragstream.settings import LlamaParseSettings, Mode, ServicesSettings, Settings
+from tests.servers.llamaparse_server import LlamaParseServer
+
+DOC = b"# Field guide\n\nFirst page.\f## Second\n\nSecond page.\fThird page."
+
+
+def llamaparse_settings(server: LlamaParseServer, **overrides: object) -> LlamaParseSettings:
+    values: dict[str, object] = {
+        "mode": Mode.REAL,
+        "base_url": server.url,
+        "api_key": SecretStr("test-key"),
+        "poll_interval_s": 0.05,
+        "job_timeout_s": 10.0,
+        "max_jobs_in_flight": 32,
+        **overrides,
+    }
+    return LlamaParseSettings.model_validate(values)
+
+
+@pytest.fixture
+def server() -> Iterator[LlamaParseServer]:
+    with LlamaParseServer(job_duration_s=0.2) as running:
+        yield running
+
+
+@pytest.fixture
+async def parser(server: LlamaParseServer) -> AsyncIterator[LlamaParseParser]:
+    parser = LlamaParseParser(llamaparse_settings(server))
+    yield parser
+    await parser.aclose()
+
+
+async def test_pages_credits_and_markdown_are_read(
+    server: LlamaParseServer, parser: LlamaParseParser
+) -> None:
+    result = await parser.parse(DOC, filename="guide.md", content_type="text/markdown")
+    assert isinstance(result, LlamaParseResult)
+    assert result.page_count == 3
+    assert result.credits == 9.0  # 3 pages at the server's 3 credits a page
+    assert result.pages == [
+        "# Field guide\n\nFirst page.",
+        "## Second\n\nSecond page.",
+        "Third page.",
+    ]
+    assert result.markdown.startswith("<!-- page 1 -->\n\n# Field guide")
+    assert "<!-- page 3 -->\n\nThird page.\n" in result.markdown
+    assert result.title == "Field guide"
+    assert (result.parser, result.parser_version) == ("llamaparse", "llamaparse-v2-cost_effective")
+    assert result.job_id == server.uploads[0].job_id
+    upload = server.uploads[0]
+    assert (upload.filename, upload.content_type, upload.size) == (
+        "guide.md",
+        "text/markdown",
+        len(DOC),
+    )
+    assert upload.configuration == {"tier": "cost_effective", "version": "latest"}
+
+
+async def test_submit_poll_result_separately(
+    server: LlamaParseServer, parser: LlamaParseParser
+) -> None:
+    job_id = await parser.submit(DOC, filename="guide.md", content_type="text/markdown")
+    first = await parser.poll(job_id)
+    assert first.job_id == job_id and first.state in (JobState.PENDING, JobState.RUNNING)
+    assert not first.done
+    await asyncio.sleep(0.25)
+    done = await parser.poll(job_id)
+    assert done.state is JobState.COMPLETED and done.done
+    result = await parser.result(job_id)
+    assert result.page_count == 3 and result.credits == 9.0
+
+
+@pytest.mark.slow
+async def test_twenty_jobs_of_two_seconds_complete_in_about_one_duration() -> None:
+    with LlamaParseServer(job_duration_s=2.0) as server:
+        parser = LlamaParseParser(llamaparse_settings(server, poll_interval_s=0.1))
+        started = time.monotonic()
+        try:
+            futures = [
+                await parser.tracker.submit(
+                    f"document {i}".encode(), filename=f"doc-{i}.txt", content_type="text/plain"
+                )
+                for i in range(20)
+            ]
+            submitted = time.monotonic() - started
+            assert parser.tracker.in_flight == 20
+            results = await asyncio.gather(*futures)
+        finally:
+            await parser.aclose()
+        elapsed = time.monotonic() - started
+    assert submitted < 1.0  # submitting returns at once; nobody waits on a job here
+    assert elapsed < 3.5  # about one duration (2 s), far from 20 x 2 s
+    assert server.max_running() == 20
+    assert sorted(r.pages[0] for r in results) == sorted(f"document {i}" for i in range(20))
+    assert parser.tracker.in_flight == 0
+
+
+async def test_jobs_beyond_the_limit_wait_for_a_slot() -> None:
+    with LlamaParseServer(job_duration_s=0.3) as server:
+        parser = LlamaParseParser(llamaparse_settings(server, max_jobs_in_flight=2))
+        try:
+            results = await asyncio.gather(
+                *(
+                    parser.parse(b"text", filename=f"{i}.txt", content_type="text/plain")
+                    for i in range(6)
+                )
+            )
+        finally:
+            await parser.aclose()
+    assert len(results) == 6
+    assert server.max_running() == 2
+
+
+async def test_failed_job_is_permanent_with_its_error_message(
+    server: LlamaParseServer, parser: LlamaParseParser
+) -> None:
+    server.fail_next_jobs("FAILED", "the PDF is password-protected")
+    with pytest.raises(PermanentError) as info:
+        await parser.parse(b"%PDF-1.7", filename="locked.pdf", content_type="application/pdf")
+    message = str(info.value)
+    assert "FAILED" in message and "the PDF is password-protected" in message
+    assert "locked.pdf" in message
+    assert parser.tracker.in_flight == 0
+
+
+async def test_cancelled_job_is_permanent(
+    server: LlamaParseServer, parser: LlamaParseParser
+) -> None:
+    server.fail_next_jobs("CANCELLED", "cancelled by the user")
+    with pytest.raises(PermanentError, match="CANCELLED: cancelled by the user"):
+        await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+
+
+async def test_job_timeout_is_retryable() -> None:
+    with LlamaParseServer(job_duration_s=30) as server:
+        parser = LlamaParseParser(llamaparse_settings(server, job_timeout_s=0.4))
+        started = time.monotonic()
+        try:
+            with pytest.raises(RetryableError, match="did not finish within") as info:
+                await parser.parse(b"text", filename="slow.txt", content_type="text/plain")
+        finally:
+            await parser.aclose()
+    assert info.value.retryable
+    assert time.monotonic() - started < 2
+    assert parser.tracker.in_flight == 0
+
+
+async def test_upload_429_is_retryable_with_retry_after(
+    server: LlamaParseServer, parser: LlamaParseParser
+) -> None:
+    server.inject_http(429, on="upload", retry_after_s=7)
+    with pytest.raises(RetryableError, match="HTTP 429") as info:
+        await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+    assert info.value.retry_after == 7
+    assert parser.tracker.in_flight == 0
+    assert (await parser.parse(b"text", filename="a.txt", content_type="text/plain")).page_count
+
+
+async def test_upload_500_is_retryable(server: LlamaParseServer, parser: LlamaParseParser) -> None:
+    server.inject_http(500, on="upload")
+    with pytest.raises(RetryableError, match="HTTP 500"):
+        await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+
+
+@pytest.mark.parametrize(("status", "hint"), [(401, "api_key"), (402, "credits"), (400, "")])
+async def test_client_errors_are_permanent(
+    server: LlamaParseServer, parser: LlamaParseParser, status: int, hint: str
+) -> None:
+    server.inject_http(status, on="upload")
+    with pytest.raises(PermanentError, match=f"HTTP {status}") as info:
+        await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+    assert hint in str(info.value)
+
+
+async def test_poll_errors_are_ridden_out_until_the_job_completes(
+    server: LlamaParseServer, parser: LlamaParseParser
+) -> None:
+    server.inject_http(503, times=3, on="get")
+    server.inject_http(429, times=2, on="get")
+    result = await parser.parse(DOC, filename="guide.md", content_type="text/markdown")
+    assert result.page_count == 3
+
+
+async def test_unreachable_service_is_retryable(server: LlamaParseServer) -> None:
+    parser = LlamaParseParser(llamaparse_settings(server))
+    server.stop()
+    try:
+        with pytest.raises(RetryableError, match="connection failed"):
+            await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+    finally:
+        await parser.aclose()
+
+
+async def test_oversized_document_is_refused_before_upload(server: LlamaParseServer) -> None:
+    parser = LlamaParseParser(llamaparse_settings(server), max_bytes=10)
+    try:
+        with pytest.raises(PermanentError, match=r"over the limit parse\.max_bytes=10"):
+            await parser.parse(b"x" * 11, filename="big.txt", content_type="text/plain")
+    finally:
+        await parser.aclose()
+    assert server.uploads == []
+
+
+async def test_hybrid_parser_falls_back_to_local_and_comes_back(
+    server: LlamaParseServer,
+) -> None:
+    llamaparse = llamaparse_settings(server).model_copy(update={"mode": Mode.HYBRID})
+    settings = Settings(services=ServicesSettings(llamaparse=llamaparse))
+    transitions: list[CircuitState] = []
+    breaker = CircuitBreaker(
+        "llamaparse",
+        failure_threshold=1,
+        cooldown_s=0.3,
+        listener=lambda _name, _old, new: transitions.append(new),
+    )
+    parser = parser_for(settings, breaker=breaker)
+    assert isinstance(parser, GuardedParser) and parser.name == "hybrid"
+    text = b"# Notes\n\nSome text."
+    try:
+        real = await parser.parse(text, filename="n.md", content_type="text/markdown")
+        assert real.parser == "llamaparse"
+
+        server.stop()
+        fallback = await parser.parse(text, filename="n.md", content_type="text/markdown")
+        assert breaker.state is CircuitState.OPEN
+        assert fallback == await LocalParser(settings.parse).parse(
+            text, filename="n.md", content_type="text/markdown"
+        )
+        assert fallback.parser == "local"
+
+        server.start()
+        await asyncio.sleep(0.35)
+        back = await parser.parse(text, filename="n.md", content_type="text/markdown")
+        assert back.parser == "llamaparse"
+        assert transitions == [CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.CLOSED]
+    finally:
+        await aclose(parser)
+
+
+async def test_local_mode_is_the_local_parser(server: LlamaParseServer) -> None:
+    settings = Settings(services=ServicesSettings(llamaparse=llamaparse_settings(server)))
+    assert isinstance(parser_for(settings, Mode.LOCAL), LocalParser)
+    real = parser_for(settings)
+    assert isinstance(real, GuardedParser) and real.name == "llamaparse"
+    await aclose(real)
