@@ -21,7 +21,7 @@ import structlog
 
 from ragstream.admin import TopicState, ensure_topics
 from ragstream.errors import InfrastructureError
-from ragstream.local.kafka import LocalKafka
+from ragstream.local.kafka import LocalKafka, process_alive, wait_exit
 from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import Settings
 from ragstream.store.migrate import migrate
@@ -82,14 +82,12 @@ async def stack_up(
 
 
 def _pid_alive(pidfile: Path) -> int | None:
+    """The pid in `pidfile` if that process runs (an exited child of ours is reaped)."""
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError):
         return None
-    except PermissionError:
-        return pid
-    return pid
+    return pid if process_alive(pid) else None
 
 
 def start_prometheus(settings: Settings) -> tuple[int, bool]:
@@ -206,14 +204,7 @@ def stop_workers(settings: Settings, timeout_s: float = 30.0) -> bool:
     if pid is None:
         return False
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and workers_pid(settings) == pid:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    if workers_pid(settings) == pid:
+    if not wait_exit(pid, timeout_s):
         os.kill(pid, signal.SIGKILL)
     _workers_pidfile(settings).unlink(missing_ok=True)
     return True

@@ -288,11 +288,11 @@ class LocalKafka:
             log.info("kafka.stopping", pid=pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            if not _wait_exit(pid, timeout_s):
+            if not wait_exit(pid, timeout_s):
                 log.warning("kafka.stop.killing", pid=pid, after_s=timeout_s)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                _wait_exit(pid, 10.0)
+                wait_exit(pid, 10.0)
             self.pid_path.unlink(missing_ok=True)
             log.info("kafka.stopped", pid=pid)
 
@@ -314,7 +314,7 @@ class LocalKafka:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        if not _alive(pid):
+        if not process_alive(pid):
             return None
         cmdline = Path(f"/proc/{pid}/cmdline")
         if cmdline.exists():  # guard against a recycled pid (Linux)
@@ -417,9 +417,9 @@ class LocalKafka:
         try:
             self._wait_ready(pid, started, hint_port_taken=port_was_taken)
         except InfrastructureError:
-            if _alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-                _wait_exit(pid, 10.0)
+                wait_exit(pid, 10.0)
             self.pid_path.unlink(missing_ok=True)
             raise
         log.info("kafka.ready", pid=pid, seconds=round(time.monotonic() - started, 1))
@@ -443,7 +443,7 @@ class LocalKafka:
     def _wait_ready(self, pid: int, started: float, *, hint_port_taken: bool = False) -> None:
         deadline = started + self.start_timeout_s
         while True:
-            if not _alive(pid):
+            if not process_alive(pid):
                 hint = (
                     f" (port {self.port} or {self.controller_port} was already in use)"
                     if hint_port_taken
@@ -490,7 +490,7 @@ def cluster_id_at(bootstrap: str, timeout_ms: int = 1000) -> str | None:
         return pool.submit(asyncio.run, probe()).result()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether `pid` runs (reaping it first if it is our exited child)."""
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -508,9 +508,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _wait_exit(pid: int, timeout_s: float) -> bool:
+def wait_exit(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while _alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)

@@ -14,7 +14,8 @@ is raised as it is: it is not the service being down, and a fallback would hide 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ragstream.embedding import Embedder, EmbedResult, LocalEmbedder
 from ragstream.errors import RetryableError
@@ -22,6 +23,8 @@ from ragstream.parsing import LocalParser, Parser, ParseResult
 from ragstream.providers.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from ragstream.providers.ratelimit import RateLimiter
 from ragstream.settings import Mode, Settings
+
+R = TypeVar("R")
 
 EMBED_SERVICE = "openai"
 PARSE_SERVICE = "llamaparse"
@@ -98,6 +101,26 @@ class _Guard:
             raise CircuitOpenError(self.breaker.name, self.breaker.retry_after())
         return False
 
+    async def _call(
+        self, primary: Callable[[], Awaitable[R]], fallback: Callable[[], Awaitable[R]]
+    ) -> R:
+        """The primary call under the breaker; the fallback while the circuit is open, or
+        when a retryable failure has just opened it."""
+        if self._use_primary():
+            try:
+                result = await primary()
+            except Exception as exc:
+                if not self._after_failure(exc):
+                    raise
+            except BaseException:
+                self.breaker.release()
+                raise
+            else:
+                self.breaker.record_success()
+                return result
+        assert self.fallback is not None
+        return await fallback()
+
     def _after_failure(self, exc: Exception) -> bool:
         """Record the outcome of a failed primary call; True when the fallback should run."""
         if isinstance(exc, RetryableError):
@@ -136,20 +159,14 @@ class GuardedEmbedder(_Guard):
         return self.primary.dimensions
 
     async def embed(self, texts: list[str]) -> EmbedResult:
-        if self._use_primary():
-            try:
-                result = await self.primary.embed(texts)
-            except Exception as exc:
-                if not self._after_failure(exc):
-                    raise
-            except BaseException:
-                self.breaker.release()
-                raise
-            else:
-                self.breaker.record_success()
-                return result
+        return await self._call(
+            lambda: self.primary.embed(texts),
+            lambda: self._fallback().embed(texts),
+        )
+
+    def _fallback(self) -> Embedder:
         assert self.fallback is not None
-        return await self.fallback.embed(texts)
+        return self.fallback
 
 
 class GuardedParser(_Guard):
@@ -168,19 +185,11 @@ class GuardedParser(_Guard):
         return "hybrid" if self.fallback is not None else str(getattr(self.primary, "name", "real"))
 
     async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
-        if self._use_primary():
-            try:
-                result = await self.primary.parse(
-                    data, filename=filename, content_type=content_type
-                )
-            except Exception as exc:
-                if not self._after_failure(exc):
-                    raise
-            except BaseException:
-                self.breaker.release()
-                raise
-            else:
-                self.breaker.record_success()
-                return result
+        return await self._call(
+            lambda: self.primary.parse(data, filename=filename, content_type=content_type),
+            lambda: self._fallback().parse(data, filename=filename, content_type=content_type),
+        )
+
+    def _fallback(self) -> Parser:
         assert self.fallback is not None
-        return await self.fallback.parse(data, filename=filename, content_type=content_type)
+        return self.fallback
