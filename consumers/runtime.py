@@ -5,10 +5,12 @@ after the stage's PostgreSQL writes are done and its output record (or its retry
 copy) is acknowledged by the broker (acks=all, idempotent producer). Stage functions know
 nothing of Kafka; they take a typed event and return an `Outcome`.
 
-Ordering: records of one partition are handled in order by one task while the partition is
-paused (documents are keyed by document_id, so one document's events stay in order); up to
-`concurrency` partitions are handled at once, and the loop keeps polling meanwhile, so a slow
-record never exceeds `max.poll.interval.ms`. On shutdown or revocation, in-flight records get
+Ordering: a partition's batch is handled by one task while the partition is paused, and the
+loop keeps polling meanwhile, so a slow record never exceeds `max.poll.interval.ms`. With
+`concurrency` 1, records are handled one at a time in offset order. With `concurrency` N, up to
+N records are handled at once in the process, across partitions and across keys within a
+batch: records are keyed by document_id and each key's records run in offset order, so one
+document's events keep their order (retry topics stay sequential: they wait on due times). On shutdown or revocation, in-flight records get
 `kafka.shutdown_grace_s` to finish; the rest are handed back uncommitted.
 
 Failures are read here and only here (see ragstream.errors):
@@ -19,6 +21,17 @@ Failures are read here and only here (see ragstream.errors):
   When attempts are used up, the record goes to the dead-letter topic.
 - PermanentError: to the dead-letter topic at once.
 - DecodeError (a poison pill): to the dead-letter topic with its bytes untouched.
+- CircuitOpenError (the call was not made): the record waits on the retry topic until the
+  circuit lets a probe through, its attempt number unchanged, so an outage does not use up
+  attempts.
+- BudgetExceeded is not a failure: the record waits in Kafka. Service-wide, its partition is
+  held at that record (uncommitted, paused) and tried again every few seconds; for a tenant's
+  own budget, the record is parked on the retry topic until the tenant's window ends, with its
+  attempt number unchanged, so other tenants on the partition go on.
+
+Budget gate: while `gate()` names a reason (the stage's paid service is THROTTLED in real
+mode), every assigned partition is paused; the consumer keeps polling, so the group does not
+rebalance, nothing is lost and lag grows. When the gate opens, the partitions resume.
 A dead-letter record keeps the original key, value and headers and adds `ragstream.errors.*`
 headers saying where it came from and why.
 """
@@ -42,9 +55,11 @@ from aiokafka.structs import OffsetAndMetadata
 
 from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
-from ragstream.errors import DecodeError, PermanentError
+from ragstream.cost.meter import CallContext, current_call
+from ragstream.errors import BudgetExceeded, DecodeError, PermanentError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
 from ragstream.metrics import Metrics, observe_lag
+from ragstream.providers.circuit import CircuitOpenError
 from ragstream.settings import RetrySettings, Settings
 from ragstream.topology import (
     H_ATTEMPT,
@@ -87,7 +102,7 @@ class StepRecorder(Protocol):
         event: DocumentEvent,
         stage: Stage,
         outcome: Outcome,
-        attempt: int,
+        ctx: RecordContext,
         started_at: datetime,
         finished_at: datetime,
     ) -> None: ...
@@ -97,7 +112,7 @@ class StepRecorder(Protocol):
         event: DocumentEvent,
         stage: Stage,
         error: BaseException,
-        attempt: int,
+        ctx: RecordContext,
         started_at: datetime,
         finished_at: datetime,
         *,
@@ -116,6 +131,9 @@ def header(headers: Headers | None, key: str) -> bytes | None:
         if k == key:
             return bytes(v)
     return None
+
+
+WAIT_RECHECK_S = 2.0  # how soon a record that was refused without a call is tried again
 
 
 def _now_ms() -> int:
@@ -154,6 +172,7 @@ class StageRunner:
         concurrency: int = 1,
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
+        gate: Callable[[], str | None] | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
@@ -178,6 +197,8 @@ class StageRunner:
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()
         self.assignment: set[TopicPartition] = set()
+        self.gate = gate  # a reason while the stage must not call its paid service
+        self.blocked: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -202,6 +223,7 @@ class StageRunner:
             await self.consumer.start()
             log.info("stage started", stage=self.stage.value, group=self.group_id)
             while not stop.is_set():
+                self._apply_gate()
                 timeout_ms = self._resume_due()
                 if self._inflight:
                     timeout_ms = min(timeout_ms, 50)
@@ -233,15 +255,41 @@ class StageRunner:
                 # The group moved on: the new owner re-reads these records; writes are idempotent.
                 log.warning("commit failed; records will be redelivered", error=str(exc))
 
-    def _resume_due(self) -> int:
-        """Resume retry partitions whose head record is due; return how long to poll (ms)."""
+    def _apply_gate(self) -> None:
+        """Pause every assigned partition while the gate is closed; resume when it opens."""
         assert self.consumer is not None
+        reason = self.gate() if self.gate is not None else None
+        was, self.blocked = self.blocked, reason
+        if bool(reason) == bool(was):
+            return
+        if reason:
+            log.warning("stage paused by its budget", stage=self.stage.value, reason=reason)
+            self.consumer.pause(*self.consumer.assignment())
+        else:
+            log.info("stage resumed: budget open", stage=self.stage.value)
+            for tp in self.consumer.assignment():
+                self._resume(tp)
+        self.metrics.set_stage_paused(self.stage.value, bool(reason))
+
+    def _resume(self, tp: TopicPartition) -> None:
+        """Resume a partition unless a task holds it, it waits for a due time, or the gate is
+        closed."""
+        assert self.consumer is not None
+        if (
+            self.blocked is None
+            and tp not in self._inflight
+            and tp not in self._waiting
+            and tp in self.consumer.assignment()
+        ):
+            self.consumer.resume(tp)
+
+    def _resume_due(self) -> int:
+        """Resume partitions whose wait is over; return how long to poll (ms)."""
         now = _now_ms()
         for tp, due in list(self._waiting.items()):
             if due <= now:
                 del self._waiting[tp]
-                if tp in self.consumer.assignment() and tp not in self._inflight:
-                    self.consumer.resume(tp)
+                self._resume(tp)
         if not self._waiting:
             return 500
         return max(10, min(500, min(self._waiting.values()) - now))
@@ -259,12 +307,48 @@ class StageRunner:
     async def _run_partition(
         self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
     ) -> None:
-        async with self._gate:
-            for record in records:
-                if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
+        if tp.topic == self.retry_topic or self.concurrency == 1:
+            async with self._gate:
+                for record in records:
+                    if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
+                        return
+                    if not await self._handle_record(record):
+                        self._hold(tp, record)
+                        return
+                    self._pending[tp] = record.offset + 1
+            return
+        await self._run_by_key(tp, records)
+
+    async def _run_by_key(
+        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> None:
+        """Run a batch as one lane per key (document): lanes run at once, up to `concurrency`
+        records in the process, and each lane in offset order, so one document's records keep
+        their order. The committed offset is the end of the batch's finished prefix; if the
+        budget held a record, the partition is held at the first unfinished one (records after
+        it that finished are handled again later: every write is idempotent)."""
+        lanes: dict[bytes | None, list[ConsumerRecord[bytes, bytes]]] = {}
+        for record in records:
+            lanes.setdefault(record.key, []).append(record)
+        done: set[int] = set()
+        held = asyncio.Event()
+
+        async def lane(queue: list[ConsumerRecord[bytes, bytes]]) -> None:
+            for record in queue:
+                if held.is_set():  # start nothing new once the budget said no
                     return
-                await self._handle_record(record)
-                self._pending[tp] = record.offset + 1
+                async with self._gate:
+                    if not await self._handle_record(record):
+                        held.set()
+                        return
+                done.add(record.offset)
+
+        await asyncio.gather(*(lane(queue) for queue in lanes.values()))
+        for record in records:
+            if record.offset not in done:
+                self._hold(tp, record)
+                break
+            self._pending[tp] = record.offset + 1
 
     async def _reap(self) -> None:
         """Collect finished partition tasks; resume their partitions (unless waiting on a retry)."""
@@ -274,8 +358,7 @@ class StageRunner:
                 continue
             del self._inflight[tp]
             task.result()  # a failure here is a bug or lost infrastructure: stop the worker
-            if tp not in self._waiting and tp in self.consumer.assignment():
-                self.consumer.resume(tp)
+            self._resume(tp)
 
     async def _drain(self, grace_s: float, only: set[TopicPartition] | None = None) -> None:
         """Let in-flight records finish for up to `grace_s`, then hand the rest back (cancel;
@@ -303,11 +386,20 @@ class StageRunner:
         self._waiting[tp] = due
         return True
 
-    async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        with self.metrics.inflight(self.stage.value):
-            await self._handle_one(record)
+    def _hold(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Keep a record the budget refused where it is: uncommitted, its partition paused,
+        and try it again in a few seconds (sooner than the gate would reopen is harmless)."""
+        assert self.consumer is not None
+        self.consumer.seek(tp, record.offset)
+        self.consumer.pause(tp)
+        self._waiting[tp] = _now_ms() + int(WAIT_RECHECK_S * 1000)
 
-    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        """Handle one record; False when the budget refused it and it must wait in place."""
+        with self.metrics.inflight(self.stage.value):
+            return await self._handle_one(record)
+
+    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> bool:
         corr = (header(record.headers, H_CORRELATION_ID) or b"").decode(errors="replace") or None
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
@@ -325,15 +417,15 @@ class StageRunner:
                 log.error("undecodable record dead-lettered", error=str(exc))
                 await self._dead_letter(record, None, exc, attempt=1, kind="poison")
                 self.metrics.record_handled(self.stage.value, "poison", 0.0)
-                return
+                return True
             with structlog.contextvars.bound_contextvars(
                 document_id=event.document_id,
                 tenant_id=event.tenant_id,
                 correlation_id=event.correlation_id,
             ):
-                await self._attempt(record, event)
+                return await self._attempt(record, event)
 
-    async def _attempt(self, record: ConsumerRecord[bytes, bytes], event: DocumentEvent) -> None:
+    async def _attempt(self, record: ConsumerRecord[bytes, bytes], event: DocumentEvent) -> bool:
         attempt = int((header(record.headers, H_ATTEMPT) or b"1").decode() or 1)
         ctx = RecordContext(
             record.topic,
@@ -344,21 +436,43 @@ class StageRunner:
         )
         started = datetime.now(UTC)
         t0 = time.perf_counter()
+        token = current_call.set(
+            CallContext(
+                stage=self.stage.value,
+                document_id=event.document_id,
+                tenant_id=event.tenant_id,
+                correlation_id=event.correlation_id,
+            )
+        )
         try:
             outcome = await self.handler(event, ctx)
             if outcome.output is not None:
                 await self._publish(outcome.output)
             await self.recorder.step_done(
-                event, self.stage, outcome, attempt, started, datetime.now(UTC)
+                event, self.stage, outcome, ctx, started, datetime.now(UTC)
             )
+        except BudgetExceeded as exc:
+            self.metrics.record_handled(self.stage.value, "waiting", time.perf_counter() - t0)
+            if exc.tenant_id is None:
+                log.info("waiting for budget", service=exc.service, reason=str(exc))
+                return False
+            await self._park(record, exc, attempt, exc.retry_after)
+            log.info("parked until the tenant's budget allows", tenant_id=exc.tenant_id)
+            return True
+        except CircuitOpenError as exc:
+            # The service was not called: waiting for it to come back spends no attempt.
+            self.metrics.record_handled(self.stage.value, "waiting", time.perf_counter() - t0)
+            await self._park(record, exc, attempt, exc.retry_after)
+            log.info("parked until the circuit lets calls through", circuit=exc.name)
+            return True
         except PermanentError as exc:
-            await self._record_failure(event, exc, attempt, started, final=True)
+            await self._record_failure(event, exc, ctx, started, final=True)
             await self._dead_letter(record, event, exc, attempt, kind="permanent")
             self.metrics.record_handled(self.stage.value, "dead-lettered", time.perf_counter() - t0)
-            return
+            return True
         except Exception as exc:  # retryable, or unexpected: retried, then dead-lettered
             final = attempt >= self.settings.retry.max_attempts
-            await self._record_failure(event, exc, attempt, started, final=final)
+            await self._record_failure(event, exc, ctx, started, final=final)
             if final:
                 await self._dead_letter(record, event, exc, attempt, kind="exhausted")
                 self.metrics.record_handled(
@@ -367,7 +481,9 @@ class StageRunner:
             else:
                 await self._retry(record, exc, attempt)
                 self.metrics.record_handled(self.stage.value, "retried", time.perf_counter() - t0)
-            return
+            return True
+        finally:
+            current_call.reset(token)
         seconds = time.perf_counter() - t0
         self.stats.processed += 1
         self.stats.by_partition[record.partition] = (
@@ -382,25 +498,26 @@ class StageRunner:
             attempt=attempt,
             duration_ms=round(seconds * 1000, 1),
         )
+        return True
 
     async def _record_failure(
         self,
         event: DocumentEvent,
         exc: BaseException,
-        attempt: int,
+        ctx: RecordContext,
         started: datetime,
         *,
         final: bool,
     ) -> None:
         log.warning(
             "record failed" if final else "record will be retried",
-            attempt=attempt,
+            attempt=ctx.attempt,
             error_class=type(exc).__name__,
             error=str(exc)[:MESSAGE_LIMIT],
         )
         try:
             await self.recorder.step_failed(
-                event, self.stage, exc, attempt, started, datetime.now(UTC), final=final
+                event, self.stage, exc, ctx, started, datetime.now(UTC), final=final
             )
         except Exception as rec_exc:  # the journey is best effort; the record still moves on
             log.error("could not record the failure", error=str(rec_exc))
@@ -435,25 +552,42 @@ class StageRunner:
             (H_ERR_LAST_FAILURE, str(_now_ms()).encode()),
         ]
 
+    async def _park(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        exc: Exception,
+        attempt: int,
+        delay: float | None,
+    ) -> None:
+        """Wait on the retry topic without spending an attempt: the call was never made (a
+        tenant over its own budget, until its window ends; an open circuit, until it lets a
+        probe through)."""
+        await self._send_retry(record, exc, attempt, max(delay or 0.0, WAIT_RECHECK_S))
+
     async def _retry(
         self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int
     ) -> None:
         retry_after = getattr(exc, "retry_after", None)
         delay = max(retry_after or 0.0, backoff_delay(attempt, self.settings.retry, self._rng))
+        await self._send_retry(record, exc, attempt + 1, delay)
+        self.stats.retried += 1
+        self.metrics.record_retry(self.stage.value, type(exc).__name__)
+        log.info("sent to retry", next_attempt=attempt + 1, delay_s=round(delay, 3))
+
+    async def _send_retry(
+        self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int, delay: float
+    ) -> None:
         headers = [
             *_carried(record.headers),
             *self._origin(record),
             *self._error_headers(exc),
-            (H_ATTEMPT, str(attempt + 1).encode()),
+            (H_ATTEMPT, str(attempt).encode()),
             (H_DUE_AT, str(_now_ms() + int(delay * 1000)).encode()),
         ]
         assert self.producer is not None
         await self.producer.send_and_wait(
             self.retry_topic, record.value, key=record.key, headers=headers
         )
-        self.stats.retried += 1
-        self.metrics.record_retry(self.stage.value, type(exc).__name__)
-        log.info("sent to retry", next_attempt=attempt + 1, delay_s=round(delay, 3))
 
     async def _dead_letter(
         self,
@@ -512,6 +646,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         runner.metrics.drop_lag(runner.stage.value, revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        consumer = self.runner.consumer
+        if self.runner.blocked and consumer is not None and assigned:
+            consumer.pause(*assigned)  # a paused stage takes over partitions paused
         self.runner.assignment = set(assigned)
         self.runner.joined = True
         self.runner.metrics.set_member(self.runner.stage.value, len(assigned))

@@ -28,6 +28,11 @@ class RecordContext:
     attempt: int
     replay: bool
 
+    @property
+    def replay_position(self) -> str:
+        """`topic:partition:offset` of a replayed copy (`ragstream replay --live`), else ""."""
+        return f"{self.topic}:{self.partition}:{self.offset}" if self.replay else ""
+
 
 class StatusStore(Protocol):
     """The store's forward-only status move (see ragstream.store), which every stage uses."""

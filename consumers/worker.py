@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,20 +19,28 @@ from consumers.runtime import StageHandler, StageRunner
 from consumers.stage import Outcome, RecordContext
 from ragstream.blobs import BlobStore
 from ragstream.chunking import Chunker
+from ragstream.circuits import report_circuits
 from ragstream.codec import Codec
 from ragstream.control import ControlFollower, ControlState
+from ragstream.cost.accountant import NAME as COST_GROUP
+from ragstream.cost.accountant import CostAccountant
+from ragstream.cost.meter import BudgetGuard, KafkaUsageSink, Meter
+from ragstream.cost.pricing import PriceTable
 from ragstream.embedding import Embedder, LocalEmbedder
 from ragstream.events import (
+    CostUsage,
     DocumentChunked,
     DocumentEvent,
     DocumentParsed,
     DocumentUploaded,
     Event,
+    ServiceMode,
     ThrottleEvent,
 )
 from ragstream.health import HealthServer, database_ready, readiness
 from ragstream.metrics import Metrics
 from ragstream.parsing import LocalParser, Parser
+from ragstream.providers.circuit import CircuitBreaker
 from ragstream.providers.modes import SwitchingEmbedder, SwitchingParser
 from ragstream.providers.select import (
     EMBED_SERVICE,
@@ -49,6 +57,9 @@ from ragstream.topology import Stage
 
 log = structlog.get_logger(__name__)
 
+def _with_replay(detail: Mapping[str, Any], replay: str) -> dict[str, Any]:
+    return {**detail, "replay": replay} if replay else dict(detail)
+
 
 @dataclass
 class JourneyRecorder:
@@ -61,21 +72,23 @@ class JourneyRecorder:
         event: DocumentEvent,
         stage: Stage,
         outcome: Outcome,
-        attempt: int,
+        ctx: RecordContext,
         started_at: datetime,
         finished_at: datetime,
     ) -> None:
+        replay = ctx.replay_position
         await self.store.record_step(
             document_id=event.document_id,
             tenant_id=event.tenant_id,
             stage=stage.value,
             input_event_id=str(event.event_id),
             outcome=outcome.status,
-            attempt=attempt,
+            attempt=ctx.attempt,
             started_at=started_at,
             finished_at=finished_at,
-            detail=outcome.detail,
+            detail=_with_replay(outcome.detail, replay),
             correlation_id=event.correlation_id,
+            replay=replay,
         )
 
     async def step_failed(
@@ -83,24 +96,28 @@ class JourneyRecorder:
         event: DocumentEvent,
         stage: Stage,
         error: BaseException,
-        attempt: int,
+        ctx: RecordContext,
         started_at: datetime,
         finished_at: datetime,
         *,
         final: bool,
     ) -> None:
         reason = f"{stage.value}: {type(error).__name__}: {error}"
+        replay = ctx.replay_position
         await self.store.record_step(
             document_id=event.document_id,
             tenant_id=event.tenant_id,
             stage=stage.value,
             input_event_id=str(event.event_id),
             outcome="dead-lettered" if final else "retry",
-            attempt=attempt,
+            attempt=ctx.attempt,
             started_at=started_at,
             finished_at=finished_at,
-            detail={"error_class": type(error).__name__, "error": str(error)[:2000]},
+            detail=_with_replay(
+                {"error_class": type(error).__name__, "error": str(error)[:2000]}, replay
+            ),
             correlation_id=event.correlation_id,
+            replay=replay,
         )
         if final:
             await self.store.advance_status(
@@ -148,30 +165,114 @@ def build_handler(
     return _typed(DocumentChunked, lambda e: embed(e, deps_e))
 
 
-async def _following_providers(
+@dataclass(frozen=True)
+class Control:
+    """What a worker follows on the control topic: modes, throttles, and the budget guard."""
+
+    state: ControlState
+    guard: BudgetGuard
+
+    def gate(self, stage: Stage) -> Callable[[], str | None] | None:
+        """The reason a stage must hold its partitions: its paid service is throttled while
+        served in real mode (hybrid falls back to local instead; local costs nothing)."""
+        service = {Stage.PARSE: PARSE_SERVICE, Stage.EMBED: EMBED_SERVICE}.get(stage)
+        if service is None:
+            return None
+
+        def reason() -> str | None:
+            if self.state.mode(service) is not ServiceMode.REAL:
+                return None
+            throttle = self.guard.active_throttle(service)
+            return f"{service} throttled: {throttle.reason}" if throttle else None
+
+        return reason
+
+
+async def _follow_control(
     settings: Settings, codec: Codec, stack: AsyncExitStack, metrics: Metrics
-) -> Providers:
-    """Providers that follow the control topic: each service's mode as last set by an
-    operator (read whole at start), else as configured; one circuit breaker per service."""
+) -> Control:
+    """Read the control topic whole (so a worker starts in the last mode and throttle state
+    set), then follow it in the background."""
     state = ControlState.from_settings(settings)
     state.listeners.append(lambda event: _observe_control(metrics, event))
+    guard = BudgetGuard(state, settings.budgets)
     follower = ControlFollower(settings, state, codec)
     await follower.start()
     stack.push_async_callback(follower.stop)
-    embed_breaker, parse_breaker = breaker_for(EMBED_SERVICE), breaker_for(PARSE_SERVICE)
+    for service, (mode, throttle) in {
+        s: (state.mode(s), guard.active_throttle(s)) for s in (EMBED_SERVICE, PARSE_SERVICE)
+    }.items():
+        log.info(
+            "service state",
+            service=service,
+            mode=mode.value,
+            throttled=throttle.reason if throttle else None,
+        )
+    return Control(state, guard)
+
+
+async def _meters(
+    settings: Settings, codec: Codec, stack: AsyncExitStack, metrics: Metrics, guard: BudgetGuard
+) -> tuple[Meter, Meter, float]:
+    """The meters of the paid services: priced from the price table (a model or tier missing
+    there stops the worker here), guarded by the budget, publishing to the usage topic."""
+    prices = PriceTable.load(settings.budgets.prices)
+    sink = KafkaUsageSink(settings, codec)
+    await sink.start()
+    stack.push_async_callback(sink.stop)
+
+    def observe(usage: CostUsage) -> None:
+        metrics.record_usage(usage.service, usage.unit, usage.units, usage.cost_usd)
+
+    openai = settings.services.openai.model
+    tier = settings.services.llamaparse.tier
+    embed = Meter(EMBED_SERVICE, "embeddings", openai, prices.embedding(openai), guard, sink)
+    parse = Meter(PARSE_SERVICE, "parse", tier, prices.parse_credit, guard, sink)
+    for meter in (embed, parse):
+        meter.on_usage.append(observe)
+    return embed, parse, float(prices.pages_to_credits(tier))
+
+
+async def _following_providers(
+    settings: Settings,
+    codec: Codec,
+    stack: AsyncExitStack,
+    metrics: Metrics,
+    control: Control,
+    breakers: Mapping[str, CircuitBreaker] | None = None,
+) -> Providers:
+    """Providers that follow the control topic: each service's mode as last set by an
+    operator (read whole at start), else as configured; one circuit breaker per service
+    (the one given, else one with the service's configured policy); every paid call metered."""
+    state = control.state
+    embed_meter, parse_meter, credits_per_page = await _meters(
+        settings, codec, stack, metrics, control.guard
+    )
+    given = breakers or {}
+    embed_breaker = given.get(EMBED_SERVICE) or breaker_for(settings, EMBED_SERVICE)
+    parse_breaker = given.get(PARSE_SERVICE) or breaker_for(settings, PARSE_SERVICE)
     for breaker in (embed_breaker, parse_breaker):
         breaker.add_listener(metrics.on_circuit_change)
         metrics.set_circuit_state(breaker.name, breaker.state)
+    await report_circuits(settings, codec, stack, (embed_breaker, parse_breaker))
     embedder = SwitchingEmbedder(
-        state, EMBED_SERVICE, lambda mode: embedder_for(settings, mode, breaker=embed_breaker)
+        state,
+        EMBED_SERVICE,
+        lambda mode: embedder_for(settings, mode, breaker=embed_breaker, meter=embed_meter),
     )
     parser = SwitchingParser(
-        state, PARSE_SERVICE, lambda mode: parser_for(settings, mode, breaker=parse_breaker)
+        state,
+        PARSE_SERVICE,
+        lambda mode: parser_for(
+            settings,
+            mode,
+            breaker=parse_breaker,
+            meter=parse_meter,
+            credits_per_page=credits_per_page,
+        ),
     )
     stack.push_async_callback(embedder.aclose)
     stack.push_async_callback(parser.aclose)
-    for service in (EMBED_SERVICE, PARSE_SERVICE):
-        log.info("service mode", service=service, mode=state.mode(service).value)
     return Providers(parser=parser, embedder=embedder)
 
 
@@ -190,8 +291,17 @@ async def run_workers(
     handle_signals: bool = False,
     started: Callable[[list[StageRunner]], None] | None = None,
     providers: Providers | None = None,
+    breakers: Mapping[str, CircuitBreaker] | None = None,
+    accountant: bool = False,
 ) -> list[StageRunner]:
-    """Run the given stages in this process until `stop` is set (or SIGTERM/SIGINT)."""
+    """Run the given stages (and, with `accountant`, a member of the cost group) in this
+    process until `stop` is set (or SIGTERM/SIGINT).
+
+    Without `providers`, the stages' providers follow the control topic (modes, throttles)
+    and every paid call is metered; given `providers` are used as they are.
+
+    `breakers`, by service name, stand in for the circuit breakers built from the settings
+    (to share them, or to listen to their transitions)."""
     stop = stop or asyncio.Event()
     if handle_signals:
         loop = asyncio.get_running_loop()
@@ -209,8 +319,14 @@ async def run_workers(
         codec = Codec()
         recorder = JourneyRecorder(store)
         metrics = Metrics()
+        control = None
+        if providers is None or accountant:
+            control = await _follow_control(settings, codec, stack, metrics)
         if providers is None:
-            providers = await _following_providers(settings, codec, stack, metrics)
+            assert control is not None
+            providers = await _following_providers(
+                settings, codec, stack, metrics, control, breakers
+            )
         runners = [
             StageRunner(
                 settings,
@@ -220,20 +336,27 @@ async def run_workers(
                 recorder,
                 concurrency=concurrency,
                 metrics=metrics,
+                gate=control.gate(stage) if control is not None else None,
             )
             for stage in stages
         ]
+        members: list[StageRunner | CostAccountant] = list(runners)
+        if accountant:
+            assert control is not None
+            members.append(
+                CostAccountant(settings, store, control.state, codec=codec, metrics=metrics)
+            )
         obs = settings.observability
         checks: dict[str, Callable[[], Any]] = {"database": lambda: database_ready(store)}
-        for r in runners:
-            checks[r.stage.value] = lambda r=r: r.joined  # type: ignore[misc]
+        for m in members:
+            checks[_name(m)] = lambda m=m: m.joined  # type: ignore[misc]
         health = HealthServer(metrics, obs.metrics_host, obs.metrics_port, readiness(checks))
         port = await health.start()
         stack.push_async_callback(health.stop)
         log.info("serving metrics and health", url=f"http://{obs.metrics_host}:{port}/metrics")
         if started:
             started(runners)
-        tasks = [asyncio.create_task(r.run(stop), name=f"stage-{r.stage.value}") for r in runners]
+        tasks = [asyncio.create_task(m.run(stop), name=f"stage-{_name(m)}") for m in members]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -246,3 +369,7 @@ async def run_workers(
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
     return runners
+
+
+def _name(member: StageRunner | CostAccountant) -> str:
+    return member.stage.value if isinstance(member, StageRunner) else COST_GROUP

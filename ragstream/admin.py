@@ -1,20 +1,21 @@
-"""Topic administration: create the topology idempotently and describe it."""
+"""Topic administration: create the topology idempotently, describe it, and grow a topic."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 
-from ragstream.errors import InfrastructureError, RetryableError
+from ragstream.errors import ConfigError, InfrastructureError, RetryableError
 from ragstream.settings import Settings
-from ragstream.topology import Topology
+from ragstream.topology import Stage, Topology
 
 _TOPIC_ALREADY_EXISTS = 36
 _UNKNOWN_TOPIC = 3
@@ -141,3 +142,77 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> list[TopicS
         rf = len(parts[0]["replicas"]) if parts else 0
         out.append(TopicState(name, len(parts), rf, configs.get(name, {})))
     return out
+
+
+# -- growing a topic -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    topic: str
+    before: int
+    after: int
+
+    @property
+    def keys_moved(self) -> float:
+        return keys_moved(self.before, self.after)
+
+
+def keys_moved(before: int, after: int) -> float:
+    """The share of keys whose partition changes when a topic goes from `before` to `after`
+    partitions. Kafka's default partitioner maps a key to murmur2(key) mod the partition
+    count; for evenly spread hashes that is the share of residues r mod lcm(before, after)
+    with r mod before != r mod after."""
+    period = math.lcm(before, after)
+    same = sum(1 for r in range(period) if r % before == r % after)
+    return 1 - same / period
+
+
+def resolve_topic(topology: Topology, name: str, existing: set[str]) -> str:
+    """A topic named by a stage (`embed`: the topic the embed group reads), by its full name, or
+    by its name without the prefix (`documents.chunked`). ConfigError when there is none."""
+    candidates = []
+    if name in {s.value for s in Stage}:
+        candidates.append(topology.input_topic(Stage(name)))
+    candidates += [name, f"{topology.prefix}.{name}"]
+    for topic in candidates:
+        if topic in existing:
+            return topic
+    ours = sorted(t for t in existing if t.startswith(f"{topology.prefix}."))
+    known = ", ".join(ours) if ours else f"none with prefix {topology.prefix!r}"
+    raise ConfigError(
+        f"unknown topic {name!r}: give a stage ({', '.join(s.value for s in Stage)}) or a topic "
+        f"name; topics: {known}"
+    )
+
+
+async def scale_topic(settings: Settings, name: str, partitions: int) -> ScaleResult:
+    """Grow a topic to `partitions` partitions. Kafka only adds partitions: asking for fewer
+    than it has, or as many, is refused (ConfigError) and changes nothing."""
+    topology = Topology(settings.kafka.topic_prefix)
+    async with admin_client(settings) as admin:
+        topic = resolve_topic(topology, name, set(await admin.list_topics()))
+        if topic == topology.control:
+            raise ConfigError(
+                f"{topic} is not scaled: it is compacted and read whole as one ordered log of "
+                "the latest state per key; with more partitions an older state could win"
+            )
+        (current,) = await _describe_when_ready(admin, [topic])
+        if partitions <= current.partitions:
+            verb = "already has" if partitions == current.partitions else "has"
+            raise ConfigError(
+                f"{topic} {verb} {current.partitions} partitions; a topic can only grow "
+                f"(asked for {partitions}): give --partitions above {current.partitions}"
+            )
+        try:
+            await admin.create_partitions({topic: NewPartitions(partitions)})
+        except KafkaConnectionError as exc:
+            raise RetryableError(f"cannot reach Kafka: {exc}") from exc
+        except KafkaError as exc:
+            raise InfrastructureError(f"cannot add partitions to {topic}: {exc}") from exc
+        deadline = time.monotonic() + 10.0
+        while (await _describe_when_ready(admin, [topic]))[0].partitions < partitions:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"{topic} does not show {partitions} partitions yet")
+            await asyncio.sleep(0.1)
+    return ScaleResult(topic, current.partitions, partitions)

@@ -119,6 +119,15 @@ class ControlFollower:
             await self._consumer.stop()
 
 
+async def snapshot(settings: Settings) -> ControlState:
+    """The control topic's current state, read whole once (for reports and checks)."""
+    state = ControlState.from_settings(settings)
+    follower = ControlFollower(settings, state)
+    await follower.start()
+    await follower.stop()
+    return state
+
+
 async def publish_control(settings: Settings, key: bytes, event: Event) -> None:
     codec = Codec()
     producer = AIOKafkaProducer(

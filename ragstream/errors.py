@@ -44,7 +44,23 @@ class DecodeError(PermanentError):
 
 
 class BudgetExceeded(RagstreamError):
-    """The call would exceed the budget: pause, do not fail."""
+    """The call would exceed the budget: pause, do not fail.
+
+    `tenant_id` is set when a tenant's own budget is the limit (the service is open to
+    others); `retry_after` is how long until the budget window ends, when that is known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str,
+        tenant_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.service = service
+        self.tenant_id = tenant_id
+        self.retry_after = retry_after
 
 
 class InfrastructureError(RagstreamError):

@@ -37,6 +37,14 @@ class ServiceMode(StrEnum):
     HYBRID = "hybrid"
 
 
+class CircuitState(StrEnum):
+    """A circuit breaker's state on the wire (the same values as the breaker's own)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
 class DocumentRef(TypedDict):
     """What every event about a document carries forward from the one before it."""
 
@@ -170,6 +178,19 @@ class ServiceModeChanged(Event):
     requested_by: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CircuitStateChanged(Event):
+    EVENT_TYPE: ClassVar[str] = "CircuitStateChanged"
+
+    service: str
+    worker_id: str
+    host: str
+    pid: int
+    client_id: str | None = None
+    state: CircuitState
+    since: datetime
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.EVENT_TYPE: cls
     for cls in (
@@ -180,11 +201,14 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CostUsage,
         ThrottleEvent,
         ServiceModeChanged,
+        CircuitStateChanged,
     )
 }
 
 __all__ = [
     "EVENT_TYPES",
+    "CircuitState",
+    "CircuitStateChanged",
     "CostUsage",
     "DocumentChunked",
     "DocumentEmbedded",

@@ -203,6 +203,13 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.stage_paused = Gauge(
+            "ragstream_stage_paused",
+            "1 while the stage holds its input partitions paused because its paid service is "
+            "throttled.",
+            ["stage"],
+            registry=r,
+        )
         self.worker_up = Gauge(
             "ragstream_worker_up",
             "1 while this process's runner of the stage is a member of the stage's group.",
@@ -249,6 +256,9 @@ class Metrics:
         self.stage_duration.labels(stage)
         self.assigned_partitions.labels(stage).set(assigned_partitions)
         self.worker_up.labels(stage).set(1)
+
+    def set_stage_paused(self, stage: str, paused: bool) -> None:
+        self.stage_paused.labels(stage).set(1 if paused else 0)
 
     def stage_stopped(self, stage: str) -> None:
         """The runner left its group: it owns nothing and reports no lag."""

@@ -55,6 +55,9 @@ class KafkaSettings(_Section):
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     session_timeout_ms: int = Field(45_000, ge=1_000)
     request_timeout_ms: int = Field(40_000, ge=1_000)
+    # How old cluster metadata may get before a client refreshes it: a running group picks up
+    # partitions added to its topics (`ragstream topics scale`) within this long.
+    metadata_max_age_ms: int = Field(30_000, ge=1_000)
     # On SIGTERM or a rebalance, in-flight records get this long to finish before being handed back.
     shutdown_grace_s: float = Field(10.0, ge=0)
 
@@ -65,6 +68,7 @@ class KafkaSettings(_Section):
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
+            "metadata_max_age_ms": self.metadata_max_age_ms,
         }
         if self.sasl_mechanism:
             opts["sasl_mechanism"] = self.sasl_mechanism
@@ -139,7 +143,17 @@ class BlobSettings(_Section):
     allowed_roots: list[Path] = Field(default_factory=list)
 
 
-class LlamaParseSettings(_Section):
+class _ServiceSection(_Section):
+    """What every paid service has: its circuit breaker's policy. `circuit_failures` failures
+    (timeouts, 429, 5xx, lost connections) within `circuit_window_s` open the circuit for
+    `circuit_open_s`; then one probe call decides whether it closes or stays open."""
+
+    circuit_failures: int = Field(5, ge=1, le=10_000)
+    circuit_window_s: float = Field(60.0, gt=0)
+    circuit_open_s: float = Field(30.0, gt=0)
+
+
+class LlamaParseSettings(_ServiceSection):
     mode: Mode = Mode.LOCAL
     base_url: str = "https://api.cloud.llamaindex.ai"
     api_key: SecretStr | None = None
@@ -149,7 +163,7 @@ class LlamaParseSettings(_Section):
     poll_interval_s: float = Field(2.0, gt=0)
 
 
-class OpenAISettings(_Section):
+class OpenAISettings(_ServiceSection):
     mode: Mode = Mode.LOCAL
     base_url: str = "https://api.openai.com/v1"
     api_key: SecretStr | None = None
@@ -185,10 +199,31 @@ class EmbedSettings(_Section):
     dimensions: int = Field(512, ge=8, le=2000)  # pgvector's HNSW index allows up to 2000
 
 
+class BudgetLimit(_Section):
+    """A budget for one service or one tenant; a missing value falls back to the defaults."""
+
+    daily_usd: Decimal | None = Field(None, ge=0)
+    hourly_requests: int | None = Field(None, ge=0)
+
+
 class BudgetSettings(_Section):
+    """Spend per service over the daily window and paid requests over the hourly window.
+
+    `daily_usd` and `hourly_requests` apply to each paid service; `services.<name>` overrides
+    them for one service and `tenants.<id>` sets a budget for one tenant (per service).
+    Windows are aligned to the Unix epoch in UTC (a day starts at 00:00 UTC); `day_s` and
+    `hour_s` shorten them for tests and drills.
+    """
+
     daily_usd: Decimal = Field(Decimal("5.00"), ge=0)
     hourly_requests: int = Field(100, ge=0)
     warn_ratio: float = Field(0.8, gt=0, lt=1)
+    day_s: int = Field(86400, ge=1)
+    hour_s: int = Field(3600, ge=1)
+    services: dict[str, BudgetLimit] = Field(default_factory=dict)
+    tenants: dict[str, BudgetLimit] = Field(default_factory=dict)
+    prices: Path | None = None  # default: the bundled config/prices.toml
+    evaluate_interval_s: float = Field(1.0, gt=0)  # how often the accountant rechecks windows
 
 
 class RetrySettings(_Section):

@@ -12,8 +12,9 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import pytest
@@ -143,3 +144,26 @@ def settings(kafka_bootstrap: str, database_url: str, prefix: str, tmp_path: Pat
         local={"data_dir": tmp_path / "data"},
         observability={"metrics_port": 0},  # a free port per worker process
     )
+
+
+@pytest.fixture
+async def own_database(settings: Settings, prefix: str) -> AsyncIterator[Settings]:
+    """`settings` pointing at a database of this test's own, for tests that read store-wide
+    figures (the cost ledger's windows are per service, not per tenant). Dropped afterwards."""
+    import asyncpg
+
+    base = settings.postgres.dsn()
+    parts = urlsplit(base)
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await admin.execute(f'CREATE DATABASE "{prefix}"')
+        yield settings.model_copy(
+            update={
+                "postgres": settings.postgres.model_copy(
+                    update={"url": urlunsplit(parts._replace(path=f"/{prefix}"))}
+                )
+            }
+        )
+        await admin.execute(f'DROP DATABASE IF EXISTS "{prefix}" WITH (FORCE)')
+    finally:
+        await admin.close()

@@ -15,10 +15,13 @@ import typer
 
 from ragstream.cli import (
     config_cmd,
+    cost_cmd,
     dlq_cmd,
     pipeline_cmd,
+    replay_cmd,
     services_cmd,
     stack_cmd,
+    status_cmd,
     topics_cmd,
 )
 from ragstream.cli.common import EXIT_CONFIG, EXIT_FAILURE, err_console
@@ -57,6 +60,9 @@ app.command("doc")(pipeline_cmd.doc)
 app.command("search")(pipeline_cmd.search)
 app.add_typer(pipeline_cmd.db_app, name="db")
 app.add_typer(dlq_cmd.app, name="dlq")
+app.command("replay")(replay_cmd.replay)
+app.command("status")(status_cmd.status)
+app.add_typer(cost_cmd.app, name="cost")
 
 
 def main() -> None:

@@ -13,23 +13,39 @@ from ragstream.topology import Stage
 
 db_app = typer.Typer(help="The PostgreSQL store.", no_args_is_help=True)
 
-STAGE_CHOICES = [s.value for s in Stage] + ["all"]
+STAGE_CHOICES = [s.value for s in Stage] + ["cost", "all"]
 
 
 def worker(
-    stage: Annotated[str, typer.Argument(help="parse | chunk | embed | all")],
+    stage: Annotated[
+        str, typer.Argument(help="parse | chunk | embed | cost (the accountant) | all")
+    ],
     concurrency: Annotated[
-        int, typer.Option(min=1, max=64, help="Partitions handled at once.")
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Records handled at once, across partitions and documents "
+            "(one document's records stay in order).",
+        ),
     ] = 1,
 ) -> None:
-    """Run a stage worker (a member of the stage's consumer group) until SIGTERM/SIGINT."""
+    """Run a stage worker (a member of the stage's consumer group) until SIGTERM/SIGINT.
+    `cost` runs the cost accountant; `all` runs every stage and the accountant."""
     if stage not in STAGE_CHOICES:
         raise fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
     from consumers.worker import run_workers
 
     settings = settings_or_exit(quiet=False)
-    stages = list(Stage) if stage == "all" else [Stage(stage)]
-    run(run_workers, settings, stages, concurrency=concurrency, handle_signals=True)
+    stages = list(Stage) if stage == "all" else [] if stage == "cost" else [Stage(stage)]
+    run(
+        run_workers,
+        settings,
+        stages,
+        concurrency=concurrency,
+        handle_signals=True,
+        accountant=stage in ("cost", "all"),
+    )
 
 
 def _parse_metadata(items: list[str]) -> dict[str, str]:

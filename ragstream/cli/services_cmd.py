@@ -35,12 +35,9 @@ def mode(
 async def _check(settings: Any) -> list[tuple[str, str, str, str, str]]:
     import httpx
 
-    from ragstream.control import ControlFollower, ControlState
+    from ragstream.control import snapshot
 
-    state = ControlState.from_settings(settings)
-    follower = ControlFollower(settings, state)
-    await follower.start()
-    await follower.stop()
+    state = await snapshot(settings)
     rows = []
     services = {"llamaparse": settings.services.llamaparse, "openai": settings.services.openai}
     async with httpx.AsyncClient(timeout=5.0) as client:

@@ -45,10 +45,13 @@ class CircuitOpenError(RetryableError):
     """The circuit is open (or its one probe is under way): the call was not attempted."""
 
     def __init__(self, name: str, retry_after: float) -> None:
-        super().__init__(
-            f"circuit {name!r} is open: not calling the service for {retry_after:.1f}s",
-            retry_after=retry_after,
+        message = (
+            f"circuit {name!r} is open: not calling the service for {retry_after:.1f}s"
+            if retry_after > 0
+            else f"circuit {name!r} is half-open: its one probe call is under way, "
+            "not calling the service until it answers"
         )
+        super().__init__(message, retry_after=retry_after)
         self.name = name
 
 

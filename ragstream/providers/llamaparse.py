@@ -37,6 +37,7 @@ from typing import Any, Final, Protocol
 import httpx
 import structlog
 
+from ragstream.cost.meter import Meter, metered
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.parsing import ParseResult, page_marker
 from ragstream.providers.ratelimit import retry_after_from
@@ -111,6 +112,8 @@ class LlamaParseParser:
         max_bytes: int | None = None,
         client: httpx.AsyncClient | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        meter: Meter | None = None,
+        credits_per_page: float = 3.0,
     ) -> None:
         if client is None:
             if settings.api_key is None:
@@ -127,6 +130,8 @@ class LlamaParseParser:
         self._tier = settings.tier
         self._max_bytes = max_bytes
         self.version = f"llamaparse-v2-{settings.tier}"
+        self.meter = meter  # prices each job, refuses one over budget, publishes usage
+        self.credits_per_page = credits_per_page
         self.tracker = JobTracker(
             self,
             max_jobs_in_flight=settings.max_jobs_in_flight,
@@ -139,8 +144,19 @@ class LlamaParseParser:
         await self._client.aclose()
 
     async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
-        """Submit, then wait for the tracker to see the job through (no polling here)."""
-        return await self.tracker.parse(data, filename=filename, content_type=content_type)
+        """Submit, then wait for the tracker to see the job through (no polling here).
+
+        The job is estimated first (pages times the tier's credits per page) and not submitted
+        when it would cross the budget; it is billed by the credits the job reports (else its
+        pages times credits per page)."""
+        estimate = estimate_pages(data, content_type) * self.credits_per_page
+        async with metered(self.meter, estimate) as bill:
+            result = await self.tracker.parse(data, filename=filename, content_type=content_type)
+            credits = getattr(result, "credits", None)
+            if credits is None:
+                credits = result.page_count * self.credits_per_page
+            bill.report(credits, request_id=getattr(result, "job_id", None))
+            return result
 
     async def submit(self, data: bytes, *, filename: str, content_type: str) -> str:
         """Upload the document and start a job; its id."""
@@ -276,6 +292,17 @@ def _job_failed(status: JobStatus, filename: str | None) -> str:
     about = f" ({filename!r})" if filename else ""
     reason = status.error or "no error message given"
     return f"llamaparse: job {status.job_id}{about} ended {status.state}: {reason}"
+
+
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
+
+
+def estimate_pages(data: bytes, content_type: str) -> int:
+    """Pages a job will bill, before it runs: a PDF's page objects, else one page per 5 kB of
+    text (an estimate for the budget check; the bill uses what the job reports)."""
+    if content_type == "application/pdf" or data[:5] == b"%PDF-":
+        return max(1, len(_PDF_PAGE.findall(data)))
+    return max(1, -(-len(data) // 5000))
 
 
 def _clean(text: str) -> str:

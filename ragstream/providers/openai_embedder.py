@@ -31,6 +31,7 @@ from typing import Any, Final, TypeVar
 import httpx
 import openai
 
+from ragstream.cost.meter import Meter, metered
 from ragstream.embedding import EmbedResult
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.providers.ratelimit import HEADER_PREFIX, RateLimiter, retry_after_from
@@ -124,6 +125,7 @@ class OpenAIEmbedder:
         limiter: RateLimiter | None = None,
         max_concurrency: int = 4,
         client: openai.AsyncOpenAI | None = None,
+        meter: Meter | None = None,
     ) -> None:
         if client is None:
             if settings.api_key is None:
@@ -146,6 +148,7 @@ class OpenAIEmbedder:
         self._slots = asyncio.Semaphore(max_concurrency)
         self.requests_made = 0  # HTTP requests sent, for metrics and benchmarks
         self.rate_limit_headers: dict[str, str] = {}  # the last response's x-ratelimit-*
+        self.meter = meter  # prices each request, refuses one over budget, publishes usage
 
     @property
     def name(self) -> str:
@@ -206,15 +209,18 @@ class OpenAIEmbedder:
         return EmbedResult(vectors=vectors, token_count=usage, provider=PROVIDER, model=self._model)
 
     async def _request(self, inputs: list[str], tokens: int) -> tuple[list[list[float]], int]:
-        async with self._slots:
+        # The budget is asked first (BudgetExceeded: the request is not sent), then the limiter.
+        async with self._slots, metered(self.meter, tokens) as bill:
             await self.limiter.acquire(tokens)
             self.requests_made += 1
             try:
-                return await self._send(inputs)
+                vectors, usage, request_id = await self._send(inputs)
             finally:
                 self.limiter.release()
+            bill.report(usage, request_id)
+            return vectors, usage
 
-    async def _send(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+    async def _send(self, inputs: list[str]) -> tuple[list[list[float]], int, str | None]:
         try:
             raw = await self._client.embeddings.with_raw_response.create(
                 input=inputs,
@@ -235,7 +241,8 @@ class OpenAIEmbedder:
             body = raw.http_response.json()
         except ValueError as exc:
             raise RetryableError("openai: the response is not JSON") from exc
-        return self._read(body, len(inputs))
+        vectors, usage = self._read(body, len(inputs))
+        return vectors, usage, raw.headers.get("x-request-id")
 
     def _observe(self, headers: httpx.Headers) -> None:
         seen = {k.lower(): v for k, v in headers.items() if k.lower().startswith(HEADER_PREFIX)}

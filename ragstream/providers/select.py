@@ -5,7 +5,8 @@
     local    the local provider, no network
     hybrid   the real provider first; the local one when the circuit is open, or when a call
              fails retryably and that failure opens the circuit (a lone failure below the
-             threshold is raised, so the record is retried on the real provider)
+             threshold is raised, so the record is retried on the real provider), and when
+             the budget refuses the real call (`BudgetExceeded`: the service is throttled)
 
 Results say who produced them (`EmbedResult.provider` and `.model`, `ParseResult.parser`), so a
 hybrid caller stores the truth. A `PermanentError` from the real provider (bad input, no quota)
@@ -17,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ragstream.cost.meter import Meter
 from ragstream.embedding import Embedder, EmbedResult, LocalEmbedder
-from ragstream.errors import RetryableError
+from ragstream.errors import BudgetExceeded, RetryableError
 from ragstream.parsing import LocalParser, Parser, ParseResult
 from ragstream.providers.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from ragstream.providers.ratelimit import RateLimiter
-from ragstream.settings import Mode, Settings
+from ragstream.settings import LlamaParseSettings, Mode, OpenAISettings, Settings
 
 R = TypeVar("R")
 
@@ -30,9 +32,22 @@ EMBED_SERVICE = "openai"
 PARSE_SERVICE = "llamaparse"
 
 
-def breaker_for(service: str) -> CircuitBreaker:
-    """A breaker with the default policy: 5 failures within 60 s open it for 30 s."""
-    return CircuitBreaker(service)
+def breaker_for(settings: Settings, service: str) -> CircuitBreaker:
+    """The breaker of `service` with its configured policy: `services.<service>.circuit_failures`
+    failures within `circuit_window_s` open it for `circuit_open_s` (5 in 60 s, 30 s)."""
+    sections: dict[str, LlamaParseSettings | OpenAISettings] = {
+        EMBED_SERVICE: settings.services.openai,
+        PARSE_SERVICE: settings.services.llamaparse,
+    }
+    if service not in sections:
+        raise ValueError(f"no circuit breaker for {service!r}: one of {sorted(sections)}")
+    policy = sections[service]
+    return CircuitBreaker(
+        service,
+        failure_threshold=policy.circuit_failures,
+        window_s=policy.circuit_window_s,
+        cooldown_s=policy.circuit_open_s,
+    )
 
 
 def embedder_for(
@@ -41,6 +56,7 @@ def embedder_for(
     *,
     breaker: CircuitBreaker | None = None,
     limiter: RateLimiter | None = None,
+    meter: Meter | None = None,
 ) -> Embedder:
     """The embedder for the configured (or overriding) mode of `services.openai`."""
     mode = Mode(mode_override or settings.services.openai.mode)
@@ -50,9 +66,12 @@ def embedder_for(
     from ragstream.providers.openai_embedder import OpenAIEmbedder
 
     real = OpenAIEmbedder(
-        settings.services.openai, dimensions=settings.embed.dimensions, limiter=limiter
+        settings.services.openai,
+        dimensions=settings.embed.dimensions,
+        limiter=limiter,
+        meter=meter,
     )
-    guard = breaker or breaker_for(EMBED_SERVICE)
+    guard = breaker or breaker_for(settings, EMBED_SERVICE)
     return GuardedEmbedder(real, guard, fallback=local if mode is Mode.HYBRID else None)
 
 
@@ -61,6 +80,8 @@ def parser_for(
     mode_override: Mode | None = None,
     *,
     breaker: CircuitBreaker | None = None,
+    meter: Meter | None = None,
+    credits_per_page: float = 3.0,
 ) -> Parser:
     """The parser for the configured (or overriding) mode of `services.llamaparse`."""
     mode = Mode(mode_override or settings.services.llamaparse.mode)
@@ -69,8 +90,13 @@ def parser_for(
         return local
     from ragstream.providers.llamaparse import LlamaParseParser
 
-    real = LlamaParseParser(settings.services.llamaparse, max_bytes=settings.parse.max_bytes)
-    guard = breaker or breaker_for(PARSE_SERVICE)
+    real = LlamaParseParser(
+        settings.services.llamaparse,
+        max_bytes=settings.parse.max_bytes,
+        meter=meter,
+        credits_per_page=credits_per_page,
+    )
+    guard = breaker or breaker_for(settings, PARSE_SERVICE)
     return GuardedParser(real, guard, fallback=local if mode is Mode.HYBRID else None)
 
 
@@ -109,6 +135,11 @@ class _Guard:
         if self._use_primary():
             try:
                 result = await primary()
+            except BudgetExceeded:
+                # Not the service failing: the call was never made. Hybrid serves it locally.
+                self.breaker.release()
+                if self.fallback is None:
+                    raise
             except Exception as exc:
                 if not self._after_failure(exc):
                     raise

@@ -184,9 +184,9 @@ RETURNING true
 
 RECORD_STEP = """
 INSERT INTO document_events (document_id, stage, input_event_id, attempt, tenant_id, outcome,
-                             started_at, finished_at, duration_ms, detail, correlation_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-ON CONFLICT (document_id, stage, input_event_id, attempt) DO UPDATE
+                             started_at, finished_at, duration_ms, detail, correlation_id, replay)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (document_id, stage, input_event_id, attempt, replay) DO UPDATE
 SET outcome = excluded.outcome, started_at = excluded.started_at,
     finished_at = excluded.finished_at, duration_ms = excluded.duration_ms,
     detail = excluded.detail, correlation_id = excluded.correlation_id,
@@ -200,7 +200,7 @@ ORDER BY created_at DESC LIMIT 1
 """
 STEPS = """
 SELECT stage, input_event_id, attempt, outcome, started_at, finished_at, duration_ms, detail,
-       correlation_id
+       correlation_id, replay
 FROM document_events WHERE document_id = $1
 ORDER BY started_at, coalesce(ragstream_stage_rank(stage), 99), attempt, finished_at
 """
@@ -278,7 +278,7 @@ ALL_TABLES = (*TENANT_TABLES, "embedding_cache")
 
 NATURAL_KEYS = {
     "documents": "document_id",
-    "document_events": "document_id, stage, input_event_id, attempt",
+    "document_events": "document_id, stage, input_event_id, attempt, replay",
     "parse_results": "document_id, content_sha256",
     "chunks": "document_id, chunker_version, chunk_index",
     "embeddings": "document_id, chunker_version, chunk_index, model, dimensions",

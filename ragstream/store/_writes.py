@@ -160,8 +160,10 @@ class WriteOperations(OnConnection):
         finished_at: datetime,
         detail: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
+        replay: str = "",
     ) -> None:
-        """Record one stage step of a document's journey (one row per input event and attempt)."""
+        """Record one stage step of a document's journey (one row per input event and attempt,
+        and per replayed copy: `replay` is the copy's position, empty for the original)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         duration_ms = max(0.0, (finished_at - started_at).total_seconds() * 1000)
@@ -179,6 +181,7 @@ class WriteOperations(OnConnection):
                 duration_ms,
                 dict(detail or {}),
                 correlation_id,
+                replay,
             )
 
     @translate_errors

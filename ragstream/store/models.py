@@ -112,6 +112,7 @@ class Step:
     duration_ms: float
     detail: dict[str, Any]
     correlation_id: str | None
+    replay: str = ""  # a replayed copy's position (topic:partition:offset); "" when first run
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from pgvector.asyncpg import register_vector
 
 from ragstream.settings import PostgresSettings
 from ragstream.store._base import json_dumps
+from ragstream.store._cost import CostOperations
 from ragstream.store._dlq import DlqOperations
 from ragstream.store._errors import translating
 from ragstream.store._reads import ReadOperations
@@ -61,7 +62,7 @@ class StoreTx(WriteOperations, ReadOperations):
         return self._one()
 
 
-class Store(WriteOperations, ReadOperations, DlqOperations):
+class Store(WriteOperations, ReadOperations, DlqOperations, CostOperations):
     """An asyncpg pool with the store's operations. Use `await Store.connect(dsn)`."""
 
     def __init__(self, pool: Any, dsn: str) -> None:

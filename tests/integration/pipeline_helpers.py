@@ -16,9 +16,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from producers.wait import TERMINAL
 from ragstream.admin import admin_client, describe_topics
 from ragstream.codec import Codec
 from ragstream.events import Event
+from ragstream.providers import CircuitBreaker
 from ragstream.samples import sample_dir, sample_manifest
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Document, Store
@@ -156,11 +157,17 @@ def sample_pages() -> dict[str, int]:
 
 
 def variant(settings: Settings, **sections: dict[str, Any]) -> Settings:
-    """The same settings with some keys of some sections changed."""
-    data = settings.model_dump()
-    for section, values in sections.items():
-        data[section] = {**data[section], **values}
-    return load_settings(**data)
+    """The same settings with some keys of some sections changed (nested sections too:
+    `services={"openai": {"mode": "real"}}`), validated as a configuration file would be."""
+
+    def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in over.items():
+            nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merged(out[key], value) if nested else value
+        return out
+
+    return load_settings(**merged(settings.model_dump(), sections))
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -196,14 +203,21 @@ async def workers(
     *,
     concurrency: int = 3,
     ready_timeout_s: float = 30.0,
+    breakers: Mapping[str, CircuitBreaker] | None = None,
 ) -> AsyncIterator[list[StageRunner]]:
     """Stage workers in this process (`run_workers`), members of their groups until the block
-    ends; entered once every stage holds partitions."""
+    ends; entered once every stage holds partitions. `breakers` stand in for the circuit
+    breakers the workers would build from the settings."""
     stop = asyncio.Event()
     runners: list[StageRunner] = []
     task = asyncio.create_task(
         run_workers(
-            settings, list(stages), concurrency=concurrency, stop=stop, started=runners.extend
+            settings,
+            list(stages),
+            concurrency=concurrency,
+            stop=stop,
+            started=runners.extend,
+            breakers=breakers,
         )
     )
     try:
@@ -229,9 +243,10 @@ class WorkerProcess:
     log_path: Path
     client_id: str = "ragstream"
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # more RAGSTREAM_* variables, or overrides
 
     def start(self) -> WorkerProcess:
-        env = worker_env(self.settings, RAGSTREAM_KAFKA__CLIENT_ID=self.client_id)
+        env = worker_env(self.settings, RAGSTREAM_KAFKA__CLIENT_ID=self.client_id, **self.env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ragstream", "worker", self.stage],

@@ -370,7 +370,11 @@ async def test_redrive_after_the_fix_completes_the_documents_once(settings: Sett
         async with await Store.connect(settings.postgres.dsn()) as store:
             for r in receipts:
                 assert await wait_status(store, r.document_id, {"embedded"}) == "embedded"
-            counts = await store.count_rows("t1")
+            # The embed step is recorded just after the status: wait until the rows settle.
+            counts, previous = await store.count_rows("t1"), {}
+            while counts != previous:
+                await asyncio.sleep(0.5)
+                counts, previous = await store.count_rows("t1"), counts
         second = await asyncio.to_thread(
             runner.invoke, app, ["dlq", "redrive", "--stage", "parse"], env=env
         )

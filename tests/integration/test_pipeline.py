@@ -354,7 +354,7 @@ async def test_corrupt_pdf_and_textless_html_fail_clearly_and_the_partition_goes
 
     async with (
         await Store.connect(one.postgres.dsn(), min_size=1, max_size=4) as store,
-        workers(one),
+        workers(one, concurrency=1),  # one record at a time: the valid one waits its turn
     ):
         receipts, rejected = await upload_paths(one, [corrupt, blank, good], tenant_id=tenant)
         assert rejected == []

@@ -9,9 +9,10 @@ encodings carry the same numbers), `usage.prompt_tokens` counted with cl100k_bas
 client that packs badly is caught.
 
 Faults, injected for the next requests in order: `Fault.rate_limit()` (429 rate_limit_exceeded
-with retry-after), `Fault.insufficient_quota()` (429 insufficient_quota), `Fault.status(500)`,
-`Fault.delay(s)` (answer late: past the client's timeout it is a timeout). `latency_s` delays
-every answer. Every request is recorded in `calls` (inputs, tokens, status, vectors returned).
+with retry-after), `Fault.insufficient_quota()` (429 insufficient_quota), `Fault.http(500)`,
+`Fault.delay(s)` (answer late: past the client's timeout it is a timeout); or for every request
+during a while with `fail_for(seconds, fault)`. `latency_s` delays every answer. Every request
+is recorded in `calls` (inputs, tokens, status, vectors returned).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class OpenAIServer(BackgroundServer):
         self._requests = _Bucket(requests_per_minute, window_s) if requests_per_minute else None
         self._tokens = _Bucket(tokens_per_minute, window_s) if tokens_per_minute else None
         self.faults: deque[Fault] = deque()
+        self._storm: tuple[float, Fault] | None = None  # (until, fault)
         self.calls: list[Call] = []
         self._tokenizer = get_tokenizer()
 
@@ -138,6 +140,17 @@ class OpenAIServer(BackgroundServer):
     def inject(self, fault: Fault, times: int = 1) -> None:
         with self._lock:
             self.faults.extend([fault] * times)
+
+    def fail_for(self, seconds: float, fault: Fault) -> None:
+        """Answer every request with `fault` for the next `seconds` (a storm), after the faults
+        injected one by one; `calm()` ends it early."""
+        with self._lock:
+            self._storm = (time.monotonic() + seconds, fault)
+
+    def calm(self) -> None:
+        """End a storm now."""
+        with self._lock:
+            self._storm = None
 
     def ok_calls(self) -> list[Call]:
         return [c for c in self.calls if c.status == 200]
@@ -170,7 +183,7 @@ class OpenAIServer(BackgroundServer):
             await asyncio.sleep(self.latency_s)
 
         with self._lock:
-            fault = self.faults.popleft() if self.faults else None
+            fault = self.faults.popleft() if self.faults else self._storm_fault(now)
         if fault is not None and fault.kind == "delay":
             await asyncio.sleep(fault.delay_s)
         elif fault is not None:
@@ -216,6 +229,11 @@ class OpenAIServer(BackgroundServer):
             "usage": {"prompt_tokens": call.tokens, "total_tokens": call.tokens},
         }
         return JSONResponse(payload, headers=headers)
+
+    def _storm_fault(self, now: float) -> Fault | None:
+        if self._storm is None or now >= self._storm[0]:
+            return None
+        return self._storm[1]
 
     def _fault(self, call: Call, fault: Fault) -> JSONResponse:
         call.status = fault.status

@@ -349,3 +349,16 @@ async def test_limiter_without_headers_stops_learning_after_one_answer(clock: Fa
     await asyncio.wait_for(second, 1)
     for _ in range(100):
         assert await limiter.acquire() == 0.0
+
+
+async def test_a_caller_refused_during_the_probe_is_told_so(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    open_it(breaker)
+    clock.advance(5)
+    assert breaker.allow()  # the probe is out
+    with pytest.raises(
+        CircuitOpenError, match="half-open: its one probe call is under way"
+    ) as info:
+        await breaker.call(ok)
+    assert info.value.retryable and info.value.retry_after == 0.0

@@ -19,6 +19,8 @@ from ragstream.codec import HEADER_LEN, MAGIC, Codec, single_object_header
 from ragstream.errors import ConfigError, DecodeError, PermanentError
 from ragstream.events import (
     EVENT_TYPES,
+    CircuitState,
+    CircuitStateChanged,
     CostUsage,
     DocumentChunked,
     DocumentEmbedded,
@@ -173,6 +175,15 @@ def sample_events() -> list[Event]:
             new_embeddings=7,
             cached_embeddings=5,
             token_count=3456,
+        ),
+        CircuitStateChanged(
+            service="openai",
+            worker_id="host-1:4242",
+            host="host-1",
+            pid=4242,
+            client_id="embed-1",
+            state=CircuitState.HALF_OPEN,
+            since=T0,
         ),
         CostUsage(
             service="openai",
@@ -343,7 +354,7 @@ POISON: dict[str, tuple[Callable[[Codec], bytes], str]] = {
     "confluent framing": (lambda c: b"\x00\x00\x00\x00\x01" + _valid(c)[10:], "got 00 00"),
     "unknown fingerprint": (
         lambda c: MAGIC + bytes.fromhex("0102030405060708") + _valid(c)[10:],
-        "unknown schema fingerprint 0x0807060504030201 (not one of 8 known schemas",
+        "unknown schema fingerprint 0x0807060504030201 (not one of ",
     ),
     "header, no body": (
         lambda c: _valid(c)[:HEADER_LEN],

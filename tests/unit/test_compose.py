@@ -86,6 +86,7 @@ def test_commands_are_real_cli_commands(compose: dict[str, Any]) -> None:
     assert ["ragstream", "topics", "create"] in ragstream_commands
     for stage in Stage:
         assert ["ragstream", "worker", stage.value] in ragstream_commands
+    assert ["ragstream", "worker", "cost"] in ragstream_commands  # the cost accountant
     for argv in ragstream_commands:
         result = runner.invoke(app, [*argv[1:], "--help"])
         assert result.exit_code == 0, f"{argv}: {result.output}"
@@ -121,7 +122,8 @@ def test_prometheus_scrapes_every_stage_and_grafana_is_provisioned(compose: dict
     assert scrape["rule_files"] == ["alerts.yml"]  # beside the config file in the container
     (workers,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "ragstream-workers"]
     (dns,) = workers["dns_sd_configs"]
-    assert set(dns["names"]) == {s.value for s in Stage} and dns["port"] == metrics_port
+    assert set(dns["names"]) == {s.value for s in Stage} | {"cost"}
+    assert dns["port"] == metrics_port
     # The workers' own healthcheck asks the same port for /ready.
     assert f":{metrics_port}/ready" in " ".join(services["parse"]["healthcheck"]["test"])
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"

@@ -46,12 +46,14 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "ragstream_budget_spent_usd": ("gauge", {"service", "window"}),
     "ragstream_assigned_partitions": ("gauge", {"stage"}),
     "ragstream_worker_up": ("gauge", {"stage"}),
+    "ragstream_stage_paused": ("gauge", {"stage"}),
 }
 
 
 def exercise(metrics: Metrics) -> None:
     """Call every method once or more, as the runtime would."""
     metrics.set_member("embed", 2)
+    metrics.set_stage_paused("embed", True)
     metrics.record_handled("embed", "ok", 0.25)
     metrics.record_handled("embed", "ok", 0.5)
     metrics.record_handled("parse", "failed", 3.0)

@@ -48,6 +48,7 @@ def _strip_docs(schema: Any) -> Any:
 
 def test_the_expected_schemas_exist() -> None:
     assert [p.name for p in FILES] == [
+        "CircuitStateChanged.v1.avsc",
         "CostUsage.v1.avsc",
         "DocumentChunked.v1.avsc",
         "DocumentEmbedded.v1.avsc",

@@ -1,0 +1,147 @@
+"""`ragstream cost` (the report) and `ragstream cost budget` (raise or lower a budget live)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from ragstream.cli.common import EXIT_CONFIG, console, fail, run, settings_or_exit
+from ragstream.settings import Settings
+
+if TYPE_CHECKING:
+    from ragstream.cost.report import CostReport
+
+app = typer.Typer(
+    help="Spend against budget: the report, and budgets set at runtime.",
+    invoke_without_command=True,
+)
+
+
+async def _report(settings: Settings, days: int) -> CostReport:
+    from ragstream.control import snapshot
+    from ragstream.cost.report import cost_report
+    from ragstream.store import Store
+
+    state = await snapshot(settings)
+    async with await Store.from_settings(settings.postgres) as store:
+        return await cost_report(settings, store, state, days=days)
+
+
+@app.callback()
+def report(
+    ctx: typer.Context,
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days of spend to show.")] = 7,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Spend by day, service and tenant; budgets used; throttle state; when the daily budget
+    runs out at the current rate."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = settings_or_exit()
+    result = run(_report, settings, days)
+    if as_json:
+        console.print_json(json.dumps(result.as_json()))
+        return
+    spend = Table(title=f"spend, last {days} day window(s) (UTC)")
+    for col in ("day", "service", "tenant", "requests", "units", "cost (USD)"):
+        spend.add_column(
+            col, justify="right" if col in ("requests", "units", "cost (USD)") else "left"
+        )
+    for r in result.days:
+        spend.add_row(
+            r.day.strftime("%Y-%m-%d %H:%M"),
+            r.service,
+            r.tenant_id or "-",
+            str(r.requests),
+            f"{r.units} {r.unit}",
+            f"{r.cost_usd:.6f}",
+        )
+    if not result.days:
+        spend.add_row("-", "no paid calls yet", "", "", "", "")
+    console.print(spend)
+    budgets = Table(title="budgets now")
+    for col in (
+        "service",
+        "tenant",
+        "spent / daily budget",
+        "used",
+        "requests / hour",
+        "state",
+        "USD per hour",
+        "runs out",
+    ):
+        budgets.add_column(col)
+    for b in result.budgets:
+        state = b.computed_state
+        if b.published_state and b.published_state != state:
+            state += f" (published {b.published_state})"
+        colour = {"THROTTLED": "red", "WARNING": "yellow"}.get(b.computed_state, "green")
+        budgets.add_row(
+            b.service,
+            b.tenant_id or "(all)",
+            f"${b.spent_usd:.4f} / ${b.budget_usd:.2f}",
+            f"{b.used:.0%}" if b.budget_usd else "no budget",
+            f"{b.requests_this_hour} / {b.request_budget}",
+            f"[{colour}]{state}[/]",
+            f"{b.usd_per_hour:.4f}",
+            b.runs_out_at.strftime("%Y-%m-%d %H:%M UTC")
+            if b.runs_out_at
+            else f"not before the window resets ({b.window_ends_at:%Y-%m-%d %H:%M} UTC)",
+        )
+    console.print(budgets)
+
+
+@app.command("budget")
+def budget(
+    service: Annotated[str, typer.Argument(help="llamaparse | openai")],
+    tenant: Annotated[str | None, typer.Option(help="A tenant's own budget.")] = None,
+    daily_usd: Annotated[str | None, typer.Option(help="Spend allowed per day window.")] = None,
+    hourly_requests: Annotated[
+        int | None, typer.Option(min=0, help="Paid requests allowed per hour window.")
+    ] = None,
+    clear: Annotated[bool, typer.Option(help="Go back to the configured budget.")] = False,
+) -> None:
+    """Set a budget at runtime (kept in PostgreSQL, over the config). The cost accountant
+    applies it within budgets.evaluate_interval_s: raising it publishes OPEN."""
+    from ragstream.control import SERVICES
+
+    if service not in SERVICES:
+        raise fail(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}", EXIT_CONFIG)
+    amount = None
+    if daily_usd is not None:
+        try:
+            amount = Decimal(daily_usd)
+        except InvalidOperation:
+            raise fail(f"--daily-usd {daily_usd!r} is not a number", EXIT_CONFIG) from None
+        if not amount.is_finite() or amount < 0:
+            raise fail(f"--daily-usd {daily_usd!r} must be a number >= 0", EXIT_CONFIG)
+    if not clear and amount is None and hourly_requests is None:
+        raise fail("give --daily-usd and/or --hourly-requests, or --clear", EXIT_CONFIG)
+    settings = settings_or_exit()
+    run(_set_budget, settings, service, tenant, amount, hourly_requests)
+    who = f"{service} (tenant {tenant})" if tenant else service
+    console.print(
+        f"{who}: budget {'cleared' if clear else 'set'}; the cost accountant applies it within "
+        f"{settings.budgets.evaluate_interval_s:g} s"
+    )
+
+
+async def _set_budget(
+    settings: Settings,
+    service: str,
+    tenant: str | None,
+    daily_usd: Decimal | None,
+    hourly_requests: int | None,
+) -> None:
+    from ragstream.store import Store
+    from ragstream.store.migrate import migrate
+
+    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    async with await Store.from_settings(settings.postgres) as store:
+        await store.set_budget(
+            service, tenant, daily_usd=daily_usd, hourly_requests=hourly_requests
+        )

@@ -1,0 +1,470 @@
+"""Cost accounting against the real broker, PostgreSQL and the local OpenAI server: usage
+events, the ledger, budgets, throttle events, and stages that obey them."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import SecretStr
+from typer.testing import CliRunner, Result
+
+from consumers.runtime import StageRunner
+from consumers.worker import run_workers
+from producers.upload import Uploader
+from ragstream.admin import ensure_topics
+from ragstream.cli import app
+from ragstream.codec import Codec
+from ragstream.control import ControlFollower, ControlState, publish_control, throttle_key
+from ragstream.cost.pricing import PriceTable
+from ragstream.events import CostUsage, DocumentEmbedded, ThrottleEvent, ThrottleState
+from ragstream.settings import Mode, Settings
+from ragstream.store import Store
+from ragstream.store.migrate import migrate
+from ragstream.topology import Stage, Topology
+from tests.integration.test_dlq_tools import cli_env
+from tests.integration.test_failures import read_all, wait_status
+from tests.servers.llamaparse_server import LlamaParseServer
+from tests.servers.openai_server import OpenAIServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# Dear tokens, so a few cents buy a handful of documents: $100 per million, $0.0001 a token.
+PRICES = """
+[openai."text-embedding-3-small"]
+unit = "tokens"
+usd_per_million = "100"
+as_of = "2026-11-01"
+
+[llamaparse]
+unit = "credits"
+usd_per_thousand = "1.25"
+as_of = "2026-06-12"
+
+[llamaparse.credits_per_page]
+cost_effective = 3
+"""
+PER_TOKEN = Decimal("0.0001")
+
+
+def paid_settings(
+    settings: Settings, server: OpenAIServer, tmp_path: Path, **budgets: object
+) -> Settings:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    openai = settings.services.openai.model_copy(
+        update={"mode": Mode.REAL, "base_url": server.base_url, "api_key": SecretStr("test-key")}
+    )
+    services = settings.services.model_copy(update={"openai": openai})
+    budget = settings.budgets.model_copy(
+        update={"prices": prices, "evaluate_interval_s": 0.5, **budgets}
+    )
+    return settings.model_copy(update={"services": services, "budgets": budget})
+
+
+def with_mode(settings: Settings, mode: Mode) -> Settings:
+    openai = settings.services.openai.model_copy(update={"mode": mode})
+    return settings.model_copy(
+        update={"services": settings.services.model_copy(update={"openai": openai})}
+    )
+
+
+@asynccontextmanager
+async def workers(
+    settings: Settings, stages: list[Stage], *, accountant: bool
+) -> AsyncIterator[list[StageRunner]]:
+    await ensure_topics(settings)
+    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    stop = asyncio.Event()
+    held: list[StageRunner] = []
+    task = asyncio.create_task(
+        run_workers(settings, stages, stop=stop, accountant=accountant, started=held.extend)
+    )
+    try:
+        await wait_for(lambda: len(held) == len(stages) or task.done(), 30, "workers started")
+        if task.done():
+            task.result()
+        yield held
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@asynccontextmanager
+async def following(settings: Settings) -> AsyncIterator[ControlState]:
+    state = ControlState.from_settings(settings)
+    follower = ControlFollower(settings, state)
+    await follower.start()
+    try:
+        yield state
+    finally:
+        await follower.stop()
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], within_s: float, what: str
+) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not within {within_s} s: {what}")
+
+
+async def embed_lag(settings: Settings) -> int:
+    """Committed offsets of the embed group against the log end of its input topic."""
+    topology = Topology(settings.kafka.topic_prefix)
+    admin = AIOKafkaAdminClient(**settings.kafka.client_options())
+    await admin.start()
+    producer = AIOKafkaProducer(**settings.kafka.client_options())
+    await producer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(topology.group(Stage.EMBED))
+        parts = await producer.partitions_for(topology.chunked)
+    finally:
+        await admin.close()
+        await producer.stop()
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**settings.kafka.client_options())
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topology.chunked, p) for p in parts]
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps)
+
+
+async def cli(settings: Settings, *args: str) -> Result:
+    """`ragstream cost ...` in a thread (the command runs its own event loop)."""
+    return await asyncio.to_thread(CliRunner().invoke, app, ["cost", *args], env=cli_env(settings))
+
+
+def text(i: int) -> bytes:
+    return (
+        f"# Budget {i}\n\nDocument {i} says a few words about stream processing, "
+        f"budgets and the price of tokens ({'x' * (i % 5)})."
+    ).encode()
+
+
+async def test_budget_throttles_the_paid_stage_and_raising_it_lets_every_document_through(
+    own_database: Settings, tmp_path: Path
+) -> None:
+    settings = own_database
+    with OpenAIServer() as server:
+        settings = paid_settings(settings, server, tmp_path, daily_usd=Decimal("0.02"))
+        async with (
+            workers(settings, list(Stage), accountant=True) as runners,
+            following(settings) as control,
+            Uploader(settings) as up,
+            await Store.connect(settings.postgres.dsn()) as store,
+        ):
+            receipts = [
+                await up.upload_bytes(text(i), f"b{i}.md", tenant_id="spend") for i in range(16)
+            ]
+
+            def throttled() -> bool:
+                event = control.throttles.get(("openai", None))
+                return event is not None and event.state is ThrottleState.THROTTLED
+
+            await wait_for(throttled, 45, "a THROTTLED event for openai")
+            event = control.throttles[("openai", None)]
+            assert event.budget_usd == Decimal("0.02")
+            assert "openai" in event.reason and event.window == "day"
+            assert event.window_ends_at is not None and event.window_ends_at > datetime.now(UTC)
+
+            # The paid stage stops calling the API; its lag grows; nothing fails.
+            (embed_runner,) = [r for r in runners if r.stage is Stage.EMBED]
+            await wait_for(lambda: embed_runner.blocked is not None, 10, "embed paused")
+            calls = len(server.calls)
+            await asyncio.sleep(3)
+            assert len(server.calls) == calls
+            statuses = [(await store.get_document(r.document_id)) for r in receipts]
+            waiting = [d for d in statuses if d is not None and d.status != "embedded"]
+            assert waiting, "the budget should leave documents waiting"
+            assert all(d.status == "chunked" for d in waiting), [d.status for d in waiting]
+            assert await embed_lag(settings) >= len(waiting)
+
+            # The ledger equals what the server billed, to the nanodollar; the overspend past
+            # the budget is at most one request.
+            billed = [c.tokens for c in server.ok_calls()]
+            requests, units, cost = (await store.ledger_totals())["openai"]
+            assert (requests, units) == (len(billed), sum(billed))
+            assert cost == sum(billed) * PER_TOKEN
+            largest = max(billed) * PER_TOKEN
+            overspend = max(Decimal(0), cost - Decimal("0.02"))
+            print(f"\nspent ${cost} of $0.02 with {requests} requests; overspend ${overspend}")
+            assert overspend <= largest
+
+            # Raising the budget publishes OPEN; every remaining document completes.
+            result = await cli(settings, "budget", "openai", "--daily-usd", "10")
+            assert result.exit_code == 0, result.output
+            await wait_for(
+                lambda: control.throttles[("openai", None)].state is ThrottleState.OPEN,
+                15,
+                "OPEN after raising the budget",
+            )
+            for r in receipts:
+                assert await wait_status(store, r.document_id, {"embedded"}) == "embedded"
+            assert embed_runner.blocked is None
+            dupes = await store.duplicate_rows()
+            assert not any(dupes.values()), dupes
+            requests, units, cost = (await store.ledger_totals())["openai"]
+            billed = [c.tokens for c in server.ok_calls()]
+            assert (requests, units, cost) == (len(billed), sum(billed), sum(billed) * PER_TOKEN)
+
+            # The report shows it all; a second budget call with a bad value is refused.
+            report = await cli(settings, "--json")
+            assert report.exit_code == 0, report.output
+            assert (
+                '"service": "openai"' in report.output and '"tenant_id": "spend"' in report.output
+            )
+            bad = await cli(settings, "budget", "openai", "--daily-usd", "lots")
+            assert bad.exit_code == 2 and "is not a number" in bad.output
+            assert "Traceback" not in bad.output
+
+
+async def test_a_usage_event_delivered_twice_counts_once_and_garbage_is_dead_lettered(
+    own_database: Settings, tmp_path: Path
+) -> None:
+    settings = own_database
+    await ensure_topics(settings)
+    topology = Topology(settings.kafka.topic_prefix)
+    codec = Codec()
+    usage = CostUsage(
+        service="openai",
+        operation="embeddings",
+        model="text-embedding-3-small",
+        unit="tokens",
+        units=1234,
+        unit_price_usd=Decimal("0.00000002"),
+        cost_usd=Decimal("0.00002468"),
+        tenant_id="twice",
+        document_ids=["doc-a", "doc-b"],
+        stage="embed",
+        correlation_id="corr-twice",
+    )
+    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
+    await producer.start()
+    try:
+        for value in (codec.encode(usage), b"\x00 not avro", codec.encode(usage)):
+            await producer.send_and_wait(topology.cost_usage, value, key=b"doc-a")
+    finally:
+        await producer.stop()
+    async with (
+        workers(settings, [], accountant=True),
+        await Store.connect(settings.postgres.dsn()) as store,
+    ):
+
+        async def one_row() -> bool:
+            return (await store.ledger_totals()).get("openai") is not None
+
+        await wait_for(one_row, 30, "the usage event in the ledger")
+        dlq = await read_all(settings, topology.dlq, want=1)
+        await asyncio.sleep(1)  # the duplicate is behind the garbage: it has been read too
+        assert (await store.ledger_totals())["openai"] == (1, 1234, Decimal("0.00002468"))
+        spend = await store.spend_by_day(datetime.now(UTC) - timedelta(days=1), 86400)
+        assert [(r.tenant_id, r.requests) for r in spend] == [("twice", 1)]
+    assert dlq[0].value == b"\x00 not avro"
+    headers = dict(dlq[0].headers)
+    assert headers["ragstream.errors.stage"] == b"cost"
+    assert headers["ragstream.errors.topic"] == topology.cost_usage.encode()
+
+
+async def test_a_worker_started_while_throttled_starts_paused_and_hybrid_falls_back(
+    own_database: Settings, tmp_path: Path
+) -> None:
+    settings = own_database
+    with OpenAIServer() as server:
+        settings = paid_settings(settings, server, tmp_path)
+        await ensure_topics(settings)
+        throttle = ThrottleEvent(
+            service="openai",
+            state=ThrottleState.THROTTLED,
+            reason="openai: test budget used up",
+            window="day",
+            window_ends_at=datetime.now(UTC) + timedelta(hours=1),
+            spent_usd=Decimal("5"),
+            budget_usd=Decimal("5"),
+            requests=1,
+            request_budget=100,
+        )
+        await publish_control(settings, throttle_key("openai"), throttle)
+        async with (
+            workers(settings, list(Stage), accountant=False) as runners,
+            Uploader(settings) as up,
+            await Store.connect(settings.postgres.dsn()) as store,
+        ):
+            (embed_runner,) = [r for r in runners if r.stage is Stage.EMBED]
+            receipt = await up.upload_bytes(text(1), "paused.md", tenant_id="paused")
+            assert await wait_status(store, receipt.document_id, {"chunked"}) == "chunked"
+            await asyncio.sleep(3)
+            assert embed_runner.blocked is not None and "test budget" in embed_runner.blocked
+            assert len(server.calls) == 0
+            doc = await store.get_document(receipt.document_id)
+            assert doc is not None and doc.status == "chunked"
+
+            opened = ThrottleEvent(
+                **{
+                    **{f: getattr(throttle, f) for f in ("service", "window", "requests")},
+                    "state": ThrottleState.OPEN,
+                    "reason": "openai: budget raised",
+                    "window_ends_at": throttle.window_ends_at,
+                    "spent_usd": Decimal("5"),
+                    "budget_usd": Decimal("50"),
+                    "request_budget": 100,
+                }
+            )
+            await publish_control(settings, throttle_key("openai"), opened)
+            assert await wait_status(store, receipt.document_id, {"embedded"}) == "embedded"
+            assert len(server.ok_calls()) >= 1
+            # Each paid request published its usage, with who it was for.
+            topology = Topology(settings.kafka.topic_prefix)
+            published = [
+                Codec().decode(r.value or b"")
+                for r in await read_all(settings, topology.cost_usage, want=len(server.ok_calls()))
+            ]
+            assert [u.units for u in published if isinstance(u, CostUsage)] == [
+                c.tokens for c in server.ok_calls()
+            ]
+            usage = published[0]
+            assert isinstance(usage, CostUsage)
+            assert usage.document_ids == [receipt.document_id]
+            assert (usage.tenant_id, usage.stage, usage.service) == ("paused", "embed", "openai")
+            assert usage.correlation_id == receipt.correlation_id
+            assert usage.cost_usd == usage.units * PER_TOKEN
+
+        # Hybrid while throttled: no paid call, the local provider serves, and says so.
+        await publish_control(settings, throttle_key("openai"), throttle)
+        calls = len(server.calls)
+        hybrid = with_mode(settings, Mode.HYBRID)
+        async with (
+            workers(hybrid, list(Stage), accountant=False) as runners,
+            Uploader(hybrid) as up,
+            await Store.connect(settings.postgres.dsn()) as store,
+        ):
+            receipt = await up.upload_bytes(text(2), "hybrid.md", tenant_id="paused")
+            assert await wait_status(store, receipt.document_id, {"embedded"}) == "embedded"
+            doc = await store.get_document(receipt.document_id)
+            assert doc is not None and doc.current_embedding_model != "text-embedding-3-small"
+            assert len(server.calls) == calls
+            assert all(r.blocked is None for r in runners)
+
+
+async def test_known_documents_and_a_warm_cache_cost_nothing(
+    own_database: Settings, tmp_path: Path
+) -> None:
+    settings = own_database
+    with OpenAIServer() as server:
+        settings = paid_settings(settings, server, tmp_path)
+        topology = Topology(settings.kafka.topic_prefix)
+        async with (
+            workers(settings, list(Stage), accountant=True),
+            Uploader(settings) as up,
+            await Store.connect(settings.postgres.dsn()) as store,
+        ):
+            first = await up.upload_bytes(text(7), "known.md", tenant_id="free")
+            assert await wait_status(store, first.document_id, {"embedded"}) == "embedded"
+            await wait_for(lambda: len(server.ok_calls()) >= 1, 10, "a paid call")
+
+            async def ledgered() -> tuple[int, int, Decimal]:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    totals = (await store.ledger_totals()).get("openai")
+                    if totals and totals[0] == len(server.ok_calls()):
+                        return totals
+                    await asyncio.sleep(0.2)
+                raise AssertionError("the ledger did not catch up with the server")
+
+            before = await ledgered()
+            again = await up.upload_bytes(text(7), "known-again.md", tenant_id="free")
+            assert await wait_status(store, again.document_id, {"duplicate"}) == "duplicate"
+
+            # Replaying the chunked event through embed: the cache is warm, nothing is paid.
+            (record,) = [
+                r
+                for r in await read_all(settings, topology.chunked, want=1)
+                if r.key == first.document_id.encode()
+            ]
+            producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
+            await producer.start()
+            try:
+                await producer.send_and_wait(
+                    topology.chunked, record.value, key=record.key, headers=list(record.headers)
+                )
+            finally:
+                await producer.stop()
+
+            outputs = [
+                Codec().decode(r.value or b"")
+                for r in await read_all(settings, topology.embedded, want=2)
+                if r.key == first.document_id.encode()
+            ]
+            assert len(outputs) == 2
+            again_embedded = outputs[1]
+            assert isinstance(again_embedded, DocumentEmbedded)
+            assert again_embedded.new_embeddings == 0
+            assert again_embedded.cached_embeddings == again_embedded.chunk_count > 0
+            await asyncio.sleep(1)
+            assert await ledgered() == before
+            assert len(server.ok_calls()) == before[0]
+
+
+def test_the_bundled_price_table_prices_the_defaults() -> None:
+    prices = PriceTable.load()
+    assert prices.embedding("text-embedding-3-small").cost(1_000_000) == Decimal("0.02")
+    assert prices.parse_credit.cost(1000) == Decimal("1.25")
+
+
+async def test_llamaparse_jobs_are_billed_by_the_credits_they_report(
+    own_database: Settings,
+) -> None:
+    settings = own_database
+    with LlamaParseServer(job_duration_s=0.3, credits_per_page=3.0) as server:
+        llamaparse = settings.services.llamaparse.model_copy(
+            update={
+                "mode": Mode.REAL,
+                "base_url": server.url,
+                "api_key": SecretStr("test-key"),
+                "poll_interval_s": 0.1,
+            }
+        )
+        settings = settings.model_copy(
+            update={"services": settings.services.model_copy(update={"llamaparse": llamaparse})}
+        )
+        async with (
+            workers(settings, list(Stage), accountant=True),
+            Uploader(settings) as up,
+            await Store.connect(settings.postgres.dsn()) as store,
+        ):
+            receipts = [
+                await up.upload_bytes(
+                    ("\f".join(f"# Page {p}\n\nText {i}.{p}." for p in range(i + 1))).encode(),
+                    f"pages{i}.md",
+                    tenant_id="pages",
+                )
+                for i in range(3)
+            ]
+            for r in receipts:
+                assert await wait_status(store, r.document_id, {"embedded"}) == "embedded"
+
+            async def ledgered() -> bool:
+                return (await store.ledger_totals()).get("llamaparse", (0,))[0] == 3
+
+            await wait_for(ledgered, 20, "three jobs in the ledger")
+            requests, credits, cost = (await store.ledger_totals())["llamaparse"]
+    reported = sum(len(job.pages) * server.credits_per_page for job in server.jobs.values())
+    assert (requests, credits) == (3, reported) == (3, 18)  # 1 + 2 + 3 pages, 3 credits each
+    assert cost == Decimal(credits) * Decimal("0.00125")
