@@ -57,6 +57,7 @@ from ragstream.topology import Stage
 
 log = structlog.get_logger(__name__)
 
+
 def _with_replay(detail: Mapping[str, Any], replay: str) -> dict[str, Any]:
     return {**detail, "replay": replay} if replay else dict(detail)
 

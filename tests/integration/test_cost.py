@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -228,9 +229,18 @@ async def test_budget_throttles_the_paid_stage_and_raising_it_lets_every_documen
             # The report shows it all; a second budget call with a bad value is refused.
             report = await cli(settings, "--json")
             assert report.exit_code == 0, report.output
-            assert (
-                '"service": "openai"' in report.output and '"tenant_id": "spend"' in report.output
-            )
+            data = json.loads(report.output)
+            (day,) = [r for r in data["spend"] if r["service"] == "openai"]
+            assert (day["tenant_id"], day["requests"]) == ("spend", requests)
+            assert Decimal(day["cost_usd"]) == cost
+            (line,) = [b for b in data["budgets"] if b["service"] == "openai"]
+            assert (Decimal(line["spent_usd"]), Decimal(line["budget_usd"])) == (cost, 10)
+            assert line["state"] == line["published_state"] == "OPEN"
+            assert Decimal(line["usd_per_hour"]) > 0
+            tables = await cli(settings)
+            assert tables.exit_code == 0, tables.output
+            assert "budgets now" in tables.output and "OPEN" in tables.output
+            assert "not before the window resets" in tables.output  # $10 lasts the day
             bad = await cli(settings, "budget", "openai", "--daily-usd", "lots")
             assert bad.exit_code == 2 and "is not a number" in bad.output
             assert "Traceback" not in bad.output
@@ -468,3 +478,38 @@ async def test_llamaparse_jobs_are_billed_by_the_credits_they_report(
     reported = sum(len(job.pages) * server.credits_per_page for job in server.jobs.values())
     assert (requests, credits) == (3, reported) == (3, 18)  # 1 + 2 + 3 pages, 3 credits each
     assert cost == Decimal(credits) * Decimal("0.00125")
+
+
+async def test_the_request_budget_throttles_until_its_window_rolls_over(
+    own_database: Settings, tmp_path: Path
+) -> None:
+    settings = own_database
+    with OpenAIServer() as server:
+        # Two paid requests per 8-second "hour": the third document waits for the next window.
+        settings = paid_settings(settings, server, tmp_path, hourly_requests=2, hour_s=8)
+        async with (
+            workers(settings, list(Stage), accountant=True),
+            following(settings) as control,
+            Uploader(settings) as up,
+            await Store.connect(settings.postgres.dsn()) as store,
+        ):
+            states: list[ThrottleState] = []
+            control.listeners.append(
+                lambda e: (
+                    states.append(e.state)
+                    if isinstance(e, ThrottleEvent) and e.tenant_id is None
+                    else None
+                )
+            )
+            receipts = [
+                await up.upload_bytes(text(i), f"w{i}.md", tenant_id="window") for i in range(5)
+            ]
+            for r in receipts:
+                assert await wait_status(store, r.document_id, {"embedded"}, 60) == "embedded"
+            windows = await store.spend_by_day(datetime.now(UTC) - timedelta(minutes=5), 8)
+    assert len(server.ok_calls()) == 5
+    assert ThrottleState.THROTTLED in states
+    assert ThrottleState.OPEN in states[states.index(ThrottleState.THROTTLED) :]
+    # No 8-second window of the ledger holds more than two paid requests.
+    per_window = [w.requests for w in windows]
+    assert sum(per_window) == 5 and max(per_window) <= 2, per_window
