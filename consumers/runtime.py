@@ -10,8 +10,9 @@ loop keeps polling meanwhile, so a slow record never exceeds `max.poll.interval.
 `concurrency` 1, records are handled one at a time in offset order. With `concurrency` N, up to
 N records are handled at once in the process, across partitions and across keys within a
 batch: records are keyed by document_id and each key's records run in offset order, so one
-document's events keep their order (retry topics stay sequential: they wait on due times). On shutdown or revocation, in-flight records get
-`kafka.shutdown_grace_s` to finish; the rest are handed back uncommitted.
+document's events keep their order (retry topics stay sequential: they wait on due times).
+On shutdown or revocation, in-flight records get `kafka.shutdown_grace_s` to finish; the rest
+are handed back uncommitted.
 
 Failures are read here and only here (see ragstream.errors):
 - RetryableError (and any unexpected exception): the record goes to `<prefix>.retry.<stage>`
