@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
-from types import TracebackType
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -39,13 +38,11 @@ from ragstream.admin import admin_client
 from ragstream.circuits import CircuitSummary, summarize
 from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState
+from ragstream.cost.accountant import NAME as COST_GROUP
 from ragstream.errors import ConfigError, DecodeError, RetryableError
 from ragstream.events import CircuitStateChanged, ThrottleEvent, ThrottleState, utc_now
 from ragstream.settings import Settings
 from ragstream.topology import Stage, Topology
-
-COST_GROUP = "cost"
-GROUP_NAMES = (*(s.value for s in Stage), COST_GROUP)
 
 Offsets = dict[TopicPartition, int]
 T = TypeVar("T")
@@ -343,12 +340,7 @@ class StatusReader:
         self._existing = existing
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.aclose()
 
     async def sample(self) -> Sample:

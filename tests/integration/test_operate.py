@@ -21,6 +21,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +173,21 @@ async def test_three_embed_processes_share_a_backlog_and_status_shows_the_spread
             await wait_until(
                 spread, 60, "three members sharing 6 partitions", explain=explain(*procs)
             )
-            status = await status_json(settings, "--group", EMBED, "--sample", "0.5")
+            seen: list[dict[str, Any]] = []
+
+            async def settled() -> bool:  # what the operator sees once the rebalance is over
+                seen.append(await status_json(settings, "--group", EMBED, "--sample", "0.5"))
+                (group,) = seen[-1]["groups"]
+                return group["state"] == "Stable" and len(group["members"]) == 3
+
+            await wait_until(settled, 30, "status to show three members", poll_s=0.2)
             docs = await wait_for_statuses(store, ids, 120, running=procs, explain=explain(*procs))
         finally:
             codes = [await p.stop() for p in procs]
     assert codes == [0, 0, 0], explain(*procs)()
     assert handled_alone < len(ids), "the backlog was gone before the others joined"
 
-    (group,) = status["groups"]
+    (group,) = seen[-1]["groups"]
     assert (group["name"], group["group_id"], group["state"]) == (
         EMBED,
         topology.group(Stage.EMBED),
@@ -268,7 +276,7 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
     topology = Topology(settings.kafka.topic_prefix)
     group = topology.group(Stage.EMBED)
     await ensure_topics(settings)
-    ids = await backlog(settings, make_corpus(tmp_path / "docs", 36, seed=84), tenant)
+    ids = await backlog(settings, make_corpus(tmp_path / "docs", 42, seed=84), tenant)
     session_timeout_s = 45.0  # Kafka's default, the time a vanished member is waited for
 
     with OpenAIServer(latency_s=0.3) as server:
@@ -284,29 +292,29 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
 
         def split() -> bool:
             pa, pb = a.assigned(topology.chunked), b.assigned(topology.chunked)
-            return bool(pa and pb and set(pa) | set(pb) == {0, 1, 2})
+            return bool(pa and pb and not set(pa) & set(pb) and set(pa) | set(pb) == {0, 1, 2})
 
         try:
             a.start()
             b.start()
             await wait_until(split, 60, "both processes to hold partitions", explain=explain(a, b))
-            await wait_until(lambda: len(a.handled()) >= 2, 60, "embed-a at work")
+            handled = len(a.handled())  # then it works on its own share
+            await wait_until(lambda: len(a.handled()) >= handled + 2, 60, "embed-a at work")
             held_by_a = set(a.assigned(topology.chunked) or ())
+            a_worker = f"{socket.gethostname()}:{a.pid}"
+            sigterm_at, sigterm_wall = time.monotonic(), time.time()
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(a.proc.wait, 30)
+            exit_s = time.monotonic() - sigterm_at
+            # What embed-a left of its partitions: the records after its last commit.
             committed = await committed_offsets(settings, group)
             ends = {
                 d.record.partition: d.record.offset + 1
                 for d in await read_topic(settings, topology.chunked)
             }
-            # a is in the middle of its partitions' records when it is told to stop
             done_at = {p: committed.get(TopicPartition(topology.chunked, p), 0) for p in held_by_a}
             behind = {p: done_at[p] for p in held_by_a if done_at[p] < ends.get(p, 0)}
-            assert behind, "embed-a had nothing left to do"
-            a_worker = f"{socket.gethostname()}:{a.pid}"
-            sigterm_at = time.monotonic()
-            assert a.proc is not None
-            a.proc.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(a.proc.wait, 30)
-            exit_s = time.monotonic() - sigterm_at
 
             async def b_holds_all() -> bool:
                 state, members = await group_members(settings, group)
@@ -327,6 +335,15 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
     # It left the group (LeaveGroup) instead of being waited for until its session timed out.
     assert handover_s < session_timeout_s / 3, f"handover took {handover_s:.1f}s"
     assert a.events("stage stopped"), a.tail()
+    # It was in the middle of a batch: it finished the record in hand or handed records back
+    # after the signal, and left records of its partitions to embed-b.
+    after_signal = [
+        line
+        for line in [*a.handled(), *a.events("in-flight records handed back")]
+        if datetime.fromisoformat(line["timestamp"]).timestamp() > sigterm_wall
+    ]
+    assert after_signal, a.tail()
+    assert behind, "embed-a had finished its partitions before it was stopped"
     after_a = [
         h
         for h in b.handled()
