@@ -193,6 +193,7 @@ class StageRunner:
         self._waiting: dict[TopicPartition, int] = {}  # paused retry partition -> due (ms)
         self._commit_lock = asyncio.Lock()
         self._inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._stopping: set[TopicPartition] = set()  # finishing what is in hand, nothing more
         self._gate = asyncio.Semaphore(self.concurrency)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -311,6 +312,8 @@ class StageRunner:
         if tp.topic == self.retry_topic or self.concurrency == 1:
             async with self._gate:
                 for record in records:
+                    if tp in self._stopping:
+                        return  # revoked or shutting down: the rest go back uncommitted
                     if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
                         return
                     if not await self._handle_record(record):
@@ -336,8 +339,8 @@ class StageRunner:
 
         async def lane(queue: list[ConsumerRecord[bytes, bytes]]) -> None:
             for record in queue:
-                if held.is_set():  # start nothing new once the budget said no
-                    return
+                if held.is_set() or tp in self._stopping:
+                    return  # the budget said no, or the partition is being handed back
                 async with self._gate:
                     if not await self._handle_record(record):
                         held.set()
@@ -347,7 +350,8 @@ class StageRunner:
         await asyncio.gather(*(lane(queue) for queue in lanes.values()))
         for record in records:
             if record.offset not in done:
-                self._hold(tp, record)
+                if tp not in self._stopping:  # held by the budget: wait here
+                    self._hold(tp, record)
                 break
             self._pending[tp] = record.offset + 1
 
@@ -362,12 +366,17 @@ class StageRunner:
             self._resume(tp)
 
     async def _drain(self, grace_s: float, only: set[TopicPartition] | None = None) -> None:
-        """Let in-flight records finish for up to `grace_s`, then hand the rest back (cancel;
-        their offsets stay uncommitted, so the next owner processes them again)."""
+        """Let the records in hand finish for up to `grace_s` and start no more of the batch;
+        then hand the rest back (cancel). Offsets of records not finished stay uncommitted, so
+        the next owner processes them."""
         tasks = {tp: t for tp, t in self._inflight.items() if only is None or tp in only}
         if not tasks:
             return
-        _, late = await asyncio.wait(tasks.values(), timeout=grace_s)
+        self._stopping |= set(tasks)
+        try:
+            _, late = await asyncio.wait(tasks.values(), timeout=grace_s)
+        finally:
+            self._stopping -= set(tasks)
         for task in late:
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)

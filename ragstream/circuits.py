@@ -31,14 +31,13 @@ from aiokafka.errors import KafkaError
 from ragstream.codec import Codec
 from ragstream.events import CircuitState, CircuitStateChanged, utc_now
 from ragstream.settings import Settings
-from ragstream.topology import Topology
+from ragstream.topology import CONTROL_CIRCUIT, Topology
 
 if TYPE_CHECKING:
     from ragstream.providers.circuit import CircuitBreaker
 
 log = structlog.get_logger(__name__)
 
-CONTROL_CIRCUIT = "circuit"
 REFRESH_S = 60.0
 STALE_AFTER_S = 3 * REFRESH_S
 UNKNOWN = "unknown"  # no live report for the service

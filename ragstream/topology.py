@@ -42,6 +42,7 @@ H_REDRIVE_OF = "ragstream.redrive.of"
 
 CONTROL_THROTTLE = "throttle"
 CONTROL_MODE = "mode"
+CONTROL_CIRCUIT = "circuit"
 
 
 @dataclass(frozen=True)

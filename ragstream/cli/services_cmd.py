@@ -63,7 +63,7 @@ async def _check(settings: Any) -> list[tuple[str, str, str, str, str]]:
 @app.command("check")
 def check() -> None:
     """Per service: mode (as the workers see it), reachable or not, API key present or not,
-    throttle state. Circuit states are per worker: see each worker's metrics."""
+    throttle state. Circuit states are per worker: see `ragstream status`."""
     settings = settings_or_exit()
     rows = run(_check, settings)
     table = Table(title="services")

@@ -4,9 +4,9 @@ them (real `python -m ragstream` processes against the session's broker and Post
 
 The embed stage runs in `real` mode against the local server that speaks OpenAI's API, with a
 fixed latency per request, so a backlog takes long enough to watch it move. A member that gives
-partitions away (a rebalance, or SIGTERM) lets the records it has started finish for
-`kafka.shutdown_grace_s` and hands the rest back uncommitted; the tests set it to a second or
-two so a handover takes seconds, not the default ten.
+partitions away (a rebalance, or SIGTERM) lets the records it has started finish (within
+`kafka.shutdown_grace_s`, 10 s by default) and hands the rest of its batch back uncommitted, so
+a handover takes about one request's time.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ async def test_three_embed_processes_share_a_backlog_and_status_shows_the_spread
                 EMBED,
                 tmp_path / f"embed-{n}.log",
                 client_id=f"embed-{n}",
-                env=paid_embeddings(server, RAGSTREAM_KAFKA__SHUTDOWN_GRACE_S="1"),
+                env=paid_embeddings(server),
             )
             for n in (1, 2, 3)
         ]
@@ -283,7 +283,6 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
         env = paid_embeddings(
             server,
             RAGSTREAM_KAFKA__SESSION_TIMEOUT_MS="45000",
-            RAGSTREAM_KAFKA__SHUTDOWN_GRACE_S="2",
         )
         a, b = (
             WorkerProcess(settings, EMBED, tmp_path / f"{c}.log", client_id=c, env=env)
