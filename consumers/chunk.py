@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from consumers.stage import Outcome, StatusStore
+from consumers.stage import Outcome, StatusStore, stale_input
 from ragstream.blobs import sha256_hex
 from ragstream.chunking import Chunker
 from ragstream.errors import PermanentError
@@ -40,6 +40,9 @@ class ChunkDeps:
 
 
 async def chunk(parsed: DocumentParsed, deps: ChunkDeps) -> Outcome:
+    skipped = await stale_input(deps.store, parsed.document_id, parse_sha256=parsed.content_sha256)
+    if skipped is not None:
+        return skipped
     loaded = await deps.store.load_parse(parsed.document_id, parsed.content_sha256)
     if loaded is None:
         raise PermanentError(

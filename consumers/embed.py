@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from consumers.stage import Outcome, StatusStore
+from consumers.stage import Outcome, StatusStore, stale_input
 from ragstream.embedding import Embedder
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentEmbedded
@@ -68,7 +68,16 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
 
     One document's vectors all come from one model: if a hybrid embedder fell back to the local
     provider, cached vectors of the real model are not mixed in; the whole document is embedded
-    by the model that served the call."""
+    by the model that served the call. An event of a chunker version or parse the document
+    has left is skipped: nothing points at what it would make."""
+    skipped = await stale_input(
+        deps.store,
+        chunked.document_id,
+        parse_sha256=chunked.content_sha256,
+        chunker_version=chunked.chunker_version,
+    )
+    if skipped is not None:
+        return skipped
     chunks = await deps.store.load_chunks(chunked.document_id, chunked.chunker_version)
     if len(chunks) != chunked.chunk_count:
         raise PermanentError(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ragstream.events import Event
+from ragstream.store.models import Document
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,28 @@ class StatusStore(Protocol):
         page_count: int | None = None,
         chunk_count: int | None = None,
     ) -> Awaitable[bool]: ...
+
+    def get_document(self, document_id: str) -> Awaitable[Document | None]: ...
+
+
+async def stale_input(
+    store: StatusStore,
+    document_id: str,
+    *,
+    parse_sha256: str,
+    chunker_version: str | None = None,
+) -> Outcome | None:
+    """A `skipped` outcome when the event is about a parse or chunker version the document
+    has since left (a replay of old events after a re-parse or re-chunk): working on it would
+    only pay for results nothing points at. None when the input is current."""
+    doc = await store.get_document(document_id)
+    if doc is None:
+        return None
+    stale = {
+        "parse": (parse_sha256, doc.current_parse_sha256),
+        "chunker_version": (chunker_version, doc.current_chunker_version),
+    }
+    for what, (given, current) in stale.items():
+        if given is not None and current is not None and given != current:
+            return Outcome(None, "skipped", {"stale": what, "input": given, "current": current})
+    return None
