@@ -23,6 +23,8 @@ from ragstream.errors import InfrastructureError
 from ragstream.local.kafka import LocalKafka
 from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import Settings, load_settings
+from ragstream.store import Store
+from ragstream.store.migrate import migrate
 
 TEST_DATABASE = "ragstream_test"
 
@@ -167,3 +169,17 @@ async def own_database(settings: Settings, prefix: str) -> AsyncIterator[Setting
         await admin.execute(f'DROP DATABASE IF EXISTS "{prefix}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def tenant(prefix: str) -> str:
+    """A tenant of this test's own."""
+    return f"tenant-{prefix}"
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    """The store, migrated: workers migrate at start, but a test may poll before one is up."""
+    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=4) as s:
+        yield s

@@ -119,6 +119,10 @@ def budget(
             raise fail(f"--daily-usd {daily_usd!r} is not a number", EXIT_CONFIG) from None
         if not amount.is_finite() or amount < 0:
             raise fail(f"--daily-usd {daily_usd!r} must be a number >= 0", EXIT_CONFIG)
+    if clear and (amount is not None or hourly_requests is not None):
+        raise fail(
+            "--clear goes back to the configured budget: give no values with it", EXIT_CONFIG
+        )
     if not clear and amount is None and hourly_requests is None:
         raise fail("give --daily-usd and/or --hourly-requests, or --clear", EXIT_CONFIG)
     settings = settings_or_exit()

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,25 +47,13 @@ from ragstream.admin import admin_client, describe_topics, ensure_topics
 from ragstream.local.kafka import CONSUMER_GROUPS, kafka_tool_command
 from ragstream.settings import Settings
 from ragstream.status import read_status
-from ragstream.store import Document, Store, migrate
+from ragstream.store import Document, Store
 from ragstream.topology import Stage, Topology
 from tests.servers.openai_server import Fault, OpenAIServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EMBED = Stage.EMBED.value
-
-
-@pytest.fixture
-def tenant(prefix: str) -> str:
-    return f"tenant-{prefix}"
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
-    async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=4) as s:
-        yield s
 
 
 def paid_embeddings(server: OpenAIServer, **more: str) -> dict[str, str]:

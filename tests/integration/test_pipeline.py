@@ -13,7 +13,7 @@ import logging
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -47,7 +47,7 @@ from ragstream.events import DocumentChunked, DocumentEmbedded, DocumentParsed
 from ragstream.parsing import LocalParser, detect_content_type
 from ragstream.search import search_chunks
 from ragstream.settings import Settings
-from ragstream.store import Store, migrate
+from ragstream.store import Store
 from ragstream.store.models import FAILURE_STATUSES
 from ragstream.topology import H_CORRELATION_ID, Stage, Topology
 
@@ -55,19 +55,6 @@ pytestmark = pytest.mark.integration
 
 TABLES = ("documents", "parse_results", "chunks", "embeddings")
 FAILURE_OUTCOMES = ("failed", "dead-lettered")  # dead-lettered once the runtime has a DLQ
-
-
-@pytest.fixture
-def tenant(prefix: str) -> str:
-    return f"tenant-{prefix}"
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    # Workers migrate at start; a test that polls before its first worker is up needs it too.
-    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
-    async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=4) as s:
-        yield s
 
 
 def by_document(delivered: list[Delivered]) -> dict[str, list[Delivered]]:

@@ -15,7 +15,7 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -37,7 +37,7 @@ from ragstream.admin import ensure_topics
 from ragstream.cli import app
 from ragstream.replay import ReplayRequest, plan_replay, run_replay
 from ragstream.settings import Settings
-from ragstream.store import Store, migrate
+from ragstream.store import Store
 from ragstream.topology import H_REPLAY, Stage, Topology
 from tests.integration.test_dlq_tools import cli_env
 from tests.integration.test_services_pipeline import real_openai
@@ -49,13 +49,6 @@ _WORDS = (
     "amber basin cedar delta ember fjord granite harbor iris juniper kestrel lagoon meadow "
     "nickel ochre pebble quartz raven saffron thistle umber velvet willow yarrow zephyr"
 ).split()
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
-    async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=4) as s:
-        yield s
 
 
 def _sentence(rng: random.Random, tag: str, words: int) -> str:

@@ -7,7 +7,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from ragstream.cli import app
 from ragstream.control import ControlState
 from ragstream.cost.budget import DAY, HOUR, Limit, Verdict, limit_for, verdict, window, windows
 from ragstream.cost.meter import BudgetGuard, CallContext, Meter, current_call
@@ -268,3 +270,22 @@ def test_page_estimate_for_a_job() -> None:
     assert estimate_pages(pdf, "application/pdf") == 2
     assert estimate_pages(b"x" * 12_000, "text/markdown") == 3
     assert estimate_pages(b"short", "text/plain") == 1
+
+
+# -- the CLI refuses bad budgets before touching anything ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nope", "--daily-usd", "1"], "unknown service 'nope'"),
+        (["openai"], "give --daily-usd and/or --hourly-requests, or --clear"),
+        (["openai", "--daily-usd", "-1"], "must be a number >= 0"),
+        (["openai", "--daily-usd", "NaN"], "must be a number >= 0"),
+        (["openai", "--clear", "--daily-usd", "1"], "give no values with it"),
+    ],
+)
+def test_cost_budget_refuses_bad_input_with_one_line(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["cost", "budget", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
