@@ -280,7 +280,8 @@ async def _following_providers(
 def _observe_control(metrics: Metrics, event: Event) -> None:
     if isinstance(event, ThrottleEvent) and event.tenant_id is None:
         metrics.set_throttle(event.service, event.state)
-        metrics.set_budget(event.service, event.window, event.budget_usd, event.spent_usd)
+        # The USD figures are the daily window's, whichever window decided the state.
+        metrics.set_budget(event.service, "daily", event.budget_usd, event.spent_usd)
 
 
 async def run_workers(

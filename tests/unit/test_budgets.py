@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from consumers.worker import _observe_control
 from ragstream.cli import app
 from ragstream.control import ControlState
 from ragstream.cost.budget import DAY, HOUR, Limit, Verdict, limit_for, verdict, window, windows
@@ -16,6 +18,7 @@ from ragstream.cost.meter import BudgetGuard, CallContext, Meter, current_call
 from ragstream.cost.pricing import PriceTable
 from ragstream.errors import BudgetExceeded, ConfigError
 from ragstream.events import CostUsage, ServiceMode, ThrottleEvent, ThrottleState
+from ragstream.metrics import Metrics
 from ragstream.providers.llamaparse import estimate_pages
 from ragstream.settings import BudgetSettings, load_settings
 from ragstream.store._cost import BudgetOverride, WindowUsage
@@ -289,3 +292,13 @@ def test_cost_budget_refuses_bad_input_with_one_line(args: list[str], message: s
     result = CliRunner().invoke(app, ["cost", "budget", *args], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_worker_metrics_carry_the_daily_budget_whichever_window_throttled() -> None:
+    metrics = Metrics(process_metrics=False)
+    by_requests = throttle(ThrottleState.THROTTLED, spent="0.40", budget="5.00", requests=100)
+    _observe_control(metrics, replace(by_requests, window="hour"))
+    text = metrics.exposition().decode()
+    assert 'ragstream_budget_usd{service="openai",window="daily"} 5.0' in text
+    assert 'ragstream_budget_spent_usd{service="openai",window="daily"} 0.4' in text
+    assert 'ragstream_throttle_state{service="openai"} 2.0' in text
