@@ -130,8 +130,8 @@ class _Guard:
     async def _call(
         self, primary: Callable[[], Awaitable[R]], fallback: Callable[[], Awaitable[R]]
     ) -> R:
-        """The primary call under the breaker; the fallback while the circuit is open, or
-        when a retryable failure has just opened it."""
+        """The primary call under the breaker; the fallback while the circuit is open, when a
+        retryable failure has just opened it, or when the budget refused the call."""
         if self._use_primary():
             try:
                 result = await primary()
