@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 
 from ragstream.errors import ConfigError, InfrastructureError, RetryableError
@@ -30,6 +32,47 @@ class TopicState:
     replication_factor: int
     config: dict[str, str]
     action: str = ""  # created | exists | exists (N partitions, wanted M)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A live member of a consumer group and the partitions assigned to it."""
+
+    member_id: str
+    client_id: str
+    host: str
+    partitions: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class GroupDescription:
+    """A consumer group as DescribeGroups reports it; state `Dead` when the broker does not
+    know the group. `error` is the response's error code (0: none)."""
+
+    group_id: str
+    state: str
+    members: tuple[Member, ...]
+    error: int = 0
+
+
+async def describe_group(admin: AIOKafkaAdminClient, group_id: str) -> GroupDescription:
+    """One group per request: aiokafka 0.14 misreads a DescribeGroups answer about several."""
+    responses = await admin.describe_consumer_groups([group_id])
+    for response in responses:
+        for group in response.groups:
+            error, name, state, _ptype, _protocol, members = group[:6]
+            if name == group_id:
+                return GroupDescription(group_id, state, tuple(map(_member, members)), error)
+    return GroupDescription(group_id, "Dead", ())
+
+
+def _member(raw: Sequence[Any]) -> Member:
+    member_id, client_id, host, _metadata, assignment = raw[:5]
+    partitions: list[tuple[str, int]] = []
+    if assignment:
+        decoded = ConsumerProtocolMemberAssignment.decode(assignment)
+        partitions = sorted((tp.topic, tp.partition) for tp in decoded.partitions())
+    return Member(member_id, client_id, host.lstrip("/"), tuple(partitions))
 
 
 @asynccontextmanager

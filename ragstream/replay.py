@@ -46,7 +46,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from ragstream.admin import admin_client
+from ragstream.admin import admin_client, describe_group
 from ragstream.codec import Codec
 from ragstream.dlq import (
     Extent,
@@ -497,21 +497,15 @@ async def _plain_consumer(settings: Settings) -> AsyncIterator[Any]:
         await consumer.stop()
 
 
-async def describe_group(admin: Any, group_id: str) -> GroupState:
+async def group_state(admin: Any, group_id: str) -> GroupState:
     """The group's state and live members (DescribeGroups); state Dead when unknown."""
     with kafka_errors(f"describing consumer group {group_id}"):
-        responses = await admin.describe_consumer_groups([group_id])
-    for response in responses:
-        for group in response.groups:
-            error, name, state, _ptype, _protocol, members = group[:6]
-            if name != group_id:
-                continue
-            if error:
-                raise RetryableError(f"describing consumer group {group_id}: error code {error}")
-            return GroupState(
-                group_id, state, tuple(f"{m[1]}@{str(m[2]).lstrip('/')}" for m in members)
-            )
-    return GroupState(group_id, "Dead", ())
+        group = await describe_group(admin, group_id)
+    if group.error:
+        raise RetryableError(f"describing consumer group {group_id}: error code {group.error}")
+    return GroupState(
+        group_id, group.state, tuple(f"{m.client_id}@{m.host}" for m in group.members)
+    )
 
 
 async def _offsets_at(
@@ -545,7 +539,7 @@ async def plan_replay(settings: Settings, request: ReplayRequest) -> ReplayPlan:
                     "create`, or check kafka.topic_prefix)"
                 )
             (described,) = await admin.describe_topics([topic])
-        group = await describe_group(admin, group_id)
+        group = await group_state(admin, group_id)
         with kafka_errors(f"reading the committed offsets of {group_id}"):
             offsets = await admin.list_consumer_group_offsets(group_id)
     committed = {
@@ -635,7 +629,7 @@ async def _reset(settings: Settings, plan: ReplayPlan, report: ReplayReport) -> 
     if not moving:
         return
     async with admin_client(settings) as admin:  # it may have started since the plan was made
-        group = await describe_group(admin, plan.group.group_id)
+        group = await group_state(admin, plan.group.group_id)
     _check_resettable(group, has_offsets=True, bootstrap=settings.kafka.bootstrap_servers)
     offsets = {
         TopicPartition(plan.topic, p.partition): OffsetAndMetadata(p.start, "") for p in moving
@@ -790,7 +784,7 @@ __all__ = [
     "ReplayReport",
     "ReplayRequest",
     "build_partitions",
-    "describe_group",
+    "group_state",
     "parse_offset_ranges",
     "parse_when",
     "plan_replay",

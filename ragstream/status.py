@@ -31,10 +31,9 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError
 
-from ragstream.admin import admin_client
+from ragstream.admin import Member, admin_client, describe_group
 from ragstream.circuits import CircuitSummary, summarize
 from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState
@@ -108,14 +107,6 @@ def resolve_groups(topology: Topology, names: Sequence[str]) -> list[GroupSpec]:
         if found[0] not in out:
             out.append(found[0])
     return out
-
-
-@dataclass(frozen=True)
-class Member:
-    member_id: str
-    client_id: str
-    host: str
-    partitions: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -416,13 +407,9 @@ class StatusReader:
         admin = self._admin
         assert admin is not None
         out: dict[str, tuple[str, tuple[Member, ...]]] = {}
-        # One group per request: aiokafka 0.14 misreads a DescribeGroups answer about several.
         for spec in self.groups:
-            responses = await _patiently(partial(admin.describe_consumer_groups, [spec.group_id]))
-            for response in responses:
-                for group in response.groups:
-                    _error, group_id, state, _ptype, _protocol, members = group[:6]
-                    out[group_id] = (state, tuple(_member(m) for m in members))
+            group = await _patiently(partial(describe_group, admin, spec.group_id))
+            out[group.group_id] = (group.state, group.members)
         return out
 
     async def _read_control(self) -> tuple[ControlState, list[CircuitStateChanged]]:
@@ -475,15 +462,6 @@ async def _patiently(call: Callable[[], Awaitable[T]], timeout_s: float = 10.0) 
             if not exc.retriable or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
-
-
-def _member(raw: Sequence[Any]) -> Member:
-    member_id, client_id, host, _metadata, assignment = raw[:5]
-    partitions: list[tuple[str, int]] = []
-    if assignment:
-        decoded = ConsumerProtocolMemberAssignment.decode(assignment)
-        partitions = sorted((tp.topic, tp.partition) for tp in decoded.partitions())
-    return Member(member_id, client_id, host.lstrip("/"), tuple(partitions))
 
 
 def group_status(

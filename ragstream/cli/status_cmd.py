@@ -12,12 +12,12 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from ragstream.admin import Member
 from ragstream.cli.common import console, run, settings_or_exit
 from ragstream.settings import Settings
 from ragstream.status import (
     GroupSpec,
     GroupStatus,
-    Member,
     ServiceStatus,
     Status,
     StatusReader,

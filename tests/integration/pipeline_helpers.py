@@ -24,13 +24,12 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import OffsetAndMetadata
 
 from consumers.runtime import StageRunner
 from consumers.worker import run_workers
 from producers.wait import TERMINAL
-from ragstream.admin import admin_client, describe_topics
+from ragstream.admin import admin_client, describe_group, describe_topics
 from ragstream.codec import Codec
 from ragstream.events import Event
 from ragstream.providers import CircuitBreaker
@@ -517,20 +516,11 @@ class Member:
 async def group_members(settings: Settings, group_id: str) -> tuple[str, list[Member]]:
     """The group's state and its members with their assigned partitions (DescribeGroups)."""
     async with admin_client(settings) as admin:
-        responses = await admin.describe_consumer_groups([group_id])
-    for response in responses:
-        for group in response.groups:
-            _error, name, state, _ptype, _protocol, members = group[:6]
-            if name != group_id:
-                continue
-            out = []
-            for member in members:
-                _member_id, client_id, _host, _meta, assignment = member[:5]
-                parts: dict[str, list[int]] = {}
-                if assignment:
-                    decoded = ConsumerProtocolMemberAssignment.decode(assignment)
-                    for tp in decoded.partitions():
-                        parts.setdefault(tp.topic, []).append(tp.partition)
-                out.append(Member(client_id, {t: sorted(p) for t, p in parts.items()}))
-            return state, out
-    return "Dead", []
+        group = await describe_group(admin, group_id)
+    out = []
+    for member in group.members:
+        parts: dict[str, list[int]] = {}
+        for topic, partition in member.partitions:
+            parts.setdefault(topic, []).append(partition)
+        out.append(Member(member.client_id, parts))
+    return group.state, out

@@ -13,7 +13,7 @@ from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
 from rich.console import Console
 
-from ragstream.admin import ScaleResult, keys_moved, resolve_topic
+from ragstream.admin import Member, ScaleResult, keys_moved, resolve_topic
 from ragstream.circuits import STALE_AFTER_S, CircuitReporter, summarize
 from ragstream.cli.status_cmd import render
 from ragstream.cli.topics_cmd import scale_notes
@@ -33,7 +33,6 @@ from ragstream.providers.circuit import CircuitState as BreakerState
 from ragstream.settings import Settings, load_settings
 from ragstream.status import (
     GroupSpec,
-    Member,
     Status,
     advance_per_second,
     group_status,
