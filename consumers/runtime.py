@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +56,7 @@ from aiokafka.structs import OffsetAndMetadata
 from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
+from ragstream.dlq import MESSAGE_LIMIT, dead_letter_headers, failure_headers, header
 from ragstream.errors import BudgetExceeded, DecodeError, PermanentError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
 from ragstream.metrics import Metrics, observe_lag
@@ -66,22 +66,8 @@ from ragstream.topology import (
     H_ATTEMPT,
     H_CORRELATION_ID,
     H_DUE_AT,
-    H_ERR_ATTEMPTS,
-    H_ERR_CLASS,
     H_ERR_DOCUMENT,
-    H_ERR_FIRST_FAILURE,
-    H_ERR_GROUP,
-    H_ERR_KIND,
-    H_ERR_LAST_FAILURE,
-    H_ERR_MESSAGE,
-    H_ERR_OFFSET,
-    H_ERR_PARTITION,
-    H_ERR_PREFIX,
-    H_ERR_STACKTRACE,
-    H_ERR_STAGE,
     H_ERR_TENANT,
-    H_ERR_TIMESTAMP,
-    H_ERR_TOPIC,
     H_REPLAY,
     Stage,
     Topology,
@@ -90,9 +76,6 @@ from ragstream.topology import (
 log = structlog.get_logger(__name__)
 
 StageHandler = Callable[[Event, RecordContext], Awaitable[Outcome]]
-Headers = list[tuple[str, bytes]]
-STACK_LIMIT = 4000
-MESSAGE_LIMIT = 1000
 
 
 class StepRecorder(Protocol):
@@ -127,27 +110,11 @@ def backoff_delay(attempt: int, policy: RetrySettings, rng: random.Random | None
     return (rng or random).uniform(ceiling / 2, ceiling)
 
 
-def header(headers: Headers | None, key: str) -> bytes | None:
-    for k, v in headers or ():
-        if k == key:
-            return bytes(v)
-    return None
-
-
 WAIT_RECHECK_S = 2.0  # how soon a record that was refused without a call is tried again
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _carried(headers: Headers | None) -> Headers:
-    """The record's own headers, without retry or error bookkeeping."""
-    return [
-        (k, bytes(v))
-        for k, v in headers or ()
-        if not k.startswith(H_ERR_PREFIX) and k not in (H_ATTEMPT, H_DUE_AT)
-    ]
 
 
 @dataclass
@@ -532,36 +499,6 @@ class StageRunner:
         except Exception as rec_exc:  # the journey is best effort; the record still moves on
             log.error("could not record the failure", error=str(rec_exc))
 
-    def _origin(self, record: ConsumerRecord[bytes, bytes]) -> Headers:
-        """Where the record first came from: kept from its retry headers, else this record."""
-        if header(record.headers, H_ERR_TOPIC) is not None:
-            keep = (
-                H_ERR_TOPIC,
-                H_ERR_PARTITION,
-                H_ERR_OFFSET,
-                H_ERR_TIMESTAMP,
-                H_ERR_FIRST_FAILURE,
-            )
-            return [(k, v) for k in keep if (v := header(record.headers, k)) is not None]
-        return [
-            (H_ERR_TOPIC, record.topic.encode()),
-            (H_ERR_PARTITION, str(record.partition).encode()),
-            (H_ERR_OFFSET, str(record.offset).encode()),
-            (H_ERR_TIMESTAMP, str(record.timestamp).encode()),
-            (H_ERR_FIRST_FAILURE, str(_now_ms()).encode()),
-        ]
-
-    def _error_headers(self, exc: BaseException) -> Headers:
-        stack = "".join(traceback.format_exception(exc))[-STACK_LIMIT:]
-        return [
-            (H_ERR_STAGE, self.stage.value.encode()),
-            (H_ERR_GROUP, self.group_id.encode()),
-            (H_ERR_CLASS, type(exc).__name__.encode()),
-            (H_ERR_MESSAGE, str(exc)[:MESSAGE_LIMIT].encode()),
-            (H_ERR_STACKTRACE, stack.encode()),
-            (H_ERR_LAST_FAILURE, str(_now_ms()).encode()),
-        ]
-
     async def _park(
         self,
         record: ConsumerRecord[bytes, bytes],
@@ -588,9 +525,7 @@ class StageRunner:
         self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int, delay: float
     ) -> None:
         headers = [
-            *_carried(record.headers),
-            *self._origin(record),
-            *self._error_headers(exc),
+            *failure_headers(record, exc, stage=self.stage.value, group=self.group_id),
             (H_ATTEMPT, str(attempt).encode()),
             (H_DUE_AT, str(_now_ms() + int(delay * 1000)).encode()),
         ]
@@ -608,13 +543,9 @@ class StageRunner:
         *,
         kind: str,
     ) -> None:
-        headers = [
-            *_carried(record.headers),
-            *self._origin(record),
-            *self._error_headers(exc),
-            (H_ERR_KIND, kind.encode()),
-            (H_ERR_ATTEMPTS, str(attempt).encode()),
-        ]
+        headers = dead_letter_headers(
+            record, exc, stage=self.stage.value, group=self.group_id, kind=kind, attempts=attempt
+        )
         if event is not None:
             headers += [
                 (H_ERR_TENANT, event.tenant_id.encode()),

@@ -9,8 +9,9 @@
 
 Every read uses a plain consumer (no group: `assign()`, nothing committed) from each partition's
 first record up to the end offsets captured when it starts, so it terminates while workers keep
-dead-lettering. A DLQ record is what `consumers.runtime` wrote: the original key and value bytes
-and headers, plus `ragstream.errors.*` headers saying where it came from and why.
+dead-lettering. A DLQ record is what `consumers.runtime` (or the cost accountant) wrote, with
+the headers `dead_letter_headers` builds: the original key and value bytes and headers, plus
+`ragstream.errors.*` headers saying where it came from and why.
 
 Redrive sends a record back to its original topic (`ragstream.errors.topic`) with its original
 key, value and headers (without `ragstream.errors.*` and retry bookkeeping), plus
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
@@ -56,13 +58,18 @@ from ragstream.topology import (
     H_ERR_ATTEMPTS,
     H_ERR_CLASS,
     H_ERR_DOCUMENT,
+    H_ERR_FIRST_FAILURE,
+    H_ERR_GROUP,
     H_ERR_KIND,
+    H_ERR_LAST_FAILURE,
     H_ERR_MESSAGE,
     H_ERR_OFFSET,
     H_ERR_PARTITION,
     H_ERR_PREFIX,
+    H_ERR_STACKTRACE,
     H_ERR_STAGE,
     H_ERR_TENANT,
+    H_ERR_TIMESTAMP,
     H_ERR_TOPIC,
     H_EVENT_TYPE,
     H_REDRIVE_OF,
@@ -73,6 +80,67 @@ from ragstream.topology import (
 Headers = list[tuple[str, bytes]]
 POISON = "poison"
 _NOT_CARRIED = (H_ATTEMPT, H_DUE_AT, H_REDRIVE_OF)  # besides every ragstream.errors.* header
+
+
+# -- writing: what a retry copy and a dead letter carry (the runtime, the cost accountant) ----
+
+STACK_LIMIT = 4000  # characters of the stack trace a header keeps (its end)
+MESSAGE_LIMIT = 1000  # characters of the error message a header keeps
+
+
+def header(headers: Iterable[tuple[str, bytes]] | None, key: str) -> bytes | None:
+    """The first value of header `key`, or None."""
+    for k, v in headers or ():
+        if k == key:
+            return bytes(v)
+    return None
+
+
+def carried_headers(headers: Iterable[tuple[str, bytes]] | None) -> Headers:
+    """The record's own headers, without retry or error bookkeeping."""
+    return [
+        (k, bytes(v))
+        for k, v in headers or ()
+        if not k.startswith(H_ERR_PREFIX) and k not in (H_ATTEMPT, H_DUE_AT)
+    ]
+
+
+def failure_headers(record: Any, exc: BaseException, *, stage: str, group: str) -> Headers:
+    """The record's own headers, where it first came from (kept from an earlier retry copy,
+    else this record) and why it failed now."""
+    now = str(epoch_ms(datetime.now(UTC))).encode()
+    if header(record.headers, H_ERR_TOPIC) is not None:
+        keep = (H_ERR_TOPIC, H_ERR_PARTITION, H_ERR_OFFSET, H_ERR_TIMESTAMP, H_ERR_FIRST_FAILURE)
+        origin = [(k, v) for k in keep if (v := header(record.headers, k)) is not None]
+    else:
+        origin = [
+            (H_ERR_TOPIC, record.topic.encode()),
+            (H_ERR_PARTITION, str(record.partition).encode()),
+            (H_ERR_OFFSET, str(record.offset).encode()),
+            (H_ERR_TIMESTAMP, str(record.timestamp).encode()),
+            (H_ERR_FIRST_FAILURE, now),
+        ]
+    stack = "".join(traceback.format_exception(exc))[-STACK_LIMIT:]
+    return [
+        *carried_headers(record.headers),
+        *origin,
+        (H_ERR_STAGE, stage.encode()),
+        (H_ERR_GROUP, group.encode()),
+        (H_ERR_CLASS, type(exc).__name__.encode()),
+        (H_ERR_MESSAGE, str(exc)[:MESSAGE_LIMIT].encode()),
+        (H_ERR_STACKTRACE, stack.encode()),
+        (H_ERR_LAST_FAILURE, now),
+    ]
+
+
+def dead_letter_headers(
+    record: Any, exc: BaseException, *, stage: str, group: str, kind: str, attempts: int
+) -> Headers:
+    return [
+        *failure_headers(record, exc, stage=stage, group=group),
+        (H_ERR_KIND, kind.encode()),
+        (H_ERR_ATTEMPTS, str(attempts).encode()),
+    ]
 
 
 class InvalidInput(ConfigError):

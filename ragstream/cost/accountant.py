@@ -26,22 +26,13 @@ from aiokafka.structs import OffsetAndMetadata
 from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState, throttle_key
 from ragstream.cost.budget import Verdict, limit_for, verdict, windows
+from ragstream.dlq import dead_letter_headers
 from ragstream.errors import DecodeError
 from ragstream.events import CostUsage, ThrottleEvent, ThrottleState
 from ragstream.metrics import Metrics
 from ragstream.settings import Settings
 from ragstream.store import Store
-from ragstream.topology import (
-    H_ERR_CLASS,
-    H_ERR_GROUP,
-    H_ERR_KIND,
-    H_ERR_MESSAGE,
-    H_ERR_OFFSET,
-    H_ERR_PARTITION,
-    H_ERR_STAGE,
-    H_ERR_TOPIC,
-    Topology,
-)
+from ragstream.topology import Topology
 
 log = structlog.get_logger(__name__)
 
@@ -137,17 +128,9 @@ class CostAccountant:
         """An undecodable usage record goes to the DLQ untouched; the ledger goes on."""
         assert self._producer is not None
         log.error("undecodable usage record dead-lettered", error=str(exc), offset=record.offset)
-        headers = [
-            *[(k, bytes(v)) for k, v in record.headers or ()],
-            (H_ERR_TOPIC, record.topic.encode()),
-            (H_ERR_PARTITION, str(record.partition).encode()),
-            (H_ERR_OFFSET, str(record.offset).encode()),
-            (H_ERR_STAGE, NAME.encode()),
-            (H_ERR_GROUP, self.group_id.encode()),
-            (H_ERR_CLASS, type(exc).__name__.encode()),
-            (H_ERR_MESSAGE, str(exc)[:2000].encode()),
-            (H_ERR_KIND, b"poison"),
-        ]
+        headers = dead_letter_headers(
+            record, exc, stage=NAME, group=self.group_id, kind="poison", attempts=1
+        )
         await self._producer.send_and_wait(
             self.topology.dlq, record.value, key=record.key, headers=headers
         )
