@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from consumers.runtime import StageRunner
-from consumers.worker import run_workers
+from consumers.worker import Providers, run_workers
 from producers.wait import TERMINAL
 from ragstream.admin import admin_client, describe_group, describe_topics
 from ragstream.codec import Codec
@@ -203,25 +203,36 @@ async def workers(
     concurrency: int = 3,
     ready_timeout_s: float = 30.0,
     breakers: Mapping[str, CircuitBreaker] | None = None,
+    providers: Providers | None = None,
+    accountant: bool = False,
 ) -> AsyncIterator[list[StageRunner]]:
     """Stage workers in this process (`run_workers`), members of their groups until the block
     ends; entered once every stage holds partitions. `breakers` stand in for the circuit
-    breakers the workers would build from the settings."""
+    breakers the workers would build from the settings, `providers` for the providers;
+    `accountant` runs a member of the cost group too."""
     stop = asyncio.Event()
     runners: list[StageRunner] = []
+    started = asyncio.Event()
+
+    def on_start(members: list[StageRunner]) -> None:
+        runners.extend(members)
+        started.set()
+
     task = asyncio.create_task(
         run_workers(
             settings,
             list(stages),
             concurrency=concurrency,
             stop=stop,
-            started=runners.extend,
+            started=on_start,
             breakers=breakers,
+            providers=providers,
+            accountant=accountant,
         )
     )
     try:
         deadline = time.monotonic() + ready_timeout_s
-        while not (runners and all(r.assigned.is_set() for r in runners)):
+        while not (started.is_set() and all(r.assigned.is_set() for r in runners)):
             if task.done():
                 task.result()  # raises what stopped it
                 raise AssertionError("the workers stopped before they were assigned partitions")
@@ -483,6 +494,16 @@ async def read_topic(
     finally:
         await consumer.stop()
     return [Delivered(r, codec.decode(r.value or b"")) for r in got]
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(**settings.kafka.client_options(), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
 
 
 async def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPartition, int]:

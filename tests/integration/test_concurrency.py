@@ -11,8 +11,7 @@ from collections import defaultdict
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumers.runtime import StageRunner
-from consumers.worker import Providers, run_workers
+from consumers.worker import Providers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cost.meter import current_call
@@ -20,6 +19,7 @@ from ragstream.parsing import LocalParser, ParseResult
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import Stage, Topology
+from tests.integration.pipeline_helpers import variant, wait_until, workers
 from tests.integration.test_failures import read_all, wait_status
 
 pytestmark = [pytest.mark.integration]
@@ -49,67 +49,52 @@ class SlowParser:
 
 
 async def test_one_partition_runs_documents_at_once_and_each_in_order(settings: Settings) -> None:
-    settings = settings.model_copy(
-        update={"kafka": settings.kafka.model_copy(update={"partitions": 1})}
-    )
+    settings = variant(settings, kafka={"partitions": 1})
     await ensure_topics(settings)
     parser = SlowParser(settings)
-    stop = asyncio.Event()
-    runners: list[StageRunner] = []
-    task = asyncio.create_task(
-        run_workers(
-            settings,
-            list(Stage),
-            concurrency=4,
-            stop=stop,
-            providers=Providers(parser=parser),
-            started=runners.extend,
-        )
-    )
-    try:
-        async with Uploader(settings) as up, await Store.connect(settings.postgres.dsn()) as store:
-            receipts = [
-                await up.upload_bytes(
-                    f"# Doc {i}\n\nText number {i} for the slow parser.".encode(),
-                    f"c{i}.md",
-                    tenant_id="conc",
-                )
-                for i in range(8)
-            ]
-            for r in receipts:
-                assert await wait_status(store, r.document_id, {"embedded"}) == "embedded"
-            assert parser.peak >= 3, parser.peak  # one partition, yet documents at once
+    async with (
+        workers(settings, concurrency=4, providers=Providers(parser=parser)) as runners,
+        Uploader(settings) as up,
+        await Store.connect(settings.postgres.dsn()) as store,
+    ):
+        receipts = [
+            await up.upload_bytes(
+                f"# Doc {i}\n\nText number {i} for the slow parser.".encode(),
+                f"c{i}.md",
+                tenant_id="conc",
+            )
+            for i in range(8)
+        ]
+        for r in receipts:
+            assert await wait_status(store, r.document_id, {"embedded"}) == "embedded"
+        assert parser.peak >= 3, parser.peak  # one partition, yet documents at once
 
-            # Three more records for each of two documents, back to back on the one partition:
-            # the two documents run side by side, each document's three one after another.
-            topology = Topology(settings.kafka.topic_prefix)
-            uploaded = {
-                r.key: r for r in await read_all(settings, topology.uploaded, want=len(receipts))
-            }
-            twice = [receipts[0].document_id.encode(), receipts[1].document_id.encode()]
-            parser.peak = 0
-            (parse_runner,) = [r for r in runners if r.stage is Stage.PARSE]
-            before = parse_runner.stats.processed
-            producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
-            await producer.start()
-            try:
-                for _ in range(3):
-                    for key in twice:
-                        record = uploaded[key]
-                        await producer.send(topology.uploaded, record.value, key=key)
-                await producer.flush()
-            finally:
-                await producer.stop()
-            for _ in range(300):
-                if parse_runner.stats.processed >= before + 6:
-                    break
-                await asyncio.sleep(0.1)
-            assert parse_runner.stats.processed == before + 6
-            assert parser.peak == 2
-            for key in twice:
-                spans = sorted(parser.spans[key.decode()])[-3:]
-                for (_, end), (start, _) in itertools.pairwise(spans):
-                    assert start >= end, f"records of {key!r} overlapped: {spans}"
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+        # Three more records for each of two documents, back to back on the one partition:
+        # the two documents run side by side, each document's three one after another.
+        topology = Topology(settings.kafka.topic_prefix)
+        uploaded = {
+            r.key: r for r in await read_all(settings, topology.uploaded, want=len(receipts))
+        }
+        twice = [receipts[0].document_id.encode(), receipts[1].document_id.encode()]
+        parser.peak = 0
+        (parse_runner,) = [r for r in runners if r.stage is Stage.PARSE]
+        before = parse_runner.stats.processed
+        producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
+        await producer.start()
+        try:
+            for _ in range(3):
+                for key in twice:
+                    record = uploaded[key]
+                    await producer.send(topology.uploaded, record.value, key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        await wait_until(
+            lambda: parse_runner.stats.processed >= before + 6, 30, "the six records handled"
+        )
+        assert parse_runner.stats.processed == before + 6
+        assert parser.peak == 2
+        for key in twice:
+            spans = sorted(parser.spans[key.decode()])[-3:]
+            for (_, end), (start, _) in itertools.pairwise(spans):
+                assert start >= end, f"records of {key!r} overlapped: {spans}"

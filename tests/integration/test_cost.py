@@ -4,10 +4,9 @@ events, the ledger, budgets, throttle events, and stages that obey them."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,12 +14,10 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
 from consumers.runtime import StageRunner
-from consumers.worker import run_workers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cli import app
@@ -30,8 +27,14 @@ from ragstream.cost.pricing import PriceTable
 from ragstream.events import CostUsage, DocumentEmbedded, ThrottleEvent, ThrottleState
 from ragstream.settings import Mode, Settings
 from ragstream.store import Store
-from ragstream.store.migrate import migrate
 from ragstream.topology import Stage, Topology
+from tests.integration.pipeline_helpers import (
+    committed_offsets,
+    end_offsets,
+    variant,
+    wait_until,
+)
+from tests.integration.pipeline_helpers import workers as stage_workers
 from tests.integration.test_dlq_tools import cli_env
 from tests.integration.test_failures import read_all, wait_status
 from tests.servers.llamaparse_server import LlamaParseServer
@@ -62,20 +65,10 @@ def paid_settings(
 ) -> Settings:
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
-    openai = settings.services.openai.model_copy(
-        update={"mode": Mode.REAL, "base_url": server.base_url, "api_key": SecretStr("test-key")}
-    )
-    services = settings.services.model_copy(update={"openai": openai})
-    budget = settings.budgets.model_copy(
-        update={"prices": prices, "evaluate_interval_s": 0.5, **budgets}
-    )
-    return settings.model_copy(update={"services": services, "budgets": budget})
-
-
-def with_mode(settings: Settings, mode: Mode) -> Settings:
-    openai = settings.services.openai.model_copy(update={"mode": mode})
-    return settings.model_copy(
-        update={"services": settings.services.model_copy(update={"openai": openai})}
+    return variant(
+        settings,
+        services={"openai": {"mode": "real", "base_url": server.base_url, "api_key": "test-key"}},
+        budgets={"prices": prices, "evaluate_interval_s": 0.5, **budgets},
     )
 
 
@@ -83,21 +76,10 @@ def with_mode(settings: Settings, mode: Mode) -> Settings:
 async def workers(
     settings: Settings, stages: list[Stage], *, accountant: bool
 ) -> AsyncIterator[list[StageRunner]]:
+    """The stages in this process, one record at a time, with or without the accountant."""
     await ensure_topics(settings)
-    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
-    stop = asyncio.Event()
-    held: list[StageRunner] = []
-    task = asyncio.create_task(
-        run_workers(settings, stages, stop=stop, accountant=accountant, started=held.extend)
-    )
-    try:
-        await wait_for(lambda: len(held) == len(stages) or task.done(), 30, "workers started")
-        if task.done():
-            task.result()
-        yield held
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+    async with stage_workers(settings, stages, concurrency=1, accountant=accountant) as runners:
+        yield runners
 
 
 @asynccontextmanager
@@ -111,41 +93,12 @@ async def following(settings: Settings) -> AsyncIterator[ControlState]:
         await follower.stop()
 
 
-async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], within_s: float, what: str
-) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        result = condition()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"not within {within_s} s: {what}")
-
-
 async def embed_lag(settings: Settings) -> int:
     """Committed offsets of the embed group against the log end of its input topic."""
     topology = Topology(settings.kafka.topic_prefix)
-    admin = AIOKafkaAdminClient(**settings.kafka.client_options())
-    await admin.start()
-    producer = AIOKafkaProducer(**settings.kafka.client_options())
-    await producer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(topology.group(Stage.EMBED))
-        parts = await producer.partitions_for(topology.chunked)
-    finally:
-        await admin.close()
-        await producer.stop()
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(**settings.kafka.client_options())
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topology.chunked, p) for p in parts]
-        ends = await consumer.end_offsets(tps)
-    finally:
-        await consumer.stop()
-    return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps)
+    ends = await end_offsets(settings, topology.chunked)
+    committed = await committed_offsets(settings, topology.group(Stage.EMBED))
+    return sum(end - committed.get(tp, 0) for tp, end in ends.items())
 
 
 async def cli(settings: Settings, *args: str) -> Result:
@@ -180,7 +133,7 @@ async def test_budget_throttles_the_paid_stage_and_raising_it_lets_every_documen
                 event = control.throttles.get(("openai", None))
                 return event is not None and event.state is ThrottleState.THROTTLED
 
-            await wait_for(throttled, 45, "a THROTTLED event for openai")
+            await wait_until(throttled, 45, "a THROTTLED event for openai")
             event = control.throttles[("openai", None)]
             assert event.budget_usd == Decimal("0.02")
             assert "openai" in event.reason and event.window == "day"
@@ -188,7 +141,7 @@ async def test_budget_throttles_the_paid_stage_and_raising_it_lets_every_documen
 
             # The paid stage stops calling the API; its lag grows; nothing fails.
             (embed_runner,) = [r for r in runners if r.stage is Stage.EMBED]
-            await wait_for(lambda: embed_runner.blocked is not None, 10, "embed paused")
+            await wait_until(lambda: embed_runner.blocked is not None, 10, "embed paused")
             calls = len(server.calls)
             await asyncio.sleep(3)
             assert len(server.calls) == calls
@@ -212,7 +165,7 @@ async def test_budget_throttles_the_paid_stage_and_raising_it_lets_every_documen
             # Raising the budget publishes OPEN; every remaining document completes.
             result = await cli(settings, "budget", "openai", "--daily-usd", "10")
             assert result.exit_code == 0, result.output
-            await wait_for(
+            await wait_until(
                 lambda: control.throttles[("openai", None)].state is ThrottleState.OPEN,
                 15,
                 "OPEN after raising the budget",
@@ -281,7 +234,7 @@ async def test_a_usage_event_delivered_twice_counts_once_and_garbage_is_dead_let
         async def one_row() -> bool:
             return (await store.ledger_totals()).get("openai") is not None
 
-        await wait_for(one_row, 30, "the usage event in the ledger")
+        await wait_until(one_row, 30, "the usage event in the ledger")
         dlq = await read_all(settings, topology.dlq, want=1)
         await asyncio.sleep(1)  # the duplicate is behind the garbage: it has been read too
         assert (await store.ledger_totals())["openai"] == (1, 1234, Decimal("0.00002468"))
@@ -359,7 +312,7 @@ async def test_a_worker_started_while_throttled_starts_paused_and_hybrid_falls_b
         # Hybrid while throttled: no paid call, the local provider serves, and says so.
         await publish_control(settings, throttle_key("openai"), throttle)
         calls = len(server.calls)
-        hybrid = with_mode(settings, Mode.HYBRID)
+        hybrid = variant(settings, services={"openai": {"mode": "hybrid"}})
         async with (
             workers(hybrid, list(Stage), accountant=False) as runners,
             Uploader(hybrid) as up,
@@ -387,7 +340,7 @@ async def test_known_documents_and_a_warm_cache_cost_nothing(
         ):
             first = await up.upload_bytes(text(7), "known.md", tenant_id="free")
             assert await wait_status(store, first.document_id, {"embedded"}) == "embedded"
-            await wait_for(lambda: len(server.ok_calls()) >= 1, 10, "a paid call")
+            await wait_until(lambda: len(server.ok_calls()) >= 1, 10, "a paid call")
 
             async def ledgered() -> tuple[int, int, Decimal]:
                 deadline = time.monotonic() + 20
@@ -473,7 +426,7 @@ async def test_llamaparse_jobs_are_billed_by_the_credits_they_report(
             async def ledgered() -> bool:
                 return (await store.ledger_totals()).get("llamaparse", (0,))[0] == 3
 
-            await wait_for(ledgered, 20, "three jobs in the ledger")
+            await wait_until(ledgered, 20, "three jobs in the ledger")
             requests, credits, cost = (await store.ledger_totals())["llamaparse"]
     reported = sum(len(job.pages) * server.credits_per_page for job in server.jobs.values())
     assert (requests, credits) == (3, reported) == (3, 18)  # 1 + 2 + 3 pages, 3 credits each

@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from pipeline_helpers import (
     committed_offsets,
+    end_offsets,
     read_topic,
     variant,
     wait_for_statuses,
@@ -114,16 +115,6 @@ async def replay_cli(settings: Settings, *args: str) -> Ran:
 
 
 # -- reading back ------------------------------------------------------------------------------
-
-
-async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(**settings.kafka.client_options(), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-        return dict(await consumer.end_offsets(tps))
-    finally:
-        await consumer.stop()
 
 
 async def caught_up(settings: Settings, stages: Iterable[Stage] = tuple(Stage)) -> bool:
