@@ -14,25 +14,33 @@ document's events keep their order (retry topics stay sequential: they wait on d
 On shutdown or revocation, in-flight records get `kafka.shutdown_grace_s` to finish; the rest
 are handed back uncommitted.
 
-Failures are read here and only here (see ragstream.errors):
-- RetryableError (and any unexpected exception): the record goes to `<prefix>.retry.<stage>`
-  with its next attempt number and the time it becomes due (exponential backoff with jitter);
-  the input offset is committed, so the partition it came from goes on at once. The same
-  consumer reads the retry topic and pauses a retry partition until its head record is due.
-  When attempts are used up, the record goes to the dead-letter topic.
-- PermanentError: to the dead-letter topic at once.
-- DecodeError (a poison pill): to the dead-letter topic with its bytes untouched.
-- CircuitOpenError (the call was not made): the record waits on the retry topic until the
-  circuit lets a probe through, its attempt number unchanged, so an outage does not use up
-  attempts.
-- BudgetExceeded is not a failure: the record waits in Kafka. Service-wide, its partition is
-  held at that record (uncommitted, paused) and tried again every few seconds; for a tenant's
-  own budget, the record is parked on the retry topic until the tenant's window ends, with its
-  attempt number unchanged, so other tenants on the partition go on.
+Failures are decided by one pure function, `consumers.policy.decide` (its docstring has the
+table), and carried out here and only here:
+- Retry: the record goes to `<prefix>.retry.<stage>` with its next attempt number and the time
+  it becomes due (exponential backoff with jitter); the input offset is committed, so the
+  partition it came from goes on at once. The same consumer reads the retry topic and pauses a
+  retry partition until its head record is due. When attempts are used up: the DLQ.
+- DeadLetter: the document's failure is written first (its status says dead-lettered with the
+  reason), then the record goes to the dead-letter topic; a failure that cannot be written yet
+  is not dead-lettered until it is. A poison pill keeps its bytes untouched.
+- Park: on the retry topic with its attempt number unchanged (an open circuit, a tenant over
+  its own budget: the call was never made).
+- Hold: the service-wide budget said no: the partition is held at that record (uncommitted,
+  paused) and it is tried again every few seconds.
+- WaitForInfrastructure: our own PostgreSQL or Kafka does not answer. The record is held where
+  it is, every partition of the stage is paused (the consumer keeps polling, so the group does
+  not rebalance), the dependency is probed with backoff (`consumers.infrastructure`), and the
+  record is tried again when it answers. No attempt is spent and readiness is false meanwhile,
+  so an outage of any length dead-letters nothing. The same wait guards every write after the
+  stage's own work (the output record, the journey, the retry and DLQ copies): once a record's
+  output is published, nothing after it can dead-letter the record.
 
 Budget gate: while `gate()` names a reason (the stage's paid service is THROTTLED in real
 mode), every assigned partition is paused; the consumer keeps polling, so the group does not
 rebalance, nothing is lost and lag grows. When the gate opens, the partitions resume.
+
+The same runtime runs the cost accountant (`consumers.cost`): a consumer whose events are
+CostUsage rather than document events and which publishes nothing downstream.
 A dead-letter record keeps the original key, value and headers and adds `ragstream.errors.*`
 headers saying where it came from and why.
 """
@@ -42,10 +50,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from enum import Enum
+from typing import Final, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -53,15 +63,26 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from consumers.infrastructure import InfrastructureWatch, Waited, until_available
+from consumers.policy import (
+    Action,
+    DeadLetter,
+    Hold,
+    Park,
+    Retry,
+    WaitForInfrastructure,
+    decide,
+    retry_or_give_up,
+)
 from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
 from ragstream.dlq import MESSAGE_LIMIT, dead_letter_headers, failure_headers, header
-from ragstream.errors import BudgetExceeded, DecodeError, PermanentError
+from ragstream.errors import KAFKA, DecodeError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
+from ragstream.kafka_clients import started
 from ragstream.metrics import Metrics, observe_lag
-from ragstream.providers.circuit import CircuitOpenError
-from ragstream.settings import RetrySettings, Settings
+from ragstream.settings import Settings
 from ragstream.topology import (
     H_ATTEMPT,
     H_CORRELATION_ID,
@@ -75,7 +96,12 @@ from ragstream.topology import (
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
 StageHandler = Callable[[Event, RecordContext], Awaitable[Outcome]]
+
+# After this many waits in which the dependency answered at the first probe, the error is
+# taken to be the record's own (a statement that always times out): it spends an attempt.
+WAS_UP_LIMIT: Final = 3
 
 
 class StepRecorder(Protocol):
@@ -84,7 +110,7 @@ class StepRecorder(Protocol):
     async def step_done(
         self,
         event: DocumentEvent,
-        stage: Stage,
+        stage: str,
         outcome: Outcome,
         ctx: RecordContext,
         started_at: datetime,
@@ -94,7 +120,7 @@ class StepRecorder(Protocol):
     async def step_failed(
         self,
         event: DocumentEvent,
-        stage: Stage,
+        stage: str,
         error: BaseException,
         ctx: RecordContext,
         started_at: datetime,
@@ -104,17 +130,19 @@ class StepRecorder(Protocol):
     ) -> None: ...
 
 
-def backoff_delay(attempt: int, policy: RetrySettings, rng: random.Random | None = None) -> float:
-    """Delay before `attempt + 1`: uniform(d/2, d) with d = min(cap, base * factor**(attempt-1))."""
-    ceiling = min(policy.cap_s, policy.base_s * policy.factor ** max(attempt - 1, 0))
-    return (rng or random).uniform(ceiling / 2, ceiling)
-
-
-WAIT_RECHECK_S = 2.0  # how soon a record that was refused without a call is tried again
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class Handled(Enum):
+    DONE = "done"  # finished (output, retry or dead letter acknowledged): commit past it
+    HOLD = "hold"  # the budget refused it: keep it where it is, try again soon
+    RELEASED = "released"  # shutting down or revoked while waiting: hand it back uncommitted
+
+
+class _Released(BaseException):
+    """Raised inside a record's handling when its partition is handed back mid-wait (a
+    BaseException, like cancellation, so no handler's `except Exception` takes it)."""
 
 
 @dataclass
@@ -123,94 +151,135 @@ class RunnerStats:
     retried: int = 0
     dead_lettered: int = 0
     poison: int = 0
+    held_for_infrastructure: int = 0
     by_partition: dict[int, int] = field(default_factory=dict)
 
 
 class StageRunner:
-    """Runs one stage as a member of its consumer group until `stop` is set."""
+    """Runs one consumer (a stage, or the cost accountant) as a member of its group until
+    `stop` is set.
+
+    `stage` names the consumer (`Stage.PARSE`, ..., or `topology.COST`); `accepts` is the event
+    type its input topic carries; `recorder` writes document journeys (None: no journey).
+    `watch` is the process's view of its dependencies (shared by its runners)."""
 
     def __init__(
         self,
         settings: Settings,
-        stage: Stage,
+        stage: Stage | str,
         handler: StageHandler,
         codec: Codec,
-        recorder: StepRecorder,
+        recorder: StepRecorder | None,
         *,
         concurrency: int = 1,
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
         gate: Callable[[], str | None] | None = None,
+        accepts: type[Event] = DocumentEvent,
+        watch: InfrastructureWatch | None = None,
+        max_poll_records: int = 200,
     ) -> None:
         self.settings = settings
         self.stage = stage
+        self.name = str(stage)
         self.handler = handler
         self.codec = codec
         self.recorder = recorder
+        self.accepts = accepts
         self.concurrency = max(1, concurrency)
         self.metrics = metrics or Metrics(process_metrics=False)
+        self.watch = watch or InfrastructureWatch(metrics=self.metrics)
+        self.max_poll_records = max_poll_records
         self.joined = False  # holds group membership (readiness), with or without partitions
         self.topology = Topology(settings.kafka.topic_prefix)
         self.group_id = self.topology.group(stage)
         self.input_topic = self.topology.input_topic(stage)
         self.retry_topic = self.topology.retry(stage)
+        self.output_topic = self.topology.output_topic(stage)
         self.stats = RunnerStats()
         self._rng = rng or random.Random()
-        self._pending: dict[TopicPartition, int] = {}
-        self._waiting: dict[TopicPartition, int] = {}  # paused retry partition -> due (ms)
         self._commit_lock = asyncio.Lock()
-        self._inflight: dict[TopicPartition, asyncio.Task[None]] = {}
-        self._stopping: set[TopicPartition] = set()  # finishing what is in hand, nothing more
         self._gate = asyncio.Semaphore(self.concurrency)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()
-        self.assignment: set[TopicPartition] = set()
         self.gate = gate  # a reason while the stage must not call its paid service
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh per-run state (a supervisor may run the same runner again after a crash)."""
+        self._pending: dict[TopicPartition, int] = {}
+        self._waiting: dict[TopicPartition, int] = {}  # paused partition -> due (ms)
+        self._inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._stopping: set[TopicPartition] = set()  # finishing what is in hand, nothing more
+        self._stop: asyncio.Event | None = None
+        self.assignment: set[TopicPartition] = set()
         self.blocked: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._reset()
+        self._stop = stop
         kafka = self.settings.kafka
-        self.producer = AIOKafkaProducer(
-            **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
-        )
-        self.consumer = AIOKafkaConsumer(
-            **kafka.client_options(),
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_interval_ms=kafka.max_poll_interval_ms,
-            session_timeout_ms=kafka.session_timeout_ms,
-            heartbeat_interval_ms=min(3000, kafka.session_timeout_ms // 3),
-            max_poll_records=200,
-        )
-        self.consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
-        await self.producer.start()
+        where = kafka.bootstrap_servers
+
+        def make_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(
+                **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
+            )
+
+        def make_consumer() -> AIOKafkaConsumer:
+            consumer = AIOKafkaConsumer(
+                **kafka.client_options(),
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_interval_ms=kafka.max_poll_interval_ms,
+                session_timeout_ms=kafka.session_timeout_ms,
+                heartbeat_interval_ms=min(3000, kafka.session_timeout_ms // 3),
+                max_poll_records=self.max_poll_records,
+            )
+            consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
+            return consumer
+
+        self.producer = await until_available("kafka", where, lambda: started(make_producer), stop)
+        if self.producer is None:
+            return
+        producer = self.producer
         try:
-            await self.consumer.start()
-            log.info("stage started", stage=self.stage.value, group=self.group_id)
+            self.consumer = await until_available(
+                "kafka", where, lambda: started(make_consumer), stop
+            )
+        except BaseException:
+            await producer.stop()
+            raise
+        if self.consumer is None:
+            await producer.stop()
+            return
+        consumer = self.consumer
+        try:
+            log.info("consumer started", stage=self.name, group=self.group_id)
             while not stop.is_set():
                 self._apply_gate()
                 timeout_ms = self._resume_due()
                 if self._inflight:
                     timeout_ms = min(timeout_ms, 50)
-                batch = await self.consumer.getmany(timeout_ms=timeout_ms)
+                batch = await consumer.getmany(timeout_ms=timeout_ms)
                 for tp, records in batch.items():
                     self._dispatch(tp, records)
                 await self._reap()
                 await self.commit_pending()
-                await observe_lag(self.metrics, self.stage.value, self.consumer)
+                await observe_lag(self.metrics, self.name, consumer)
         finally:
             await self._drain(self.settings.kafka.shutdown_grace_s)
             await self.commit_pending()
             # Leaving the group at once (LeaveGroup), so a restart hands partitions over fast.
-            await self.consumer.stop()
-            await self.producer.stop()
+            await consumer.stop()
+            await producer.stop()
             self.joined = False
-            self.metrics.stage_stopped(self.stage.value)
-            log.info("stage stopped", stage=self.stage.value, **self.stats.__dict__)
+            self.metrics.stage_stopped(self.name)
+            log.info("consumer stopped", stage=self.name, **self.stats.__dict__)
 
     async def commit_pending(self) -> None:
         async with self._commit_lock:
@@ -221,24 +290,27 @@ class StageRunner:
             try:
                 await self.consumer.commit(offsets)
             except (CommitFailedError, KafkaError) as exc:
-                # The group moved on: the new owner re-reads these records; writes are idempotent.
+                # The group moved on, or the coordinator is away: whoever reads these
+                # partitions next re-reads the records; every write is idempotent.
                 log.warning("commit failed; records will be redelivered", error=str(exc))
 
     def _apply_gate(self) -> None:
-        """Pause every assigned partition while the gate is closed; resume when it opens."""
+        """Pause every assigned partition while the budget gate is closed or a dependency is
+        away; resume when both allow."""
         assert self.consumer is not None
-        reason = self.gate() if self.gate is not None else None
+        budget = self.gate() if self.gate is not None else None
+        reason = self.watch.reason or budget
         was, self.blocked = self.blocked, reason
+        self.metrics.set_stage_paused(self.name, bool(budget))
         if bool(reason) == bool(was):
             return
         if reason:
-            log.warning("stage paused by its budget", stage=self.stage.value, reason=reason)
+            log.warning("consumer paused", stage=self.name, reason=reason)
             self.consumer.pause(*self.consumer.assignment())
         else:
-            log.info("stage resumed: budget open", stage=self.stage.value)
+            log.info("consumer resumed", stage=self.name)
             for tp in self.consumer.assignment():
                 self._resume(tp)
-        self.metrics.set_stage_paused(self.stage.value, bool(reason))
 
     def _resume(self, tp: TopicPartition) -> None:
         """Resume a partition unless a task holds it, it waits for a due time, or the gate is
@@ -283,7 +355,10 @@ class StageRunner:
                         return  # revoked or shutting down: the rest go back uncommitted
                     if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
                         return
-                    if not await self._handle_record(record):
+                    handled = await self._handle_record(record)
+                    if handled is Handled.RELEASED:
+                        return
+                    if handled is Handled.HOLD:
                         self._hold(tp, record)
                         return
                     self._pending[tp] = record.offset + 1
@@ -309,9 +384,10 @@ class StageRunner:
                 if held.is_set() or tp in self._stopping:
                     return  # the budget said no, or the partition is being handed back
                 async with self._gate:
-                    if not await self._handle_record(record):
-                        held.set()
-                        return
+                    handled = await self._handle_record(record)
+                if handled is not Handled.DONE:
+                    held.set()
+                    return
                 done.add(record.offset)
 
         await asyncio.gather(*(lane(queue) for queue in lanes.values()))
@@ -329,7 +405,7 @@ class StageRunner:
             if not task.done():
                 continue
             del self._inflight[tp]
-            task.result()  # a failure here is a bug or lost infrastructure: stop the worker
+            task.result()  # a failure here is a bug: the supervisor restarts this consumer
             self._resume(tp)
 
     async def _drain(self, grace_s: float, only: set[TopicPartition] | None = None) -> None:
@@ -369,40 +445,68 @@ class StageRunner:
         assert self.consumer is not None
         self.consumer.seek(tp, record.offset)
         self.consumer.pause(tp)
-        self._waiting[tp] = _now_ms() + int(WAIT_RECHECK_S * 1000)
+        self._waiting[tp] = _now_ms() + int(Hold().recheck_s * 1000)
 
-    async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> bool:
-        """Handle one record; False when the budget refused it and it must wait in place."""
-        with self.metrics.inflight(self.stage.value):
-            return await self._handle_one(record)
+    async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> Handled:
+        with self.metrics.inflight(self.name):
+            try:
+                return await self._handle_one(record)
+            except _Released:
+                return Handled.RELEASED
 
-    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> Handled:
         corr = (header(record.headers, H_CORRELATION_ID) or b"").decode(errors="replace") or None
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            stage=self.stage.value,
+            stage=self.name,
             correlation_id=corr,
         ):
             try:
                 event = self.codec.decode(record.value or b"")
-                if not isinstance(event, DocumentEvent):
-                    raise DecodeError(f"{type(event).__name__} is not a document event")
+                if not isinstance(event, self.accepts):
+                    raise DecodeError(
+                        f"{type(event).__name__} is not a {self.accepts.__name__} event"
+                    )
             except DecodeError as exc:
                 self.stats.poison += 1
                 log.error("undecodable record dead-lettered", error=str(exc))
-                await self._dead_letter(record, None, exc, attempt=1, kind="poison")
-                self.metrics.record_handled(self.stage.value, "poison", 0.0)
-                return True
-            with structlog.contextvars.bound_contextvars(
+                poison = exc
+                await self._steadily(
+                    record,
+                    lambda: self._dead_letter(record, None, poison, attempt=1, kind="poison"),
+                )
+                self.metrics.record_handled(self.name, "poison", 0.0)
+                return Handled.DONE
+            ids = {
+                k: getattr(event, k)
+                for k in ("document_id", "tenant_id", "correlation_id")
+                if getattr(event, k, None) is not None
+            }
+            with structlog.contextvars.bound_contextvars(**ids):
+                return await self._attempt(record, event)
+
+    @contextmanager
+    def _call_context(self, event: Event) -> Iterator[None]:
+        """Name the document behind every paid call the handler makes (for cost usage)."""
+        if not isinstance(event, DocumentEvent):
+            yield
+            return
+        token = current_call.set(
+            CallContext(
+                stage=self.name,
                 document_id=event.document_id,
                 tenant_id=event.tenant_id,
                 correlation_id=event.correlation_id,
-            ):
-                return await self._attempt(record, event)
+            )
+        )
+        try:
+            yield
+        finally:
+            current_call.reset(token)
 
-    async def _attempt(self, record: ConsumerRecord[bytes, bytes], event: DocumentEvent) -> bool:
+    async def _attempt(self, record: ConsumerRecord[bytes, bytes], event: Event) -> Handled:
         attempt = int((header(record.headers, H_ATTEMPT) or b"1").decode() or 1)
         ctx = RecordContext(
             record.topic,
@@ -411,62 +515,40 @@ class StageRunner:
             attempt,
             replay=header(record.headers, H_REPLAY) is not None,
         )
-        started = datetime.now(UTC)
-        t0 = time.perf_counter()
-        token = current_call.set(
-            CallContext(
-                stage=self.stage.value,
-                document_id=event.document_id,
-                tenant_id=event.tenant_id,
-                correlation_id=event.correlation_id,
+        was_up = 0
+        while True:
+            started = datetime.now(UTC)
+            t0 = time.perf_counter()
+            try:
+                with self._call_context(event):
+                    outcome = await self.handler(event, ctx)
+                if outcome.output is not None:
+                    await self._publish(outcome.output)
+                break
+            except Exception as exc:
+                action = decide(exc, attempt, self.settings.retry, self._rng)
+                if isinstance(action, WaitForInfrastructure):
+                    waited = await self._wait_for(record, action.dependency, exc)
+                    was_up = was_up + 1 if waited is Waited.WAS_UP else 0
+                    if was_up < WAS_UP_LIMIT:
+                        continue  # the same record again, same attempt
+                    action = retry_or_give_up(exc, attempt, self.settings.retry, self._rng)
+                return await self._carry_out(action, record, event, exc, ctx, started, t0)
+        if self.recorder is not None and isinstance(event, DocumentEvent):
+            recorder = self.recorder
+            await self._steadily(
+                record,
+                lambda: recorder.step_done(
+                    event, self.name, outcome, ctx, started, datetime.now(UTC)
+                ),
+                what="journey step",
             )
-        )
-        try:
-            outcome = await self.handler(event, ctx)
-            if outcome.output is not None:
-                await self._publish(outcome.output)
-            await self.recorder.step_done(
-                event, self.stage, outcome, ctx, started, datetime.now(UTC)
-            )
-        except BudgetExceeded as exc:
-            self.metrics.record_handled(self.stage.value, "waiting", time.perf_counter() - t0)
-            if exc.tenant_id is None:
-                log.info("waiting for budget", service=exc.service, reason=str(exc))
-                return False
-            await self._park(record, exc, attempt, exc.retry_after)
-            log.info("parked until the tenant's budget allows", tenant_id=exc.tenant_id)
-            return True
-        except CircuitOpenError as exc:
-            # The service was not called: waiting for it to come back spends no attempt.
-            self.metrics.record_handled(self.stage.value, "waiting", time.perf_counter() - t0)
-            await self._park(record, exc, attempt, exc.retry_after)
-            log.info("parked until the circuit lets calls through", circuit=exc.name)
-            return True
-        except PermanentError as exc:
-            await self._record_failure(event, exc, ctx, started, final=True)
-            await self._dead_letter(record, event, exc, attempt, kind="permanent")
-            self.metrics.record_handled(self.stage.value, "dead-lettered", time.perf_counter() - t0)
-            return True
-        except Exception as exc:  # retryable, or unexpected: retried, then dead-lettered
-            final = attempt >= self.settings.retry.max_attempts
-            await self._record_failure(event, exc, ctx, started, final=final)
-            if final:
-                await self._dead_letter(record, event, exc, attempt, kind="exhausted")
-                self.metrics.record_handled(
-                    self.stage.value, "dead-lettered", time.perf_counter() - t0
-                )
-            else:
-                await self._retry(record, exc, attempt)
-                self.metrics.record_handled(self.stage.value, "retried", time.perf_counter() - t0)
-            return True
-        finally:
-            current_call.reset(token)
         seconds = time.perf_counter() - t0
         self.stats.processed += 1
         self.stats.by_partition[record.partition] = (
             self.stats.by_partition.get(record.partition, 0) + 1
         )
-        self.metrics.record_handled(self.stage.value, outcome.status, seconds)
+        self.metrics.record_handled(self.name, outcome.status, seconds)
         if isinstance(outcome.output, DocumentEmbedded):
             self.metrics.record_embedded(outcome.output)
         log.info(
@@ -475,11 +557,111 @@ class StageRunner:
             attempt=attempt,
             duration_ms=round(seconds * 1000, 1),
         )
-        return True
+        return Handled.DONE
+
+    async def _carry_out(
+        self,
+        action: Action,
+        record: ConsumerRecord[bytes, bytes],
+        event: Event,
+        exc: Exception,
+        ctx: RecordContext,
+        started: datetime,
+        t0: float,
+    ) -> Handled:
+        """Do what the policy decided for a record whose handling failed."""
+        elapsed = time.perf_counter() - t0
+        if isinstance(action, Hold):
+            self.metrics.record_handled(self.name, "waiting", elapsed)
+            log.info("waiting for budget", reason=str(exc))
+            return Handled.HOLD
+        if isinstance(action, Park):
+            self.metrics.record_handled(self.name, "waiting", elapsed)
+            delay = action.delay_s
+            await self._steadily(record, lambda: self._send_retry(record, exc, ctx.attempt, delay))
+            log.info("parked: the call was not made", reason=str(exc), delay_s=delay)
+            return Handled.DONE
+        if isinstance(action, Retry):
+            await self._record_failure(record, event, exc, ctx, started, final=False)
+            nxt, delay = action.attempt, action.delay_s
+            await self._steadily(record, lambda: self._send_retry(record, exc, nxt, delay))
+            self.stats.retried += 1
+            self.metrics.record_retry(self.name, type(exc).__name__)
+            self.metrics.record_handled(self.name, "retried", elapsed)
+            log.info("sent to retry", next_attempt=nxt, delay_s=round(delay, 3))
+            return Handled.DONE
+        assert isinstance(action, DeadLetter)
+        # The failure is written before the record reaches the DLQ: the document's status
+        # never lags behind a dead letter.
+        await self._record_failure(record, event, exc, ctx, started, final=True)
+        kind = action.kind
+        await self._steadily(
+            record, lambda: self._dead_letter(record, event, exc, ctx.attempt, kind=kind)
+        )
+        self.metrics.record_handled(self.name, "dead-lettered", elapsed)
+        return Handled.DONE
+
+    # -- waiting for our own dependencies ----------------------------------------------------
+
+    def _released(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        tp = TopicPartition(record.topic, record.partition)
+        return tp in self._stopping or (self._stop is not None and self._stop.is_set())
+
+    async def _wait_for(
+        self, record: ConsumerRecord[bytes, bytes], dependency: str, exc: BaseException
+    ) -> Waited:
+        """Hold `record` until `dependency` answers again; raise _Released when the partition
+        is handed back meanwhile."""
+        self.stats.held_for_infrastructure += 1
+        log.warning(
+            "dependency unavailable: record held, no attempt spent",
+            dependency=dependency or "infrastructure",
+            error_class=type(exc).__name__,
+            error=str(exc)[:MESSAGE_LIMIT],
+        )
+        probe = self._probe_kafka if dependency == KAFKA else None
+        waited = await self.watch.wait(dependency, exc, lambda: self._released(record), probe)
+        if waited is Waited.ABANDONED:
+            raise _Released
+        return waited
+
+    async def _probe_kafka(self) -> bool:
+        """Does the broker answer a metadata request (through this runner's own producer)?"""
+        if self.producer is None:
+            return False
+        return bool(await self.producer.client.force_metadata_update())
+
+    async def _steadily(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        write: Callable[[], Awaitable[T]],
+        *,
+        what: str | None = None,
+    ) -> T | None:
+        """Run a write that follows the record's handling (publish a copy, write the journey)
+        until it gets through, waiting for our own dependencies as long as they are away.
+
+        With `what` the write is best effort once the dependency answers: another error is
+        logged and the record goes on (None). Without it, that error is raised."""
+        was_up = 0
+        while True:
+            try:
+                return await write()
+            except Exception as exc:
+                action = decide(exc, 1, self.settings.retry)
+                if isinstance(action, WaitForInfrastructure) and was_up < WAS_UP_LIMIT:
+                    waited = await self._wait_for(record, action.dependency, exc)
+                    was_up = was_up + 1 if waited is Waited.WAS_UP else 0
+                    continue
+                if what is None:
+                    raise
+                log.error(f"could not write the {what}", error=str(exc)[:MESSAGE_LIMIT])
+                return None
 
     async def _record_failure(
         self,
-        event: DocumentEvent,
+        record: ConsumerRecord[bytes, bytes],
+        event: Event,
         exc: BaseException,
         ctx: RecordContext,
         started: datetime,
@@ -492,40 +674,24 @@ class StageRunner:
             error_class=type(exc).__name__,
             error=str(exc)[:MESSAGE_LIMIT],
         )
-        try:
-            await self.recorder.step_failed(
-                event, self.stage, exc, ctx, started, datetime.now(UTC), final=final
-            )
-        except Exception as rec_exc:  # the journey is best effort; the record still moves on
-            log.error("could not record the failure", error=str(rec_exc))
+        if self.recorder is None or not isinstance(event, DocumentEvent):
+            return
+        recorder = self.recorder
+        await self._steadily(
+            record,
+            lambda: recorder.step_failed(
+                event, self.name, exc, ctx, started, datetime.now(UTC), final=final
+            ),
+            what="failure",
+        )
 
-    async def _park(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        exc: Exception,
-        attempt: int,
-        delay: float | None,
-    ) -> None:
-        """Wait on the retry topic without spending an attempt: the call was never made (a
-        tenant over its own budget, until its window ends; an open circuit, until it lets a
-        probe through)."""
-        await self._send_retry(record, exc, attempt, max(delay or 0.0, WAIT_RECHECK_S))
-
-    async def _retry(
-        self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int
-    ) -> None:
-        retry_after = getattr(exc, "retry_after", None)
-        delay = max(retry_after or 0.0, backoff_delay(attempt, self.settings.retry, self._rng))
-        await self._send_retry(record, exc, attempt + 1, delay)
-        self.stats.retried += 1
-        self.metrics.record_retry(self.stage.value, type(exc).__name__)
-        log.info("sent to retry", next_attempt=attempt + 1, delay_s=round(delay, 3))
+    # -- publishing --------------------------------------------------------------------------
 
     async def _send_retry(
         self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int, delay: float
     ) -> None:
         headers = [
-            *failure_headers(record, exc, stage=self.stage.value, group=self.group_id),
+            *failure_headers(record, exc, stage=self.name, group=self.group_id),
             (H_ATTEMPT, str(attempt).encode()),
             (H_DUE_AT, str(_now_ms() + int(delay * 1000)).encode()),
         ]
@@ -537,34 +703,34 @@ class StageRunner:
     async def _dead_letter(
         self,
         record: ConsumerRecord[bytes, bytes],
-        event: DocumentEvent | None,
+        event: Event | None,
         exc: BaseException,
         attempt: int,
         *,
         kind: str,
     ) -> None:
         headers = dead_letter_headers(
-            record, exc, stage=self.stage.value, group=self.group_id, kind=kind, attempts=attempt
+            record, exc, stage=self.name, group=self.group_id, kind=kind, attempts=attempt
         )
-        if event is not None:
-            headers += [
-                (H_ERR_TENANT, event.tenant_id.encode()),
-                (H_ERR_DOCUMENT, event.document_id.encode()),
-            ]
+        tenant, document = getattr(event, "tenant_id", None), getattr(event, "document_id", None)
+        if tenant is not None:
+            headers.append((H_ERR_TENANT, str(tenant).encode()))
+        if document is not None:
+            headers.append((H_ERR_DOCUMENT, str(document).encode()))
         assert self.producer is not None
         # Key and value exactly as they came: a poison pill stays the bytes it was.
         await self.producer.send_and_wait(
             self.topology.dlq, record.value, key=record.key, headers=headers
         )
         self.stats.dead_lettered += 1
-        self.metrics.record_dead_letter(self.stage.value, type(exc).__name__)
+        self.metrics.record_dead_letter(self.name, type(exc).__name__)
         log.error("dead-lettered", kind=kind, attempts=attempt, error_class=type(exc).__name__)
 
     async def _publish(self, event: Event) -> None:
-        assert self.producer is not None
+        assert self.producer is not None and self.output_topic is not None
         key = event.document_id.encode() if isinstance(event, DocumentEvent) else None
         await self.producer.send_and_wait(
-            self.topology.output_topic(self.stage),
+            self.output_topic,
             self.codec.encode(event),
             key=key,
             headers=self.codec.headers_for(event),
@@ -584,18 +750,18 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in revoked:
             self.runner._waiting.pop(tp, None)
         self.runner.assignment -= set(revoked)
-        runner.metrics.drop_lag(runner.stage.value, revoked)
+        runner.metrics.drop_lag(runner.name, revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         consumer = self.runner.consumer
         if self.runner.blocked and consumer is not None and assigned:
-            consumer.pause(*assigned)  # a paused stage takes over partitions paused
+            consumer.pause(*assigned)  # a paused consumer takes over partitions paused
         self.runner.assignment = set(assigned)
         self.runner.joined = True
-        self.runner.metrics.set_member(self.runner.stage.value, len(assigned))
+        self.runner.metrics.set_member(self.runner.name, len(assigned))
         log.info(
             "partitions assigned",
-            stage=self.runner.stage.value,
+            stage=self.runner.name,
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
         )
         self.runner.assigned.set()

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from consumers.chunk import ChunkDeps, chunk
+from consumers.cost import NAME as COST_GROUP
+from consumers.cost import CostAccountant
 from consumers.embed import EmbedDeps, embed
+from consumers.infrastructure import InfrastructureWatch, until_available
 from consumers.parse import ParseDeps, parse
 from consumers.runtime import StageHandler, StageRunner
 from consumers.stage import Outcome, RecordContext
@@ -22,11 +27,10 @@ from ragstream.chunking import Chunker
 from ragstream.circuits import report_circuits
 from ragstream.codec import Codec
 from ragstream.control import ControlFollower, ControlState
-from ragstream.cost.accountant import NAME as COST_GROUP
-from ragstream.cost.accountant import CostAccountant
 from ragstream.cost.meter import BudgetGuard, KafkaUsageSink, Meter
 from ragstream.cost.pricing import PriceTable
 from ragstream.embedding import Embedder, LocalEmbedder
+from ragstream.errors import POSTGRES, ConfigError, PermanentError
 from ragstream.events import (
     CostUsage,
     DocumentChunked,
@@ -71,7 +75,7 @@ class JourneyRecorder:
     async def step_done(
         self,
         event: DocumentEvent,
-        stage: Stage,
+        stage: str,
         outcome: Outcome,
         ctx: RecordContext,
         started_at: datetime,
@@ -81,7 +85,7 @@ class JourneyRecorder:
         await self.store.record_step(
             document_id=event.document_id,
             tenant_id=event.tenant_id,
-            stage=stage.value,
+            stage=stage,
             input_event_id=str(event.event_id),
             outcome=outcome.status,
             attempt=ctx.attempt,
@@ -95,7 +99,7 @@ class JourneyRecorder:
     async def step_failed(
         self,
         event: DocumentEvent,
-        stage: Stage,
+        stage: str,
         error: BaseException,
         ctx: RecordContext,
         started_at: datetime,
@@ -103,12 +107,12 @@ class JourneyRecorder:
         *,
         final: bool,
     ) -> None:
-        reason = f"{stage.value}: {type(error).__name__}: {error}"
+        reason = f"{stage}: {type(error).__name__}: {error}"
         replay = ctx.replay_position
         await self.store.record_step(
             document_id=event.document_id,
             tenant_id=event.tenant_id,
-            stage=stage.value,
+            stage=stage,
             input_event_id=str(event.event_id),
             outcome="dead-lettered" if final else "retry",
             attempt=ctx.attempt,
@@ -122,15 +126,13 @@ class JourneyRecorder:
         )
         if final:
             await self.store.advance_status(
-                event.document_id, "dead-lettered", reason=reason[:2000], stage=stage.value
+                event.document_id, "dead-lettered", reason=reason[:2000], stage=stage
             )
 
 
 def _typed(kind: type[Event], fn: Callable[[Any], Awaitable[Outcome]]) -> StageHandler:
     async def handler(event: Event, ctx: RecordContext) -> Outcome:
         if not isinstance(event, kind):
-            from ragstream.errors import PermanentError
-
             raise PermanentError(f"expected {kind.__name__}, got {type(event).__name__}")
         return await fn(event)
 
@@ -284,6 +286,50 @@ def _observe_control(metrics: Metrics, event: Event) -> None:
         metrics.set_budget(event.service, "daily", event.budget_usd, event.spent_usd)
 
 
+async def _open_store(settings: Settings) -> Store:
+    """Migrate, connect and make sure the vector index exists (raises while PostgreSQL is away)."""
+    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    store = await Store.connect(
+        settings.postgres.dsn(),
+        min_size=settings.postgres.pool_min_size,
+        max_size=settings.postgres.pool_max_size,
+    )
+    try:
+        await store.ensure_vector_index(settings.embed.dimensions)
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+Member = StageRunner | CostAccountant
+RESTART_BASE_S: Final = 1.0
+RESTART_CAP_S: Final = 30.0
+
+
+async def supervise(member: Member, stop: asyncio.Event) -> None:
+    """Run one consumer until `stop`; when it crashes (a bug, not a dependency: those are
+    waited for inside), report it and run it again with backoff, so the process's other
+    consumers go on. A ConfigError stops the process: only an operator can fix it."""
+    name = _name(member)
+    delay = RESTART_BASE_S
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            await member.run(stop)
+            return
+        except ConfigError:
+            raise
+        except Exception:
+            if time.monotonic() - began > 60:
+                delay = RESTART_BASE_S  # it ran a while: a fresh failure, not a crash loop
+            log.exception("consumer crashed; restarting it", consumer=name, restart_in_s=delay)
+            member.metrics.record_restart(name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(RESTART_CAP_S, delay * 2)
+
+
 async def run_workers(
     settings: Settings,
     stages: list[Stage],
@@ -299,6 +345,9 @@ async def run_workers(
     """Run the given stages (and, with `accountant`, a member of the cost group) in this
     process until `stop` is set (or SIGTERM/SIGINT).
 
+    Start-up waits for PostgreSQL and Kafka (one log line per attempt, not ready meanwhile);
+    then each consumer runs under `supervise`, so one crashing does not stop the others.
+
     Without `providers`, the stages' providers follow the control topic (modes, throttles)
     and every paid call is metered; given `providers` are used as they are.
 
@@ -309,26 +358,56 @@ async def run_workers(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    metrics = Metrics()
+    watch = InfrastructureWatch(metrics=metrics)
+    members: list[Member] = []
+    store: Store | None = None
+
+    async def database() -> bool:
+        return store is not None and await database_ready(store)
+
+    checks: dict[str, Callable[[], Any]] = {
+        "database": database,
+        "dependencies": watch.ready,
+        "consumers": lambda: bool(members) and all(m.joined for m in members),
+    }
+    obs = settings.observability
+    kafka_at = settings.kafka.bootstrap_servers
     async with AsyncExitStack() as stack:
-        store = await Store.connect(
-            settings.postgres.dsn(),
-            min_size=settings.postgres.pool_min_size,
-            max_size=settings.postgres.pool_max_size,
+        stack.push_async_callback(watch.close)
+        # Health first: while start-up waits for its dependencies, /ready answers 503.
+        health = HealthServer(metrics, obs.metrics_host, obs.metrics_port, readiness(checks))
+        port = await health.start()
+        stack.push_async_callback(health.stop)
+        log.info("serving metrics and health", url=f"http://{obs.metrics_host}:{port}/metrics")
+        store = await until_available(
+            "postgresql", settings.postgres.redacted_dsn(), lambda: _open_store(settings), stop
         )
+        if store is None:
+            return []
         stack.push_async_callback(store.close)
-        await store.ensure_vector_index(settings.embed.dimensions)
+        ready_store = store
+        watch.probes[POSTGRES] = lambda: database_ready(ready_store)
         codec = Codec()
         recorder = JourneyRecorder(store)
-        metrics = Metrics()
         control = None
         if providers is None or accountant:
-            control = await _follow_control(settings, codec, stack, metrics)
+            control = await until_available(
+                "kafka", kafka_at, lambda: _follow_control(settings, codec, stack, metrics), stop
+            )
+            if control is None:
+                return []
         if providers is None:
             assert control is not None
-            providers = await _following_providers(
-                settings, codec, stack, metrics, control, breakers
+            given = control
+            providers = await until_available(
+                "kafka",
+                kafka_at,
+                lambda: _following_providers(settings, codec, stack, metrics, given, breakers),
+                stop,
             )
+            if providers is None:
+                return []
         runners = [
             StageRunner(
                 settings,
@@ -339,26 +418,21 @@ async def run_workers(
                 concurrency=concurrency,
                 metrics=metrics,
                 gate=control.gate(stage) if control is not None else None,
+                watch=watch,
             )
             for stage in stages
         ]
-        members: list[StageRunner | CostAccountant] = list(runners)
+        members.extend(runners)
         if accountant:
             assert control is not None
             members.append(
-                CostAccountant(settings, store, control.state, codec=codec, metrics=metrics)
+                CostAccountant(
+                    settings, store, control.state, codec=codec, metrics=metrics, watch=watch
+                )
             )
-        obs = settings.observability
-        checks: dict[str, Callable[[], Any]] = {"database": lambda: database_ready(store)}
-        for m in members:
-            checks[_name(m)] = lambda m=m: m.joined  # type: ignore[misc]
-        health = HealthServer(metrics, obs.metrics_host, obs.metrics_port, readiness(checks))
-        port = await health.start()
-        stack.push_async_callback(health.stop)
-        log.info("serving metrics and health", url=f"http://{obs.metrics_host}:{port}/metrics")
         if started:
             started(runners)
-        tasks = [asyncio.create_task(m.run(stop), name=f"stage-{_name(m)}") for m in members]
+        tasks = [asyncio.create_task(supervise(m, stop), name=f"stage-{_name(m)}") for m in members]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -373,5 +447,5 @@ async def run_workers(
     return runners
 
 
-def _name(member: StageRunner | CostAccountant) -> str:
-    return member.stage.value if isinstance(member, StageRunner) else COST_GROUP
+def _name(member: Member) -> str:
+    return member.name if isinstance(member, StageRunner) else COST_GROUP

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from ragstream.codec import Codec
 from ragstream.errors import ConfigError, DecodeError
 from ragstream.events import Event, ServiceMode, ServiceModeChanged, ThrottleEvent, ThrottleState
+from ragstream.kafka_clients import started
 from ragstream.settings import Settings
 from ragstream.topology import CONTROL_MODE, CONTROL_THROTTLE, Topology
 
@@ -79,10 +80,10 @@ class ControlFollower:
 
     async def start(self) -> None:
         """Catch up with everything on the topic, then keep following in the background."""
-        consumer = AIOKafkaConsumer(
-            **self.settings.kafka.client_options(), enable_auto_commit=False
+        kafka = self.settings.kafka
+        consumer = await started(
+            lambda: AIOKafkaConsumer(**kafka.client_options(), enable_auto_commit=False)
         )
-        await consumer.start()
         self._consumer = consumer
         await consumer._client.force_metadata_update()
         partitions = consumer.partitions_for_topic(self.topic) or {0}

@@ -6,13 +6,21 @@
     ├── PermanentError              will never pass (validation, corrupt or unsupported input, 4xx)
     │   └── DecodeError             bytes that are not a ragstream event (poison pill)
     ├── BudgetExceeded              not a failure: wait until the budget window allows the call
-    └── InfrastructureError         a local service (broker, database) could not be started/reached
+    └── InfrastructureError         our own broker or database could not be started or reached
+        └── InfrastructureUnavailable   ...while a record was in hand: not the record's fault;
+                                        hold it, wait for the dependency, spend no attempt
 
 Other libraries' errors are translated into these at the boundary; one piece of code (the
 consumer runtime) reads them.
 """
 
 from __future__ import annotations
+
+from typing import Final
+
+# The dependencies an InfrastructureUnavailable names.
+POSTGRES: Final = "postgres"
+KAFKA: Final = "kafka"
 
 
 class RagstreamError(Exception):
@@ -64,4 +72,16 @@ class BudgetExceeded(RagstreamError):
 
 
 class InfrastructureError(RagstreamError):
-    """A local service could not be started or reached."""
+    """Our own broker or database could not be started or reached."""
+
+
+class InfrastructureUnavailable(InfrastructureError):
+    """PostgreSQL or Kafka does not answer (refused or lost connection, pool timeout, server
+    shutting down, leader election, request timeout). The record is not at fault: the consumer
+    runtime holds it, probes `dependency` with backoff and tries it again when it answers.
+
+    `dependency` is "postgres" or "kafka"."""
+
+    def __init__(self, message: str, *, dependency: str) -> None:
+        super().__init__(message)
+        self.dependency = dependency

@@ -210,6 +210,20 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.dependency_up = Gauge(
+            "ragstream_dependency_up",
+            "0 while this process waits for one of its own dependencies (postgres, kafka) to "
+            "answer again, its records held; 1 otherwise.",
+            ["dependency"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            "ragstream_consumer_restarts_total",
+            "Times a consumer (stage or cost accountant) crashed and was started again by its "
+            "worker process.",
+            ["stage"],
+            registry=r,
+        )
         self.worker_up = Gauge(
             "ragstream_worker_up",
             "1 while this process's runner of the stage is a member of the stage's group.",
@@ -259,6 +273,12 @@ class Metrics:
 
     def set_stage_paused(self, stage: str, paused: bool) -> None:
         self.stage_paused.labels(stage).set(1 if paused else 0)
+
+    def record_restart(self, stage: str) -> None:
+        self.restarts.labels(stage).inc()
+
+    def set_dependency_up(self, dependency: str, up: bool) -> None:
+        self.dependency_up.labels(dependency).set(1 if up else 0)
 
     def stage_stopped(self, stage: str) -> None:
         """The runner left its group: it owns nothing and reports no lag."""

@@ -37,10 +37,10 @@ from ragstream.admin import Member, admin_client, describe_group
 from ragstream.circuits import CircuitSummary, summarize
 from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState
-from ragstream.cost.accountant import NAME as COST_GROUP
 from ragstream.errors import ConfigError, DecodeError, RetryableError
 from ragstream.events import CircuitStateChanged, ThrottleEvent, ThrottleState, utc_now
 from ragstream.settings import Settings
+from ragstream.topology import COST as COST_GROUP
 from ragstream.topology import Stage, Topology
 
 Offsets = dict[TopicPartition, int]
@@ -81,12 +81,10 @@ class GroupSpec:
 
 
 def flow_groups(topology: Topology) -> list[GroupSpec]:
-    groups = [
-        GroupSpec(s.value, topology.group(s), (topology.input_topic(s), topology.retry(s)))
-        for s in Stage
+    return [
+        GroupSpec(str(c), topology.group(c), (topology.input_topic(c), topology.retry(c)))
+        for c in (*Stage, COST_GROUP)
     ]
-    groups.append(GroupSpec(COST_GROUP, topology.group(COST_GROUP), (topology.cost_usage,)))
-    return groups
 
 
 def resolve_groups(topology: Topology, names: Sequence[str]) -> list[GroupSpec]:

@@ -12,6 +12,11 @@ class Stage(StrEnum):
     EMBED = "embed"
 
 
+# The consumer that is not a stage: the cost accountant (group <prefix>-cost, reading the usage
+# topic, retrying through <prefix>.retry.cost, writing nothing downstream).
+COST = "cost"
+
+
 # Header keys carried by every ragstream record.
 H_EVENT_TYPE = "ragstream.event-type"
 H_CORRELATION_ID = "ragstream.correlation-id"
@@ -86,18 +91,27 @@ class Topology:
     def dlq(self) -> str:
         return f"{self.prefix}.dlq"
 
-    def retry(self, stage: Stage) -> str:
-        return f"{self.prefix}.retry.{stage.value}"
+    def retry(self, consumer: Stage | str) -> str:
+        """Retry topic of a stage or of the cost accountant (`<prefix>.retry.cost`)."""
+        return f"{self.prefix}.retry.{consumer}"
 
-    def input_topic(self, stage: Stage) -> str:
-        return {Stage.PARSE: self.uploaded, Stage.CHUNK: self.parsed, Stage.EMBED: self.chunked}[
-            stage
-        ]
+    def input_topic(self, consumer: Stage | str) -> str:
+        inputs: dict[str, str] = {
+            Stage.PARSE: self.uploaded,
+            Stage.CHUNK: self.parsed,
+            Stage.EMBED: self.chunked,
+            COST: self.cost_usage,
+        }
+        return inputs[consumer]
 
-    def output_topic(self, stage: Stage) -> str:
-        return {Stage.PARSE: self.parsed, Stage.CHUNK: self.chunked, Stage.EMBED: self.embedded}[
-            stage
-        ]
+    def output_topic(self, consumer: Stage | str) -> str | None:
+        """Where a consumer publishes its result; None for the cost accountant."""
+        outputs: dict[str, str] = {
+            Stage.PARSE: self.parsed,
+            Stage.CHUNK: self.chunked,
+            Stage.EMBED: self.embedded,
+        }
+        return outputs.get(consumer)
 
     def group(self, name: Stage | str) -> str:
         """Consumer group of a stage (`<prefix>-parse`) or of another consumer (`<prefix>-cost`)."""
@@ -117,7 +131,7 @@ class Topology:
             TopicSpec(self.chunked, partitions, stage_cfg),
             TopicSpec(self.embedded, partitions, stage_cfg),
         ]
-        specs += [TopicSpec(self.retry(s), partitions, stage_cfg) for s in Stage]
+        specs += [TopicSpec(self.retry(s), partitions, stage_cfg) for s in (*Stage, COST)]
         specs += [
             TopicSpec(
                 self.cost_usage,

@@ -36,6 +36,7 @@ from ragstream.cost.budget import DAY, HOUR, limit_for, window
 from ragstream.cost.pricing import Price
 from ragstream.errors import BudgetExceeded
 from ragstream.events import CostUsage, Event, ThrottleEvent, ThrottleState
+from ragstream.kafka_clients import started
 from ragstream.settings import BudgetSettings, Settings
 from ragstream.topology import Topology
 
@@ -71,10 +72,10 @@ class KafkaUsageSink:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            **self._settings.kafka.client_options(), acks="all", enable_idempotence=True
+        kafka = self._settings.kafka
+        self._producer = await started(
+            lambda: AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True)
         )
-        await self._producer.start()
 
     async def stop(self) -> None:
         if self._producer is not None:

@@ -1,7 +1,10 @@
 """asyncpg's errors translated into ragstream's at the store boundary, in one place.
 
-    lost or refused connection, server shutting down, too many connections,
-    timeouts, lock timeouts, serialization failures, deadlocks, disk full  → RetryableError
+    lost or refused connection, server starting or shutting down, too many
+    connections, disk full, pool/connect/command timeouts, a failover to a
+    read-only replica                                                      → InfrastructureUnavailable
+        (not the record's fault: the consumer runtime holds the record and waits)
+    serialization failures, deadlocks, lock timeouts, statement cancelled  → RetryableError
     bad credentials, unknown database                                      → ConfigError
     bad data (invalid text, wrong vector dimensions, violated constraint)  → PermanentError
     unique violation                                                       → UniqueViolation
@@ -22,20 +25,31 @@ from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
-from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
+from ragstream.errors import (
+    POSTGRES,
+    ConfigError,
+    InfrastructureUnavailable,
+    PermanentError,
+    RagstreamError,
+    RetryableError,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _exc = asyncpg.exceptions
 
-# SQLSTATE classes and codes that may pass if tried again.
+# SQLSTATE classes and codes that say one transaction lost a race: try it again.
 _RETRYABLE_TYPES: tuple[type[BaseException], ...] = (
-    _exc.PostgresConnectionError,  # class 08
     _exc.TransactionRollbackError,  # class 40: serialization failure, deadlock
-    _exc.InsufficientResourcesError,  # class 53: disk full, out of memory, too many connections
-    _exc.OperatorInterventionError,  # class 57: query canceled (timeout), shutdown, cannot connect now
     _exc.LockNotAvailableError,  # 55P03: lock_timeout
+    _exc.QueryCanceledError,  # 57014: statement_timeout or a cancel request
+)
+# ...and the ones that say the server (or the way to it) is not answering: wait for it.
+_UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
+    _exc.PostgresConnectionError,  # class 08
+    _exc.InsufficientResourcesError,  # class 53: disk full, out of memory, too many connections
+    _exc.OperatorInterventionError,  # class 57: admin/crash shutdown, cannot connect now
     _exc.ReadOnlySQLTransactionError,  # 25006: a failover left us on a replica
     _exc.InternalClientError,  # protocol trouble inside asyncpg: reconnecting helps
     ConnectionError,
@@ -67,11 +81,17 @@ def translate(exc: BaseException) -> BaseException:
         return UniqueViolation(f"unique violation: {exc}")
     if isinstance(exc, _CONFIG_TYPES):
         return ConfigError(f"postgres.url: {type(exc).__name__}: {exc}")
-    if isinstance(exc, _RETRYABLE_TYPES) or isinstance(exc, asyncio.TimeoutError):
-        return RetryableError(f"database unavailable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, _RETRYABLE_TYPES):
+        return RetryableError(f"database busy: {type(exc).__name__}: {exc}")
+    if isinstance(exc, _UNAVAILABLE_TYPES) or isinstance(exc, asyncio.TimeoutError):
+        return InfrastructureUnavailable(
+            f"database unavailable: {type(exc).__name__}: {exc}", dependency=POSTGRES
+        )
     if isinstance(exc, _exc.InterfaceError) and not isinstance(exc, _exc.DataError):
         if any(marker in str(exc) for marker in _CLOSED_MARKERS):
-            return RetryableError(f"database connection lost: {exc}")
+            return InfrastructureUnavailable(
+                f"database connection lost: {exc}", dependency=POSTGRES
+            )
         return unchanged  # a client-side misuse: a bug, not a data problem
     if isinstance(exc, _exc.UndefinedTableError | _exc.UndefinedFunctionError):
         return PermanentError(f"the store's schema is missing or old (run migrations): {exc}")

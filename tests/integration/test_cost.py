@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -175,9 +175,18 @@ async def test_budget_throttles_the_paid_stage_and_raising_it_lets_every_documen
             assert embed_runner.blocked is None
             dupes = await store.duplicate_rows()
             assert not any(dupes.values()), dupes
-            requests, units, cost = (await store.ledger_totals())["openai"]
             billed = [c.tokens for c in server.ok_calls()]
-            assert (requests, units, cost) == (len(billed), sum(billed), sum(billed) * PER_TOKEN)
+            expected = (len(billed), sum(billed), sum(billed) * PER_TOKEN)
+
+            async def ledger() -> tuple[int, int, Decimal]:
+                totals: tuple[int, int, Decimal] = (await store.ledger_totals())["openai"]
+                return totals
+
+            # The accountant records the last usage events a moment after their documents.
+            await wait_until(
+                lambda: _equals(ledger(), expected), 15, "the ledger to hold every call"
+            )
+            requests, _, cost = expected
 
             # The report shows it all; a second budget call with a bad value is refused.
             report = await cli(settings, "--json")
@@ -466,3 +475,7 @@ async def test_the_request_budget_throttles_until_its_window_rolls_over(
     # No 8-second window of the ledger holds more than two paid requests.
     per_window = [w.requests for w in windows]
     assert sum(per_window) == 5 and max(per_window) <= 2, per_window
+
+
+async def _equals(value: Awaitable[object], expected: object) -> bool:
+    return await value == expected

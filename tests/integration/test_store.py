@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 from pgvector.asyncpg import register_vector
 
-from ragstream.errors import ConfigError, PermanentError, RetryableError
+from ragstream.errors import ConfigError, InfrastructureUnavailable, PermanentError, RetryableError
 from ragstream.store import (
     ChunkRow,
     MigrationError,
@@ -679,12 +679,13 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_unreachable_database_is_retryable() -> None:
-    with pytest.raises(RetryableError, match="database unavailable"):
+async def test_unreachable_database_is_unavailable_infrastructure() -> None:
+    with pytest.raises(InfrastructureUnavailable, match="database unavailable") as caught:
         await Store.connect(
             f"postgresql://postgres@127.0.0.1:{_closed_port()}/x", connect_timeout=2
         )
-    with pytest.raises(RetryableError):
+    assert caught.value.dependency == "postgres"
+    with pytest.raises(InfrastructureUnavailable):
         await migrate(f"postgresql://postgres@127.0.0.1:{_closed_port()}/x")
 
 
@@ -694,9 +695,9 @@ async def test_unknown_database_is_a_config_error(migrated: str) -> None:
         await Store.connect(f"{base}/no_such_db_{uuid.uuid4().hex[:6]}")
 
 
-async def test_a_lost_connection_is_retryable(migrated: str) -> None:
+async def test_a_lost_connection_is_unavailable_infrastructure(migrated: str) -> None:
     async with await Store.connect(migrated, min_size=1, max_size=2) as s:
-        with pytest.raises(RetryableError, match="connection"):
+        with pytest.raises(InfrastructureUnavailable, match="connection"):
             async with s.transaction() as tx:
                 pid = await tx._connection.fetchval("SELECT pg_backend_pid()")
                 killer = await asyncpg.connect(migrated)
@@ -731,16 +732,25 @@ def test_error_classes_map_to_what_the_caller_must_do() -> None:
     for retryable in (
         exc.SerializationError("could not serialize access"),
         exc.DeadlockDetectedError("deadlock detected"),
+        exc.LockNotAvailableError("could not obtain lock"),
+        exc.QueryCanceledError("canceling statement due to statement timeout"),
+    ):
+        translated = translate(retryable)
+        assert type(translated) is RetryableError, retryable
+    for unavailable in (
         exc.TooManyConnectionsError("too many clients"),
         exc.CannotConnectNowError("the database system is starting up"),
         exc.AdminShutdownError("terminating connection"),
-        exc.QueryCanceledError("canceling statement due to statement timeout"),
+        exc.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
         exc.InterfaceError("cannot call Connection.fetch(): connection is closed"),
         exc.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        ConnectionRefusedError(111, "refused"),
         ConnectionResetError(104, "reset"),
         TimeoutError(),
     ):
-        assert isinstance(translate(retryable), RetryableError), retryable
+        translated = translate(unavailable)
+        assert isinstance(translated, InfrastructureUnavailable), unavailable
+        assert translated.dependency == "postgres"
     for permanent in (
         exc.CharacterNotInRepertoireError("invalid byte sequence"),
         exc.CheckViolationError("violates check constraint"),

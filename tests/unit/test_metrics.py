@@ -46,6 +46,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "ragstream_budget_spent_usd": ("gauge", {"service", "window"}),
     "ragstream_assigned_partitions": ("gauge", {"stage"}),
     "ragstream_worker_up": ("gauge", {"stage"}),
+    "ragstream_dependency_up": ("gauge", {"dependency"}),
+    "ragstream_consumer_restarts": ("counter", {"stage"}),
     "ragstream_stage_paused": ("gauge", {"stage"}),
 }
 
@@ -54,6 +56,8 @@ def exercise(metrics: Metrics) -> None:
     """Call every method once or more, as the runtime would."""
     metrics.set_member("embed", 2)
     metrics.set_stage_paused("embed", True)
+    metrics.set_dependency_up("postgres", False)
+    metrics.record_restart("embed")
     metrics.record_handled("embed", "ok", 0.25)
     metrics.record_handled("embed", "ok", 0.5)
     metrics.record_handled("parse", "failed", 3.0)

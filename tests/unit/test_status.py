@@ -110,7 +110,7 @@ def test_groups_by_name_or_id_and_unknown_names_refused() -> None:
         ("rs-embed", ("rs.documents.chunked", "rs.retry.embed"))
     ]
     (cost,) = resolve_groups(TOPOLOGY, ["cost"])
-    assert cost.topics == ("rs.cost.usage",)
+    assert cost.topics == ("rs.cost.usage", "rs.retry.cost")
     with pytest.raises(ConfigError, match=r"unknown group 'embedd': choose one of parse"):
         resolve_groups(TOPOLOGY, ["embedd"])
 

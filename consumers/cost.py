@@ -1,7 +1,10 @@
 """The cost accountant: the `<prefix>-cost` consumer group.
 
-It writes every CostUsage event to the ledger (keyed by the event's id, so a duplicate delivery
-counts once) and commits only after the write. After each batch, and every
+It runs on the same consumer runtime as the stages (`consumers.runtime`), so the same failure
+policy holds: a ledger write that meets a PostgreSQL outage waits for it (nothing is lost or
+dead-lettered), an undecodable usage record goes to the DLQ untouched, and the input offset is
+committed only after the write. It writes every CostUsage event to the ledger (keyed by the
+event's id, so a duplicate delivery counts once). Soon after new usage, and every
 `budgets.evaluate_interval_s` (so a window rolling over, or a budget raised with
 `ragstream cost budget`, is seen without new usage), it sums each service's spend over the day
 window and its paid requests over the hour window, per service and per tenant with a budget of
@@ -19,24 +22,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka import AIOKafkaProducer
 
+from consumers.infrastructure import InfrastructureWatch, unavailable, until_available
+from consumers.runtime import StageRunner
+from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState, throttle_key
 from ragstream.cost.budget import Verdict, limit_for, verdict, windows
-from ragstream.dlq import dead_letter_headers
-from ragstream.errors import DecodeError
-from ragstream.events import CostUsage, ThrottleEvent, ThrottleState
+from ragstream.events import CostUsage, Event, ThrottleEvent, ThrottleState
+from ragstream.kafka_clients import started
 from ragstream.metrics import Metrics
 from ragstream.settings import Settings
 from ragstream.store import Store
-from ragstream.topology import Topology
+from ragstream.topology import COST, Topology
 
 log = structlog.get_logger(__name__)
 
-NAME = "cost"
+NAME = COST
 
 Scope = tuple[str, str | None]
 
@@ -58,6 +61,7 @@ class CostAccountant:
         *,
         codec: Codec | None = None,
         metrics: Metrics | None = None,
+        watch: InfrastructureWatch | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -66,75 +70,79 @@ class CostAccountant:
         self.metrics = metrics or Metrics(process_metrics=False)
         self.topology = Topology(settings.kafka.topic_prefix)
         self.group_id = self.topology.group(NAME)
-        self.joined = False
         self.recorded = 0  # usage events newly written to the ledger by this member
         self.duplicates = 0  # usage events that were already there
         self._published: dict[Scope, Published] = {}
         self._producer: AIOKafkaProducer | None = None
+        self._fresh = asyncio.Event()  # new usage in the ledger: evaluate soon
+        self.runner = StageRunner(
+            settings,
+            NAME,
+            self._account,
+            self.codec,
+            None,
+            metrics=self.metrics,
+            accepts=CostUsage,
+            watch=watch,
+            max_poll_records=500,
+        )
+
+    @property
+    def joined(self) -> bool:
+        return self.runner.joined
 
     async def run(self, stop: asyncio.Event) -> None:
         kafka = self.settings.kafka
-        consumer = AIOKafkaConsumer(
-            **kafka.client_options(),
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=500,
+
+        def make_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True)
+
+        producer = await until_available(
+            "kafka", kafka.bootstrap_servers, lambda: started(make_producer), stop
         )
-        consumer.subscribe([self.topology.cost_usage], listener=_Joined(self))
-        self._producer = AIOKafkaProducer(
-            **kafka.client_options(), acks="all", enable_idempotence=True
-        )
-        await self._producer.start()
-        interval = self.settings.budgets.evaluate_interval_s
+        if producer is None:
+            return
+        self._producer = producer
         try:
-            await consumer.start()
             log.info("cost accountant started", group=self.group_id)
-            next_check = 0.0
-            while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=int(interval * 1000))
-                fresh = 0
-                for tp, records in batch.items():
-                    fresh += await self._record(records)
-                    await consumer.commit({tp: OffsetAndMetadata(records[-1].offset + 1, "")})
-                if fresh or time.monotonic() >= next_check:
-                    await self.evaluate()
-                    next_check = time.monotonic() + interval
+            await asyncio.gather(self.runner.run(stop), self._evaluate_until(stop))
         finally:
-            await consumer.stop()
-            await self._producer.stop()
-            self.joined = False
+            await producer.stop()
             log.info("cost accountant stopped", recorded=self.recorded, duplicates=self.duplicates)
 
-    async def _record(self, records: list[ConsumerRecord[bytes, bytes]]) -> int:
-        events: list[CostUsage] = []
-        for record in records:
-            try:
-                event = self.codec.decode(record.value or b"")
-                if not isinstance(event, CostUsage):
-                    raise DecodeError(f"{type(event).__name__} is not a CostUsage event")
-            except DecodeError as exc:
-                await self._dead_letter(record, exc)
-                continue
-            events.append(event)
-        fresh = await self.store.record_usage(events)
-        self.recorded += len(fresh)
-        self.duplicates += len(events) - len(fresh)
-        if len(fresh) < len(events):
-            log.info("duplicate usage events ignored", count=len(events) - len(fresh))
-        return len(fresh)
+    async def _account(self, event: Event, ctx: RecordContext) -> Outcome:
+        """One usage event into the ledger (a duplicate delivery changes nothing)."""
+        assert isinstance(event, CostUsage)
+        fresh = await self.store.record_usage([event])
+        if fresh:
+            self.recorded += 1
+            self._fresh.set()
+            return Outcome(None, "ok")
+        self.duplicates += 1
+        log.info("duplicate usage event ignored", event_id=str(event.event_id))
+        return Outcome(None, "duplicate")
 
-    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], exc: Exception) -> None:
-        """An undecodable usage record goes to the DLQ untouched; the ledger goes on."""
-        assert self._producer is not None
-        log.error("undecodable usage record dead-lettered", error=str(exc), offset=record.offset)
-        headers = dead_letter_headers(
-            record, exc, stage=NAME, group=self.group_id, kind="poison", attempts=1
-        )
-        await self._producer.send_and_wait(
-            self.topology.dlq, record.value, key=record.key, headers=headers
-        )
-        self.metrics.record_dead_letter(NAME, type(exc).__name__)
+    async def _evaluate_until(self, stop: asyncio.Event) -> None:
+        """Evaluate soon after new usage lands, and every `budgets.evaluate_interval_s`
+        regardless, so a window rolling over or a budget raised is seen without new usage.
+        A failed round (a store or broker outage) is logged; the next one recomputes all."""
+        interval = self.settings.budgets.evaluate_interval_s
+        while not stop.is_set():
+            try:
+                await self.evaluate()
+            except Exception as exc:  # the next round recomputes everything from the ledger
+                if unavailable(exc):
+                    log.warning("budget evaluation waits for its dependencies", error=str(exc))
+                else:
+                    log.exception("budget evaluation failed; trying again next round")
+            self._fresh.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, self._fresh)]
+            try:
+                await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            await asyncio.sleep(min(0.1, interval))  # let a burst of usage land as one round
 
     # -- windows and throttle events ---------------------------------------------------------
 
@@ -215,15 +223,3 @@ class CostAccountant:
             )
         self.state.apply(event)  # the follower will bring it back too; applying is idempotent
         return event
-
-
-class _Joined(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, accountant: CostAccountant) -> None:
-        self.accountant = accountant
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        return None
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.accountant.joined = True
-        log.info("cost partitions assigned", partitions=sorted(tp.partition for tp in assigned))
