@@ -63,6 +63,7 @@ class CostAccountant:
         metrics: Metrics | None = None,
         watch: InfrastructureWatch | None = None,
     ) -> None:
+        self.name = NAME
         self.settings = settings
         self.store = store
         self.state = state

@@ -15,7 +15,6 @@ from typing import Any, Final
 import structlog
 
 from consumers.chunk import ChunkDeps, chunk
-from consumers.cost import NAME as COST_GROUP
 from consumers.cost import CostAccountant
 from consumers.embed import EmbedDeps, embed
 from consumers.infrastructure import InfrastructureWatch, until_available
@@ -311,7 +310,7 @@ async def supervise(member: Member, stop: asyncio.Event) -> None:
     """Run one consumer until `stop`; when it crashes (a bug, not a dependency: those are
     waited for inside), report it and run it again with backoff, so the process's other
     consumers go on. A ConfigError stops the process: only an operator can fix it."""
-    name = _name(member)
+    name = member.name
     delay = RESTART_BASE_S
     while not stop.is_set():
         began = time.monotonic()
@@ -432,7 +431,7 @@ async def run_workers(
             )
         if started:
             started(runners)
-        tasks = [asyncio.create_task(supervise(m, stop), name=f"stage-{_name(m)}") for m in members]
+        tasks = [asyncio.create_task(supervise(m, stop), name=f"stage-{m.name}") for m in members]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -446,6 +445,3 @@ async def run_workers(
             raise
     return runners
 
-
-def _name(member: Member) -> str:
-    return member.name if isinstance(member, StageRunner) else COST_GROUP
