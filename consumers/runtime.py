@@ -82,6 +82,7 @@ from ragstream.errors import KAFKA, DecodeError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
 from ragstream.kafka_clients import started
 from ragstream.metrics import Metrics, observe_lag
+from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
 from ragstream.topology import (
     H_ATTEMPT,
@@ -190,6 +191,7 @@ class StageRunner:
         self.metrics = metrics or Metrics(process_metrics=False)
         self.watch = watch or InfrastructureWatch(metrics=self.metrics)
         self.max_poll_records = max_poll_records
+        self.scrub = Scrubber.from_settings(settings)  # error text leaves this process scrubbed
         self.joined = False  # holds group membership (readiness), with or without partitions
         self.topology = Topology(settings.kafka.topic_prefix)
         self.group_id = self.topology.group(stage)
@@ -691,7 +693,7 @@ class StageRunner:
         self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int, delay: float
     ) -> None:
         headers = [
-            *failure_headers(record, exc, stage=self.name, group=self.group_id),
+            *failure_headers(record, exc, stage=self.name, group=self.group_id, scrub=self.scrub),
             (H_ATTEMPT, str(attempt).encode()),
             (H_DUE_AT, str(_now_ms() + int(delay * 1000)).encode()),
         ]
@@ -710,7 +712,13 @@ class StageRunner:
         kind: str,
     ) -> None:
         headers = dead_letter_headers(
-            record, exc, stage=self.name, group=self.group_id, kind=kind, attempts=attempt
+            record,
+            exc,
+            stage=self.name,
+            group=self.group_id,
+            kind=kind,
+            attempts=attempt,
+            scrub=self.scrub,
         )
         tenant, document = getattr(event, "tenant_id", None), getattr(event, "document_id", None)
         if tenant is not None:

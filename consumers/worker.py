@@ -8,7 +8,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -52,6 +52,7 @@ from ragstream.providers.select import (
     embedder_for,
     parser_for,
 )
+from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store.migrate import migrate
@@ -67,9 +68,11 @@ def _with_replay(detail: Mapping[str, Any], replay: str) -> dict[str, Any]:
 
 @dataclass
 class JourneyRecorder:
-    """Writes each step of a document's journey, and its failure, to PostgreSQL."""
+    """Writes each step of a document's journey, and its failure, to PostgreSQL; error text is
+    scrubbed of secrets before it is stored."""
 
     store: Store
+    scrub: Scrubber = field(default_factory=Scrubber)
 
     async def step_done(
         self,
@@ -106,7 +109,8 @@ class JourneyRecorder:
         *,
         final: bool,
     ) -> None:
-        reason = f"{stage}: {type(error).__name__}: {error}"
+        message = self.scrub(str(error)).replace("\x00", "\\x00")
+        reason = f"{stage}: {type(error).__name__}: {message}"
         replay = ctx.replay_position
         await self.store.record_step(
             document_id=event.document_id,
@@ -118,7 +122,7 @@ class JourneyRecorder:
             started_at=started_at,
             finished_at=finished_at,
             detail=_with_replay(
-                {"error_class": type(error).__name__, "error": str(error)[:2000]}, replay
+                {"error_class": type(error).__name__, "error": message[:2000]}, replay
             ),
             correlation_id=event.correlation_id,
             replay=replay,
@@ -388,7 +392,7 @@ async def run_workers(
         ready_store = store
         watch.probes[POSTGRES] = lambda: database_ready(ready_store)
         codec = Codec()
-        recorder = JourneyRecorder(store)
+        recorder = JourneyRecorder(store, Scrubber.from_settings(settings))
         control = None
         if providers is None or accountant:
             control = await until_available(

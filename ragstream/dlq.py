@@ -48,6 +48,7 @@ from ragstream.admin import admin_client
 from ragstream.codec import Codec
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.events import Event
+from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store._dlq import RedriveMark
@@ -105,9 +106,11 @@ def carried_headers(headers: Iterable[tuple[str, bytes]] | None) -> Headers:
     ]
 
 
-def failure_headers(record: Any, exc: BaseException, *, stage: str, group: str) -> Headers:
+def failure_headers(
+    record: Any, exc: BaseException, *, stage: str, group: str, scrub: Scrubber
+) -> Headers:
     """The record's own headers, where it first came from (kept from an earlier retry copy,
-    else this record) and why it failed now."""
+    else this record) and why it failed now (message and stack trace scrubbed of secrets)."""
     now = str(epoch_ms(datetime.now(UTC))).encode()
     if header(record.headers, H_ERR_TOPIC) is not None:
         keep = (H_ERR_TOPIC, H_ERR_PARTITION, H_ERR_OFFSET, H_ERR_TIMESTAMP, H_ERR_FIRST_FAILURE)
@@ -120,24 +123,31 @@ def failure_headers(record: Any, exc: BaseException, *, stage: str, group: str) 
             (H_ERR_TIMESTAMP, str(record.timestamp).encode()),
             (H_ERR_FIRST_FAILURE, now),
         ]
-    stack = "".join(traceback.format_exception(exc))[-STACK_LIMIT:]
+    stack = scrub("".join(traceback.format_exception(exc)))[-STACK_LIMIT:]
     return [
         *carried_headers(record.headers),
         *origin,
         (H_ERR_STAGE, stage.encode()),
         (H_ERR_GROUP, group.encode()),
         (H_ERR_CLASS, type(exc).__name__.encode()),
-        (H_ERR_MESSAGE, str(exc)[:MESSAGE_LIMIT].encode()),
+        (H_ERR_MESSAGE, scrub(str(exc))[:MESSAGE_LIMIT].encode()),
         (H_ERR_STACKTRACE, stack.encode()),
         (H_ERR_LAST_FAILURE, now),
     ]
 
 
 def dead_letter_headers(
-    record: Any, exc: BaseException, *, stage: str, group: str, kind: str, attempts: int
+    record: Any,
+    exc: BaseException,
+    *,
+    stage: str,
+    group: str,
+    kind: str,
+    attempts: int,
+    scrub: Scrubber,
 ) -> Headers:
     return [
-        *failure_headers(record, exc, stage=stage, group=group),
+        *failure_headers(record, exc, stage=stage, group=group, scrub=scrub),
         (H_ERR_KIND, kind.encode()),
         (H_ERR_ATTEMPTS, str(attempts).encode()),
     ]
@@ -236,7 +246,14 @@ class DlqRecord:
     headers: tuple[tuple[str, bytes], ...]
 
     @classmethod
-    def from_consumer(cls, record: Any) -> DlqRecord:
+    def from_consumer(cls, record: Any, scrub: Scrubber | None = None) -> DlqRecord:
+        """The record as read; with `scrub`, its error headers scrubbed of secrets (a dead
+        letter written by an older version, or by another system, may hold one)."""
+        headers = tuple((k, bytes(v or b"")) for k, v in record.headers or ())
+        if scrub is not None:
+            headers = tuple(
+                (k, scrub.bytes(v) if k.startswith(H_ERR_PREFIX) else v) for k, v in headers
+            )
         return cls(
             topic=record.topic,
             partition=record.partition,
@@ -244,7 +261,7 @@ class DlqRecord:
             timestamp_ms=record.timestamp,
             key=record.key,
             value=record.value,
-            headers=tuple((k, bytes(v or b"")) for k, v in record.headers or ()),
+            headers=headers,
         )
 
     @property
@@ -424,6 +441,7 @@ class DeadLetters:
         self.topics: set[str] = set()
         self._stall_s = settings.kafka.request_timeout_ms / 1000
         self._consumer: Any = None
+        self.scrub = Scrubber.from_settings(settings)
 
     async def __aenter__(self) -> DeadLetters:
         bootstrap = self.settings.kafka.bootstrap_servers
@@ -515,7 +533,7 @@ class DeadLetters:
                 for record in records:
                     if record.offset >= end:
                         break
-                    dead = DlqRecord.from_consumer(record)
+                    dead = DlqRecord.from_consumer(record, self.scrub)
                     if flt.matches(dead):
                         yield dead
             for tp, end in list(remaining.items()):
@@ -561,7 +579,7 @@ class DeadLetters:
             with kafka_errors(f"reading {self.topic}"):
                 batch = await self._consumer.getmany(tp, timeout_ms=500, max_records=1)
             for record in batch.get(tp, ()):
-                yield DlqRecord.from_consumer(record)
+                yield DlqRecord.from_consumer(record, self.scrub)
                 return
         raise RetryableError(f"reading {partition}:{offset} of {self.topic} timed out")
 

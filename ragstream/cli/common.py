@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import typer
 from rich.console import Console
 
 from ragstream.errors import ConfigError, RagstreamError
-from ragstream.logs import configure_logging, secret_values
+from ragstream.logs import configure_logging
+from ragstream.scrub import Scrubber, secret_values
 from ragstream.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -39,7 +41,29 @@ def settings_or_exit(*, quiet: bool = True) -> Settings:
     if quiet and level in ("DEBUG", "INFO"):
         level = "WARNING"
     configure_logging(level, settings.observability.log_format, secrets=secret_values(settings))
+    scrub = Scrubber.from_settings(settings)
+    # Whatever a command prints (tables, JSON, errors) passes through the scrubber: a dead
+    # letter's message or a journey's detail may quote what an upstream service echoed.
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, ScrubbedStream):
+            setattr(sys, name, ScrubbedStream(stream, scrub))
     return settings
+
+
+class ScrubbedStream:
+    """A text stream whose writes are scrubbed of secrets; everything else is the stream's."""
+
+    def __init__(self, stream: TextIO, scrub: Scrubber) -> None:
+        self._stream = stream
+        self._scrub = scrub
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._scrub(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def run(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:

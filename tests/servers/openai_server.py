@@ -118,12 +118,14 @@ class OpenAIServer(BackgroundServer):
         window_s: float = 60.0,
         latency_s: float = 0.0,
         port: int | None = None,
+        echo_credentials: bool = False,
     ) -> None:
         super().__init__(
             Starlette(routes=[Route("/v1/embeddings", self._embeddings, methods=["POST"])]),
             port=port,
         )
         self.api_key = api_key
+        self.echo_credentials = echo_credentials  # a careless server: 401 quotes what it got
         self.latency_s = latency_s
         self._lock = threading.Lock()
         self._requests = _Bucket(requests_per_minute, window_s) if requests_per_minute else None
@@ -166,11 +168,14 @@ class OpenAIServer(BackgroundServer):
 
     async def _embeddings(self, request: Request) -> JSONResponse:
         now = time.monotonic()
-        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+        authorization = request.headers.get("authorization", "")
+        if authorization != f"Bearer {self.api_key}":
             self.calls.append(Call(now, 401, [], 0, reason="auth"))
-            return _error(
-                401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
-            )
+            message = "Incorrect API key provided."
+            if self.echo_credentials:
+                key = authorization.removeprefix("Bearer ")
+                message = f"Incorrect API key provided: {key} (Authorization: {authorization})"
+            return _error(401, message, "invalid_request_error", "invalid_api_key")
         body: dict[str, Any] = await request.json()
         raw_input = body.get("input")
         inputs = [raw_input] if isinstance(raw_input, str) else list(raw_input or [])

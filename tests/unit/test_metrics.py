@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from ragstream.errors import InfrastructureError
 from ragstream.events import DocumentEmbedded, ThrottleState, utc_now
 from ragstream.health import HealthServer, database_ready, readiness
-from ragstream.logs import configure_logging, secret_values
+from ragstream.logs import configure_logging
 from ragstream.metrics import CONTENT_TYPE, Metrics, observe_lag
+from ragstream.scrub import secret_values
 from ragstream.settings import load_settings
 
 # family → (type, label names); counters are named without `_total` by the parser.
