@@ -131,6 +131,17 @@ class StepRecorder(Protocol):
     ) -> None: ...
 
 
+SHUTDOWN_STEP_S: Final = 5.0
+
+
+async def _bounded(step: Awaitable[None], what: str) -> None:
+    try:
+        async with asyncio.timeout(SHUTDOWN_STEP_S):
+            await step
+    except TimeoutError:
+        log.warning(f"shutdown: could not {what} within {SHUTDOWN_STEP_S:.0f}s; going on")
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -275,10 +286,12 @@ class StageRunner:
                 await observe_lag(self.metrics, self.name, consumer)
         finally:
             await self._drain(self.settings.kafka.shutdown_grace_s)
-            await self.commit_pending()
+            # Each step is bounded: with the broker away, shutdown must not wait for it (what
+            # is not committed is handed to the next owner; every write is idempotent).
+            await _bounded(self.commit_pending(), "commit")
             # Leaving the group at once (LeaveGroup), so a restart hands partitions over fast.
-            await consumer.stop()
-            await producer.stop()
+            await _bounded(consumer.stop(), "leave the group")
+            await _bounded(producer.stop(), "flush the producer")
             self.joined = False
             self.metrics.stage_stopped(self.name)
             log.info("consumer stopped", stage=self.name, **self.stats.__dict__)
