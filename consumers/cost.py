@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from consumers.infrastructure import InfrastructureWatch, unavailable, until_available
+from consumers.infrastructure import InfrastructureWatch, unavailable, until_kafka
 from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
@@ -98,9 +98,7 @@ class CostAccountant:
         def make_producer() -> AIOKafkaProducer:
             return AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True)
 
-        producer = await until_available(
-            "kafka", kafka.bootstrap_servers, lambda: started(make_producer), stop
-        )
+        producer = await until_kafka(kafka, lambda: started(make_producer), stop)
         if producer is None:
             return
         self._producer = producer

@@ -28,7 +28,9 @@ from aiokafka import errors as kafka_errors
 from aiokafka.errors import KafkaError
 
 from ragstream.errors import InfrastructureError, InfrastructureUnavailable
+from ragstream.kafka_clients import diagnose
 from ragstream.metrics import Metrics
+from ragstream.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 
@@ -194,10 +196,12 @@ async def until_available(
     base_s: float = 1.0,
     cap_s: float = PROBE_CAP_S,
     on_wait: Callable[[bool], None] | None = None,
+    diagnose: Callable[[], Awaitable[BaseException | None]] | None = None,
 ) -> T | None:
     """Run `step` until it gets through; while our dependencies do not answer, log one line
     per attempt (what, where, why) and try again with backoff. None if `stop` was set first.
-    Any other error (a bug, a wrong setting) is raised."""
+    Any other error (a bug, a wrong setting) is raised, and so is what `diagnose` finds behind
+    a failed attempt (a refused login is a setting to fix, not an outage to wait out)."""
     delay, attempt = base_s, 0
     while not stop.is_set():
         attempt += 1
@@ -206,6 +210,9 @@ async def until_available(
         except Exception as exc:
             if not unavailable(exc):
                 raise
+            found = await diagnose() if diagnose is not None else None
+            if found is not None:
+                raise found from exc
             if on_wait is not None:
                 on_wait(False)
             log.warning(
@@ -227,3 +234,13 @@ async def until_available(
             log.info(f"{what} answers", address=where, attempts=attempt)
         return result
     return None
+
+
+async def until_kafka(
+    kafka: KafkaSettings, step: Callable[[], Awaitable[T]], stop: asyncio.Event
+) -> T | None:
+    """`until_available` for a step that needs the broker; a refused login or TLS handshake
+    stops start-up with the setting named (ragstream.kafka_clients.diagnose)."""
+    return await until_available(
+        "kafka", kafka.bootstrap_servers, step, stop, diagnose=lambda: diagnose(kafka)
+    )

@@ -63,7 +63,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from consumers.infrastructure import InfrastructureWatch, Waited, until_available
+from consumers.infrastructure import InfrastructureWatch, Waited, until_kafka
 from consumers.policy import (
     Action,
     DeadLetter,
@@ -235,7 +235,6 @@ class StageRunner:
         self._reset()
         self._stop = stop
         kafka = self.settings.kafka
-        where = kafka.bootstrap_servers
 
         def make_producer() -> AIOKafkaProducer:
             return AIOKafkaProducer(
@@ -256,14 +255,12 @@ class StageRunner:
             consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
             return consumer
 
-        self.producer = await until_available("kafka", where, lambda: started(make_producer), stop)
+        self.producer = await until_kafka(kafka, lambda: started(make_producer), stop)
         if self.producer is None:
             return
         producer = self.producer
         try:
-            self.consumer = await until_available(
-                "kafka", where, lambda: started(make_consumer), stop
-            )
+            self.consumer = await until_kafka(kafka, lambda: started(make_consumer), stop)
         except BaseException:
             await producer.stop()
             raise

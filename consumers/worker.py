@@ -17,7 +17,7 @@ import structlog
 from consumers.chunk import ChunkDeps, chunk
 from consumers.cost import CostAccountant
 from consumers.embed import EmbedDeps, embed
-from consumers.infrastructure import InfrastructureWatch, until_available
+from consumers.infrastructure import InfrastructureWatch, until_available, until_kafka
 from consumers.parse import ParseDeps, parse
 from consumers.runtime import StageHandler, StageRunner
 from consumers.stage import Outcome, RecordContext
@@ -29,7 +29,7 @@ from ragstream.control import ControlFollower, ControlState
 from ragstream.cost.meter import BudgetGuard, KafkaUsageSink, Meter
 from ragstream.cost.pricing import PriceTable
 from ragstream.embedding import Embedder, LocalEmbedder
-from ragstream.errors import POSTGRES, ConfigError, PermanentError
+from ragstream.errors import POSTGRES, AuthenticationFailed, ConfigError, PermanentError
 from ragstream.events import (
     CostUsage,
     DocumentChunked,
@@ -313,7 +313,8 @@ RESTART_CAP_S: Final = 30.0
 async def supervise(member: Member, stop: asyncio.Event) -> None:
     """Run one consumer until `stop`; when it crashes (a bug, not a dependency: those are
     waited for inside), report it and run it again with backoff, so the process's other
-    consumers go on. A ConfigError stops the process: only an operator can fix it."""
+    consumers go on. A wrong setting or refused credentials stop the process: only an
+    operator can fix them."""
     name = member.name
     delay = RESTART_BASE_S
     while not stop.is_set():
@@ -321,7 +322,7 @@ async def supervise(member: Member, stop: asyncio.Event) -> None:
         try:
             await member.run(stop)
             return
-        except ConfigError:
+        except (ConfigError, AuthenticationFailed):
             raise
         except Exception:
             if time.monotonic() - began > 60:
@@ -375,7 +376,6 @@ async def run_workers(
         "consumers": lambda: bool(members) and all(m.joined for m in members),
     }
     obs = settings.observability
-    kafka_at = settings.kafka.bootstrap_servers
     async with AsyncExitStack() as stack:
         stack.push_async_callback(watch.close)
         # Health first: while start-up waits for its dependencies, /ready answers 503.
@@ -395,17 +395,16 @@ async def run_workers(
         recorder = JourneyRecorder(store, Scrubber.from_settings(settings))
         control = None
         if providers is None or accountant:
-            control = await until_available(
-                "kafka", kafka_at, lambda: _follow_control(settings, codec, stack, metrics), stop
+            control = await until_kafka(
+                settings.kafka, lambda: _follow_control(settings, codec, stack, metrics), stop
             )
             if control is None:
                 return []
         if providers is None:
             assert control is not None
             given = control
-            providers = await until_available(
-                "kafka",
-                kafka_at,
+            providers = await until_kafka(
+                settings.kafka,
                 lambda: _following_providers(settings, codec, stack, metrics, given, breakers),
                 stop,
             )

@@ -15,7 +15,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaConnectionError, KafkaError, for_code
 
-from ragstream.errors import ConfigError, InfrastructureError, RetryableError
+from ragstream.errors import ConfigError, InfrastructureError
+from ragstream.kafka_clients import unreachable
 from ragstream.settings import Settings
 from ragstream.topology import Stage, Topology
 
@@ -77,14 +78,13 @@ def _member(raw: Sequence[Any]) -> Member:
 
 @asynccontextmanager
 async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
-    client = AIOKafkaAdminClient(**settings.kafka.client_options())
+    kafka = settings.kafka
+    client = AIOKafkaAdminClient(**kafka.client_options())
     try:
         await client.start()
-    except KafkaConnectionError as exc:
+    except KafkaError as exc:
         await client.close()
-        raise RetryableError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
-        ) from exc
+        raise await unreachable(kafka, exc) from exc
     try:
         yield client
     finally:
@@ -250,7 +250,7 @@ async def scale_topic(settings: Settings, name: str, partitions: int) -> ScaleRe
         try:
             await admin.create_partitions({topic: NewPartitions(partitions)})
         except KafkaConnectionError as exc:
-            raise RetryableError(f"cannot reach Kafka: {exc}") from exc
+            raise await unreachable(settings.kafka, exc) from exc
         except KafkaError as exc:
             raise InfrastructureError(f"cannot add partitions to {topic}: {exc}") from exc
         deadline = time.monotonic() + 10.0

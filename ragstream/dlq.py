@@ -48,6 +48,7 @@ from ragstream.admin import admin_client
 from ragstream.codec import Codec
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.events import Event
+from ragstream.kafka_clients import unreachable
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
 from ragstream.store import Store
@@ -466,7 +467,7 @@ class DeadLetters:
             await self._consumer.start()
         except KafkaError as exc:
             await self._consumer.stop()
-            raise RetryableError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+            raise await unreachable(self.settings.kafka, exc) from exc
         try:
             with kafka_errors(f"reading {self.topic}"):
                 lows = await self._consumer.beginning_offsets(tps)
@@ -727,9 +728,7 @@ async def _send(
         await producer.start()
     except KafkaError as exc:
         await producer.stop()
-        raise RetryableError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
-        ) from exc
+        raise await unreachable(settings.kafka, exc) from exc
     try:
         for start in range(0, total, batch_size):
             batch = report.selected[start : start + batch_size]

@@ -7,8 +7,9 @@
     │   └── DecodeError             bytes that are not a ragstream event (poison pill)
     ├── BudgetExceeded              not a failure: wait until the budget window allows the call
     └── InfrastructureError         our own broker or database could not be started or reached
-        └── InfrastructureUnavailable   ...while a record was in hand: not the record's fault;
-                                        hold it, wait for the dependency, spend no attempt
+        ├── InfrastructureUnavailable   ...while a record was in hand: not the record's fault;
+        │                               hold it, wait for the dependency, spend no attempt
+        └── AuthenticationFailed        it answers but refuses our credentials: fix them
 
 Other libraries' errors are translated into these at the boundary; one piece of code (the
 consumer runtime) reads them.
@@ -85,3 +86,8 @@ class InfrastructureUnavailable(InfrastructureError):
     def __init__(self, message: str, *, dependency: str) -> None:
         super().__init__(message)
         self.dependency = dependency
+
+
+class AuthenticationFailed(InfrastructureError):
+    """The broker (or database) answers but refuses our credentials. The message names the
+    user and the setting; waiting does not help, an operator must fix the credentials."""

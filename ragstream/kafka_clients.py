@@ -1,9 +1,26 @@
-"""Starting Kafka clients so that a failed start leaves nothing open behind it."""
+"""Starting Kafka clients so that a failed start leaves nothing open behind it, and saying why
+one cannot get through when that is a setting's fault (a refused login, a failed TLS handshake)."""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaError, SaslAuthenticationFailed
+
+from ragstream.errors import (
+    KAFKA,
+    AuthenticationFailed,
+    ConfigError,
+    InfrastructureUnavailable,
+    RagstreamError,
+)
+
+if TYPE_CHECKING:
+    from ragstream.settings import KafkaSettings
 
 
 class _Client(Protocol):
@@ -25,3 +42,57 @@ async def started(make: Callable[[], C]) -> C:
         await client.stop()
         raise
     return client
+
+
+async def diagnose(kafka: KafkaSettings, timeout_s: float = 10.0) -> RagstreamError | None:
+    """Why clients cannot get through to the broker, when it is our settings' fault: a refused
+    login, a failed TLS handshake. None when the broker is simply not answering (wait for it)."""
+    host, _, port = kafka.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    opts = kafka.client_options()
+    try:
+        async with asyncio.timeout(timeout_s):
+            conn = await create_conn(
+                host or "localhost",
+                int(port),
+                client_id=opts["client_id"],
+                ssl_context=opts.get("ssl_context"),
+                security_protocol=opts["security_protocol"],
+                sasl_mechanism=opts.get("sasl_mechanism"),
+                sasl_plain_username=opts.get("sasl_plain_username"),
+                sasl_plain_password=opts.get("sasl_plain_password"),
+            )
+            conn.close()
+    except SaslAuthenticationFailed:
+        return AuthenticationFailed(
+            f"kafka.sasl_password: authentication failed for user {kafka.sasl_username!r} "
+            f"({kafka.sasl_mechanism}) at {kafka.bootstrap_servers}"
+        )
+    except ssl.SSLError as exc:
+        return ConfigError(
+            f"kafka.ssl_cafile: the TLS handshake with {kafka.bootstrap_servers} failed: "
+            f"{exc.reason or exc}"
+        )
+    except Exception:
+        return None
+    return None
+
+
+async def unreachable(kafka: KafkaSettings, exc: BaseException) -> RagstreamError:
+    """The one error for "a client could not start": a ConfigError naming the setting when the
+    broker refused us (login, TLS), else InfrastructureUnavailable with what to check."""
+    refused = await diagnose(kafka)
+    if refused is not None:
+        return refused
+    return InfrastructureUnavailable(
+        f"cannot reach Kafka at {kafka.bootstrap_servers} ({type(exc).__name__}): is the broker "
+        "running (`ragstream stack up`) and kafka.bootstrap_servers right?",
+        dependency=KAFKA,
+    )
+
+
+async def started_or_explained(kafka: KafkaSettings, make: Callable[[], C]) -> C:
+    """`started(make)`, with a failure to reach the broker turned into `unreachable(...)`."""
+    try:
+        return await started(make)
+    except KafkaError as exc:
+        raise await unreachable(kafka, exc) from exc

@@ -59,6 +59,7 @@ from ragstream.dlq import (
 )
 from ragstream.errors import PermanentError, RagstreamError, RetryableError
 from ragstream.events import DocumentEvent
+from ragstream.kafka_clients import unreachable
 from ragstream.settings import Settings
 from ragstream.topology import H_REPLAY, Stage, Topology
 
@@ -488,9 +489,7 @@ async def _plain_consumer(settings: Settings) -> AsyncIterator[Any]:
         await consumer.start()
     except KafkaError as exc:
         await consumer.stop()
-        raise RetryableError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
-        ) from exc
+        raise await unreachable(settings.kafka, exc) from exc
     try:
         yield consumer
     finally:
