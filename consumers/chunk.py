@@ -49,7 +49,7 @@ async def chunk(parsed: DocumentParsed, deps: ChunkDeps) -> Outcome:
             f"parse result {parsed.content_sha256[:12]} of document {parsed.document_id} is not in the store"
         )
     markdown = loaded.markdown
-    chunks = deps.chunker.chunk(markdown)
+    chunks = await deps.chunker.achunk(markdown)  # in a child process, under chunk.* limits
     if not chunks:
         raise PermanentError("the parsed document has no text to chunk")
     version = deps.chunker.version

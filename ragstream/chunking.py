@@ -12,6 +12,12 @@ A chunk's page comes from the `<!-- page N -->` markers the parser writes (None 
 A section with nothing but its heading is folded into its first subsection, so a parent
 heading does not become a chunk of its own. The output depends only on the input, the
 settings and the tokenizer, which `Chunker.version` names.
+
+Chunking is CPU-bound and, on hostile input, slow: a 30 MB document takes some 15 s, and a
+long run of text with no space in it grows with the square of its length (256 KB: 14 s). The
+chunk stage calls `achunk`, which runs `chunk` in a child process of the chunker's own pool
+(`ragstream.isolation`), killed past `chunk.timeout_s`, `chunk.cpu_s` or `chunk.memory_mb`;
+the chunker's owner calls `aclose()`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
+from ragstream.isolation import LimitedPool
 from ragstream.parsing import PAGE_MARKER_RE
 from ragstream.settings import ChunkSettings
 from ragstream.tokens import Tokenizer
@@ -76,14 +83,35 @@ class Chunker:
     def __init__(self, settings: ChunkSettings, tokenizer: Tokenizer) -> None:
         if not 0 <= settings.overlap_tokens < settings.max_tokens:
             raise ValueError("overlap_tokens must be in [0, max_tokens)")
+        self.settings = settings
         self.max_tokens = settings.max_tokens
         self.overlap_tokens = settings.overlap_tokens
         self.tokenizer = tokenizer
+        self._pool = LimitedPool("chunk", settings)
 
     @property
     def version(self) -> str:
         """Changes whenever a setting, the tokenizer or the algorithm changes."""
         return f"{ALGORITHM}:{self.tokenizer.name}:t{self.max_tokens}:o{self.overlap_tokens}"
+
+    async def achunk(self, markdown: str) -> list[Chunk]:
+        """`chunk`, in a child process under the `chunk.*` limits (a `PermanentError` names
+        the one passed). Only the spans travel back; the texts are cut here."""
+        spans = await self._pool.run(
+            _spans,
+            self.settings,
+            self.tokenizer,
+            markdown,
+            what=f"chunking a document of {len(markdown)} characters",
+        )
+        return [
+            Chunk(i, markdown[start:end], list(path), tokens, start, end, page)
+            for i, (start, end, path, tokens, page) in enumerate(spans)
+        ]
+
+    async def aclose(self) -> None:
+        """Kill the chunking processes (a chunking in flight fails) and stop the pool."""
+        await self._pool.aclose()
 
     def chunk(self, markdown: str) -> list[Chunk]:
         blocks = _blocks(markdown)
@@ -202,6 +230,16 @@ class Chunker:
             if m.end() < len(tail) and self._count(md, best + m.end(), chunk_end) * 2 >= budget:
                 return best + m.end()
         return best
+
+
+def _spans(
+    settings: ChunkSettings, tokenizer: Tokenizer, markdown: str
+) -> list[tuple[int, int, tuple[str, ...], int, int | None]]:
+    """In a child process: the chunks of `markdown` without their texts."""
+    return [
+        (c.char_start, c.char_end, tuple(c.heading_path), c.token_count, c.page)
+        for c in Chunker(settings, tokenizer).chunk(markdown)
+    ]
 
 
 # -- Markdown structure ------------------------------------------------------------------------

@@ -5,15 +5,16 @@ kept apart: the Markdown carries a `<!-- page N -->` marker line before each pag
 when rendered), so a chunk knows its page, and `ParseResult.pages` holds each page's text.
 
 Limits come from `ParseSettings`: size is checked before any work, the page count as soon as
-the PDF is open, and the wall time around the parse, which runs in a worker thread. Passing a
-limit, a corrupt or encrypted file, or a document with no text is a `PermanentError` (retrying
-cannot help). A timed-out worker thread cannot be killed: it runs to its end in the
-background and its result is dropped.
+the PDF is open. The parse itself runs in a child process of the parser's own pool
+(`ragstream.isolation`), killed and replaced when it passes `parse.timeout_s` of wall-clock
+time, `parse.cpu_s` of CPU time or `parse.memory_mb` of memory, so a crafted file cannot hold
+a thread or the worker. Passing a limit, a corrupt or encrypted file, or a document with no
+text is a `PermanentError` (retrying cannot help). The pool starts on the first parse; its
+owner calls `aclose()`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import itertools
 import re
@@ -27,6 +28,7 @@ import markdownify
 import pypdf
 
 from ragstream.errors import PermanentError
+from ragstream.isolation import LimitedPool
 from ragstream.settings import ParseSettings
 
 PDF: Final = "application/pdf"
@@ -100,13 +102,18 @@ def normalize_content_type(content_type: str) -> str:
 
 
 class LocalParser:
-    """Real local parsing, CPU-bound work in a thread, bounded by `ParseSettings`."""
+    """Real local parsing, in child processes bounded by `ParseSettings`."""
 
     name: Final = "local"
     version: Final = LOCAL_PARSER_VERSION
 
     def __init__(self, settings: ParseSettings) -> None:
         self.settings = settings
+        self._pool = LimitedPool("parse", settings)
+
+    async def aclose(self) -> None:
+        """Kill the parsing processes (a parse in flight fails) and stop the pool."""
+        await self._pool.aclose()
 
     async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
         limits = self.settings
@@ -120,13 +127,9 @@ class LocalParser:
         if kind not in SUPPORTED_CONTENT_TYPES:
             raise PermanentError(f"unsupported content type {content_type!r} for {filename!r}")
         charset = _charset_param(content_type)
-        try:
-            async with asyncio.timeout(limits.timeout_s):
-                return await asyncio.to_thread(_parse_sync, data, kind, charset, limits.max_pages)
-        except TimeoutError:
-            raise PermanentError(
-                f"parsing {filename!r} took longer than the limit parse.timeout_s={limits.timeout_s}"
-            ) from None
+        return await self._pool.run(
+            _parse_sync, data, kind, charset, limits.max_pages, what=f"parsing {filename!r}"
+        )
 
 
 def _parse_sync(data: bytes, kind: str, charset: str | None, max_pages: int) -> ParseResult:

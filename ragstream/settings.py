@@ -176,13 +176,31 @@ class ServicesSettings(_Section):
     openai: OpenAISettings = OpenAISettings()
 
 
-class ParseSettings(_Section):
+class ChildLimits(_Section):
+    """How local CPU-heavy work on untrusted input runs (`ragstream.isolation`): in `workers`
+    child processes, each task killed (and its process replaced) past `timeout_s` of wall-clock
+    time, `cpu_s` seconds of CPU time (RLIMIT_CPU) or `memory_mb` MiB of address space
+    (RLIMIT_AS, which counts the interpreter too: some 75 MiB)."""
+
+    timeout_s: float = Field(120.0, gt=0)
+    cpu_s: int = Field(120, ge=1)
+    memory_mb: int = Field(2048, ge=256)
+    workers: int = Field(2, ge=1, le=64)
+
+
+class ParseSettings(ChildLimits):
+    """Local parsing: size and page limits, checked before any work, and the child limits."""
+
     max_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_pages: int = Field(2000, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
 
 
-class ChunkSettings(_Section):
+class ChunkSettings(ChildLimits):
+    """The chunker's token bounds, and the limits of the children it runs in (a 30 MB document
+    takes some 15 s of CPU, so the limits are wider than parsing's)."""
+
+    timeout_s: float = Field(300.0, gt=0)
+    cpu_s: int = Field(300, ge=1)
     max_tokens: int = Field(400, ge=16)
     overlap_tokens: int = Field(40, ge=0)
 

@@ -18,7 +18,7 @@ import functools
 import hashlib
 from collections.abc import Sequence
 from importlib import resources
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import tiktoken
 
@@ -60,6 +60,13 @@ class TiktokenTokenizer:
 
     def __init__(self, encoding: tiktoken.Encoding) -> None:
         self._encoding = encoding
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled by name where `get_tokenizer` knows it (a child process loads it once),
+        rather than with its 100k ranks."""
+        if self.name == CL100K_BASE:
+            return (get_tokenizer, (self.name,))
+        return (TiktokenTokenizer, (self._encoding,))
 
     @property
     def name(self) -> str:

@@ -254,12 +254,13 @@ class WorkerProcess:
     client_id: str = "ragstream"
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)  # more RAGSTREAM_* variables, or overrides
+    args: tuple[str, ...] = ()  # more options of `ragstream worker`, e.g. ("--concurrency", "8")
 
     def start(self) -> WorkerProcess:
         env = worker_env(self.settings, RAGSTREAM_KAFKA__CLIENT_ID=self.client_id, **self.env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ragstream", "worker", self.stage],
+                [sys.executable, "-m", "ragstream", "worker", self.stage, *self.args],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

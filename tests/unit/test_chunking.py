@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import re
+import string
+import time
 
 import pytest
 
 from ragstream.chunking import Chunk, Chunker
+from ragstream.errors import PermanentError
 from ragstream.parsing import PAGE_MARKER_RE, LocalParser
 from ragstream.samples import sample_dir, sample_manifest
 from ragstream.settings import ChunkSettings, ParseSettings
@@ -184,3 +188,35 @@ def test_version_names_algorithm_tokenizer_and_settings() -> None:
     assert base == "md-1:cl100k_base:t400:o40"
     assert _chunker(400, 40).version == base
     assert len({base, _chunker(300, 40).version, _chunker(400, 0).version}) == 3
+
+
+# -- in child processes, under chunk.* limits --------------------------------------------------
+
+
+async def test_achunk_in_a_child_gives_what_chunk_gives() -> None:
+    chunker = _chunker(64, 16)
+    try:
+        for name in ("kafka-consumer-groups.pdf", "espresso-at-home.md"):
+            assert await chunker.achunk(SAMPLES[name]) == chunker.chunk(SAMPLES[name])
+    finally:
+        await chunker.aclose()
+
+
+async def test_a_long_run_without_spaces_is_stopped_at_the_chunk_time_limit() -> None:
+    # Cutting one space-less "word" into windows costs the square of its length: 256 KB of
+    # it takes some 14 s, 1 MB minutes.
+    run = "".join(random.Random(3).choices(string.ascii_letters, k=1024 * 1024))
+    chunker = Chunker(ChunkSettings(timeout_s=1.0), TOKENIZER)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PermanentError) as info:
+            await chunker.achunk(run)
+        assert str(info.value) == (
+            "chunking a document of 1048576 characters took longer than the limit "
+            "chunk.timeout_s=1.0"
+        )
+        assert time.monotonic() - started < 1.0 + 1.5
+        small = SAMPLES["espresso-at-home.md"]
+        assert await chunker.achunk(small) == chunker.chunk(small)
+    finally:
+        await chunker.aclose()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+import time
 
 import pytest
 from fpdf import FPDF
+from pydantic import ValidationError
 
 from ragstream.errors import PermanentError
 from ragstream.parsing import (
@@ -20,6 +23,7 @@ from ragstream.parsing import (
 )
 from ragstream.samples import SampleInfo, sample_dir, sample_manifest
 from ragstream.settings import ParseSettings
+from tests.hostile import cpu_bomb_pdf, memory_bomb_text
 
 MANIFEST = sample_manifest()
 
@@ -253,3 +257,81 @@ async def test_time_limit_names_the_limit() -> None:
     html = ("<html><body>" + "<p>word " * 20_000 + "</body></html>").encode()
     with pytest.raises(PermanentError, match=r"parse\.timeout_s=0\.001"):
         await _parser(timeout_s=0.001).parse(html, filename="big.html", content_type="text/html")
+
+
+# -- limits: parsing runs in child processes that are killed ------------------------------------
+
+MARKDOWN_DOC = b"# Still here\n\nThe pool parses on.\n"
+
+
+async def _parses_small_files_at_once(parser: LocalParser) -> None:
+    started = time.monotonic()
+    result = await parser.parse(MARKDOWN_DOC, filename="ok.md", content_type="text/markdown")
+    assert result.title == "Still here"
+    assert time.monotonic() - started < 1.0
+
+
+async def test_a_cpu_bomb_is_killed_at_the_wall_clock_limit_while_other_files_go_on() -> None:
+    parser = _parser(timeout_s=1.5, cpu_s=60, workers=2)
+    try:
+        await _parses_small_files_at_once(parser)  # the pool is warm
+        started = time.monotonic()
+        bomb = asyncio.create_task(
+            parser.parse(cpu_bomb_pdf(), filename="x.pdf", content_type="application/pdf")
+        )
+        await asyncio.sleep(0.3)
+        await _parses_small_files_at_once(parser)  # in the other process, while the bomb runs
+        assert not bomb.done()
+        with pytest.raises(PermanentError) as info:
+            await bomb
+        assert str(info.value) == "parsing 'x.pdf' took longer than the limit parse.timeout_s=1.5"
+        assert time.monotonic() - started < 1.5 + 1.5
+        await _parses_small_files_at_once(parser)  # its process was replaced
+    finally:
+        await parser.aclose()
+
+
+async def test_a_cpu_bomb_is_killed_at_the_cpu_limit() -> None:
+    parser = _parser(timeout_s=60, cpu_s=1, workers=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PermanentError) as info:
+            await parser.parse(cpu_bomb_pdf(), filename="x.pdf", content_type="application/pdf")
+        assert str(info.value) == (
+            "parsing 'x.pdf' used more than the limit parse.cpu_s=1 of CPU time"
+        )
+        assert time.monotonic() - started < 10
+        await _parses_small_files_at_once(parser)
+    finally:
+        await parser.aclose()
+
+
+async def test_a_memory_bomb_stops_at_the_memory_limit() -> None:
+    parser = _parser(memory_mb=256, workers=1)
+    try:
+        with pytest.raises(PermanentError) as info:
+            await parser.parse(memory_bomb_text(12), filename="m.txt", content_type="text/plain")
+        assert str(info.value) == (
+            "parsing 'm.txt' needed more memory than the limit parse.memory_mb=256"
+        )
+        await _parses_small_files_at_once(parser)
+        # The limit stopped it, not the file: under a higher one the same file parses.
+        roomy = _parser(memory_mb=2048, workers=1)
+        try:
+            result = await roomy.parse(
+                memory_bomb_text(12), filename="m.txt", content_type="text/plain"
+            )
+            assert result.markdown.startswith("ab\nab\n")
+        finally:
+            await roomy.aclose()
+    finally:
+        await parser.aclose()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("cpu_s", 0), ("memory_mb", 64), ("workers", 0), ("workers", 65), ("timeout_s", 0)],
+)
+def test_child_limits_are_validated(key: str, value: int) -> None:
+    with pytest.raises(ValidationError, match=key):
+        ParseSettings(**{key: value})
