@@ -1,32 +1,41 @@
 """The no-Docker local stack: a Kafka broker, PostgreSQL with pgvector, topics, migrations,
 and the stage workers as one background process.
 
-`stack_up` is idempotent: what already runs is left as it is. It reports what it started, so
-a caller (the demo) can stop exactly that and leave a stack someone else started running.
+`stack_up` is idempotent: what already runs is left as it is and whatever part is not running
+is started, so after `stack_down(settings, ["kafka"])` it brings back just the broker, on its
+data (topics, records, committed offsets). It reports what it started, so a caller (the demo)
+can stop exactly that and leave a stack someone else started running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from ragstream.admin import TopicState, ensure_topics
-from ragstream.errors import InfrastructureError
+from ragstream.errors import ConfigError, InfrastructureError
 from ragstream.local.kafka import LocalKafka, process_alive, wait_exit
 from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import Settings
 from ragstream.store.migrate import migrate
+from ragstream.topology import Stage
 
 log = structlog.get_logger(__name__)
+
+# The parts `stack_down` stops one by one, in the order it stops them.
+PARTS = ("prometheus", "workers", "kafka", "postgres")
 
 
 @dataclass
@@ -136,12 +145,20 @@ def start_prometheus(settings: Settings) -> tuple[int, bool]:
     return port, True
 
 
-def stop_prometheus(settings: Settings) -> bool:
-    pidfile = settings.local.data_dir / "prometheus" / "prometheus.pid"
+def stop_prometheus(settings: Settings, *, kill: bool = False) -> bool:
+    return _stop_process(settings.local.data_dir / "prometheus" / "prometheus.pid", kill=kill)
+
+
+def _stop_process(pidfile: Path, *, kill: bool, timeout_s: float = 30.0) -> bool:
+    """SIGTERM the process in `pidfile` and wait (SIGKILL after `timeout_s`); `kill`: SIGKILL
+    at once. False if it was not running."""
     pid = _pid_alive(pidfile)
     if pid is None:
         return False
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    if not wait_exit(pid, 10.0 if kill else timeout_s):
+        os.kill(pid, signal.SIGKILL)
+        wait_exit(pid, 10.0)
     pidfile.unlink(missing_ok=True)
     return True
 
@@ -166,6 +183,8 @@ def start_workers(settings: Settings, timeout_s: float = 30.0) -> tuple[int, boo
         return running, False
     settings.local.data_dir.mkdir(parents=True, exist_ok=True)
     logfile = _workers_log(settings)
+    # The log is appended to across starts: only what this start writes counts.
+    start_at = logfile.stat().st_size if logfile.exists() else 0
     env = {
         **os.environ,
         # The child must see the same settings this process has, whatever their source.
@@ -189,39 +208,62 @@ def start_workers(settings: Settings, timeout_s: float = 30.0) -> tuple[int, boo
     while time.monotonic() < deadline:  # wait until every stage has started consuming
         if proc.poll() is not None:
             _workers_pidfile(settings).unlink(missing_ok=True)
-            tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-30:])
+            tail = "\n".join(_read_from(logfile, start_at).splitlines()[-30:])
             raise InfrastructureError(f"workers exited at start (code {proc.returncode}):\n{tail}")
-        if logfile.read_text(errors="replace").count('"stage started"') >= 3:
+        if _consuming(_read_from(logfile, start_at)) >= {s.value for s in Stage}:
             break
         time.sleep(0.2)
     log.info("workers.started", pid=proc.pid, log=str(logfile))
     return proc.pid, True
 
 
-def stop_workers(settings: Settings, timeout_s: float = 30.0) -> bool:
-    """SIGTERM the background workers (they finish in-hand records, commit and leave)."""
-    pid = workers_pid(settings)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    if not wait_exit(pid, timeout_s):
-        os.kill(pid, signal.SIGKILL)
-    _workers_pidfile(settings).unlink(missing_ok=True)
-    return True
+def _consuming(log_text: str) -> set[str]:
+    """The consumers a worker's JSON log says have started."""
+    started = set()
+    for line in log_text.splitlines():
+        if '"consumer started"' in line:
+            with contextlib.suppress(ValueError, AttributeError):
+                started.add(str(json.loads(line).get("stage")))
+    return started
 
 
-def stack_down(settings: Settings, only: list[str] | None = None) -> list[str]:
-    """Stop workers, broker and PostgreSQL (all, or those named in `only`); returns what stopped."""
+def _read_from(path: Path, offset: int) -> str:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode("utf-8", "replace")
+
+
+def stop_workers(settings: Settings, timeout_s: float = 30.0, *, kill: bool = False) -> bool:
+    """SIGTERM the background workers (they finish in-hand records, commit and leave);
+    `kill`: SIGKILL (no commit, no leave: their group waits out the session timeout)."""
+    return _stop_process(_workers_pidfile(settings), kill=kill, timeout_s=timeout_s)
+
+
+def stack_down(
+    settings: Settings, only: Sequence[str] | None = None, *, kill: bool = False
+) -> list[str]:
+    """Stop the parts named in `only` (all by default: prometheus, workers, broker, PostgreSQL,
+    in that order); returns what was running and stopped. Each keeps its data, so `stack_up`
+    brings it back as it was.
+
+    Without `kill`, each stops the way an operator expects: workers and prometheus on
+    SIGTERM, the broker by controlled shutdown (SIGTERM, waited for), PostgreSQL by a fast
+    shutdown. With `kill`, as in a crash: SIGKILL, and PostgreSQL's immediate shutdown."""
+    unknown = sorted(set(only or ()) - set(PARTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown stack part {', '.join(unknown)}; choose from {', '.join(PARTS)}"
+        )
     stopped = []
-    if (only is None or "prometheus" in only) and stop_prometheus(settings):
+    if (only is None or "prometheus" in only) and stop_prometheus(settings, kill=kill):
         stopped.append("prometheus")
-    if (only is None or "workers" in only) and stop_workers(settings):
+    if (only is None or "workers" in only) and stop_workers(settings, kill=kill):
         stopped.append("workers")
     for name, server in (
         ("kafka", LocalKafka.from_settings(settings)),
         ("postgres", LocalPostgres.from_settings(settings)),
     ):
-        if (only is None or name in only) and server.is_running():
-            server.stop()
+        if (only is None or name in only) and server.pid() is not None:
+            server.stop(kill=kill)
             stopped.append(name)
     return stopped

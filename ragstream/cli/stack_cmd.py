@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -45,7 +46,8 @@ def up(
         bool, typer.Option(help="Also run Debian's prometheus against the workers.")
     ] = False,
 ) -> None:
-    """Start the broker and PostgreSQL (if not running), create topics, migrate. Leaves them running."""
+    """Start whatever part of the stack is not running (broker, PostgreSQL, workers), create
+    topics, migrate. Leaves them running."""
     from ragstream.stack import stack_up
 
     settings = settings_or_exit()
@@ -61,14 +63,40 @@ def up(
     console.print("stop it with: ragstream stack down")
 
 
+class Part(StrEnum):
+    kafka = "kafka"
+    postgres = "postgres"
+    workers = "workers"
+    prometheus = "prometheus"
+
+
 @app.command("down")
-def down() -> None:
-    """Stop the local broker and PostgreSQL."""
+def down(
+    parts: Annotated[
+        list[Part] | None,
+        typer.Argument(help="Stop only these parts (default: everything). `up` restarts them."),
+    ] = None,
+    kill: Annotated[
+        bool,
+        typer.Option(
+            "--kill",
+            help="Stop as a crash would: SIGKILL (PostgreSQL: its immediate shutdown). "
+            "Data is kept either way.",
+        ),
+    ] = False,
+) -> None:
+    """Stop the local stack, or some of its parts: workers and prometheus on SIGTERM, the
+    broker by controlled shutdown, PostgreSQL by a fast shutdown. Their data stays."""
     from ragstream.stack import stack_down
 
     settings = settings_or_exit()
-    stopped = stack_down(settings)
-    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    named = [p.value for p in parts] if parts else None
+    stopped = stack_down(settings, named, kill=kill)
+    idle = [p for p in named or () if p not in stopped]
+    line = f"stopped: {', '.join(stopped) or 'nothing was running'}"
+    if stopped and idle:
+        line += f"; not running: {', '.join(idle)}"
+    console.print(line)
 
 
 def demo(

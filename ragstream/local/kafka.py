@@ -9,6 +9,7 @@ detached on Java 17+ (it outlives the process that started it), logs to
     kafka = LocalKafka.from_settings(settings)
     bootstrap = kafka.start()          # idempotent: returns at once if already running
     kafka.stop()                       # controlled shutdown, SIGKILL after a timeout
+    kafka.stop(kill=True)              # SIGKILL now (a crash); the data is kept for the next start
 
 Kafka's own tools run on the same classpath:
 
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ragstream.errors import InfrastructureError
+from ragstream.local.secure import ACL_TOOL, ADMIN, MECHANISM, Acl, SecureSetup, acls
 from ragstream.resources import config_dir
 
 if TYPE_CHECKING:
@@ -138,6 +140,7 @@ class LocalKafka:
         start_timeout_s: float = 90.0,
         *,
         classpath_cache_dir: Path | None = None,
+        secure: SecureSetup | None = None,
     ) -> None:
         if not _VERSION.match(version):
             raise InfrastructureError(f"kafka version {version!r} is not of the form 4.x.y")
@@ -158,6 +161,11 @@ class LocalKafka:
         self.properties_path = self.home / "server.properties"
         self.log_path = self.home / "broker.log"
         self.pid_path = self.home / "broker.pid"
+        # Secure mode belongs to the data: a broker formatted with SCRAM users keeps them.
+        self.secure_marker = self.home / "secure"
+        if secure is None and self.secure_marker.exists():
+            secure = SecureSetup.ensure(self.data_dir)
+        self.secure = secure
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalKafka:
@@ -174,6 +182,21 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    def client_options(self) -> dict[str, object]:
+        """aiokafka options of an admin client of this broker (SASL_SSL as admin if secure)."""
+        opts: dict[str, object] = {"bootstrap_servers": self.bootstrap}
+        if self.secure is not None:
+            from aiokafka.helpers import create_ssl_context
+
+            opts.update(
+                security_protocol="SASL_SSL",
+                sasl_mechanism=MECHANISM,
+                sasl_plain_username=ADMIN,
+                sasl_plain_password=self.secure.passwords[ADMIN],
+                ssl_context=create_ssl_context(cafile=str(self.secure.certs.ca_cert)),
+            )
+        return opts
 
     # -- classpath ------------------------------------------------------------------------
 
@@ -196,6 +219,32 @@ class LocalKafka:
     def tool_command(self, tool_main_class: str, args: Sequence[str]) -> list[str]:
         """kafka_tool_command() on this broker's classpath (resolved if need be)."""
         return kafka_tool_command(self.ensure_classpath(), tool_main_class, args)
+
+    def apply_acls(self, prefix: str) -> list[Acl]:
+        """Add the least-privilege ACLs (config/kafka/acls.toml) for a topic prefix, with
+        Kafka's own AclCommand as admin; adding an ACL that exists changes nothing."""
+        if self.secure is None:
+            raise InfrastructureError("ACLs need the secure broker (ragstream stack up --secure)")
+        entries = acls(prefix)
+        for acl in entries:
+            cmd = self.tool_command(
+                ACL_TOOL,
+                [
+                    "--bootstrap-server",
+                    self.bootstrap,
+                    "--command-config",
+                    str(self.secure.tool_config(ADMIN)),
+                    *acl.tool_args(),
+                ],
+            )
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+            if done.returncode != 0:
+                raise InfrastructureError(
+                    f"adding the ACL for {acl.principal} on {acl.resource} {acl.name!r} failed "
+                    f"(exit {done.returncode}):\n{done.stderr[-2000:] or done.stdout[-2000:]}"
+                )
+        log.info("kafka.acls.applied", prefix=prefix, entries=len(entries))
+        return entries
 
     def _cached_classpath(self) -> list[Path] | None:
         try:
@@ -276,8 +325,11 @@ class LocalKafka:
             self._format_storage(classpath)
             return self._launch(classpath)
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM (controlled shutdown), SIGKILL if it has not exited after `timeout_s`."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S, *, kill: bool = False) -> None:
+        """SIGTERM (controlled shutdown), SIGKILL if it has not exited after `timeout_s`.
+
+        `kill`: SIGKILL at once, as a crash would. The data stays: the next start recovers
+        the logs (topics, records and committed offsets are all there)."""
         if not self.home.is_dir():
             return
         with _file_lock(self.home / ".lifecycle.lock"):
@@ -285,10 +337,10 @@ class LocalKafka:
             if pid is None:
                 self.pid_path.unlink(missing_ok=True)
                 return
-            log.info("kafka.stopping", pid=pid)
+            log.info("kafka.stopping", pid=pid, kill=kill)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not wait_exit(pid, timeout_s):
+                os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+            if not wait_exit(pid, 10.0 if kill else timeout_s):
                 log.warning("kafka.stop.killing", pid=pid, after_s=timeout_s)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -354,6 +406,8 @@ class LocalKafka:
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",
         }
+        if self.secure is not None:
+            props.update(self.secure.broker_properties(HOST, self.port, self.controller_port))
         text = "# Written by ragstream (ragstream.local.kafka) at every start; edits are lost.\n"
         text += "".join(f"{k}={_escape(v)}\n" for k, v in props.items())
         tmp = self.properties_path.with_suffix(".tmp")
@@ -362,6 +416,12 @@ class LocalKafka:
 
     def _format_storage(self, classpath: list[Path]) -> None:
         if (self.log_dirs / "meta.properties").exists():
+            if self.secure is not None and not self.secure_marker.exists():
+                raise InfrastructureError(
+                    f"the broker in {self.home} was created without --secure, so it has no "
+                    "SCRAM users; stop it and remove that directory (its topics go with it), "
+                    "or use another local.data_dir for the secure stack"
+                )
             return
         cluster_id = _cluster_id()
         cmd = [
@@ -377,6 +437,7 @@ class LocalKafka:
             cluster_id,
             "-c",
             str(self.properties_path),
+            *(self.secure.format_args() if self.secure is not None else []),
         ]
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=120, check=False, cwd=self.home
@@ -387,7 +448,14 @@ class LocalKafka:
                 f"formatting Kafka storage in {self.log_dirs} failed (exit {done.returncode}):\n"
                 f"{output}"
             )
-        log.info("kafka.storage.formatted", log_dirs=str(self.log_dirs), cluster_id=cluster_id)
+        if self.secure is not None:
+            self.secure_marker.write_text("SASL_SSL with SCRAM-SHA-512 users; see ../secure/\n")
+        log.info(
+            "kafka.storage.formatted",
+            log_dirs=str(self.log_dirs),
+            cluster_id=cluster_id,
+            secure=self.secure is not None,
+        )
 
     def _launch(self, classpath: list[Path]) -> str:
         if self.log_path.exists():  # keep the previous run's log for a post-mortem
@@ -455,7 +523,7 @@ class LocalKafka:
                 )
             # Ready when *this* broker serves metadata: the cluster id tells it from another
             # broker that may hold the port.
-            if port_open(self.port) and cluster_id_at(self.bootstrap) == self.cluster_id():
+            if port_open(self.port) and cluster_id_at(self.client_options()) == self.cluster_id():
                 return
             if time.monotonic() > deadline:
                 raise InfrastructureError(
@@ -465,15 +533,17 @@ class LocalKafka:
             time.sleep(0.25)
 
 
-def cluster_id_at(bootstrap: str, timeout_ms: int = 1000) -> str | None:
-    """The cluster id the broker at `bootstrap` reports (one aiokafka admin round trip), or
-    None if it does not answer. Runs in a private event loop on a thread of its own, so it
-    works whether or not the caller runs an event loop."""
+def cluster_id_at(options: str | dict[str, object], timeout_ms: int = 1000) -> str | None:
+    """The cluster id the broker at `options` (a bootstrap address, or aiokafka client
+    options) reports (one aiokafka admin round trip), or None if it does not answer. Runs in
+    a private event loop on a thread of its own, so it works whether or not the caller runs
+    an event loop."""
+    opts = {"bootstrap_servers": options} if isinstance(options, str) else dict(options)
 
     async def probe() -> str | None:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+        admin = AIOKafkaAdminClient(**opts, request_timeout_ms=timeout_ms)
         try:
             await admin.start()
             cluster = await admin.describe_cluster()

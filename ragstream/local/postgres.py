@@ -10,6 +10,7 @@ own (created if missing) that owns `<data_dir>/postgres`.
     pg.start()                         # initdb on first use; idempotent
     dsn = pg.ensure_database("ragstream")   # creates it and the `vector` extension if missing
     pg.stop()                          # pg_ctl stop -m fast
+    pg.stop(kill=True)                 # pg_ctl stop -m immediate (a crash; recovers at start)
 """
 
 from __future__ import annotations
@@ -165,22 +166,27 @@ class LocalPostgres:
         self._wait_ready(pid)
         log.info("postgres.ready", pid=pid, seconds=round(time.monotonic() - started, 1))
 
-    def stop(self) -> None:
-        """A fast shutdown (`pg_ctl stop -m fast`): sessions are ended, nothing is lost."""
+    def stop(self, *, kill: bool = False) -> None:
+        """A fast shutdown (`pg_ctl stop -m fast`): sessions are ended, nothing is lost.
+
+        `kill`: an immediate shutdown (`-m immediate`), PostgreSQL's own crash: every server
+        process quits at once, without a checkpoint, and the next start recovers from the WAL.
+        Committed transactions are kept either way."""
         if self._postmaster_pid() is None:
             return
-        log.info("postgres.stopping", port=self.port)
+        mode = "immediate" if kill else "fast"
+        log.info("postgres.stopping", port=self.port, mode=mode)
         done = self._run_as_owner(
-            [str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w", "stop"],
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"],
             timeout=90,
         )
         pid = self._postmaster_pid()
         if done.returncode != 0 and pid is not None:
             # pg_ctl could not do it (e.g. its user lost access to the data directory):
-            # SIGINT is the same fast shutdown, sent straight to the postmaster.
+            # SIGINT (SIGQUIT) is the same fast (immediate) shutdown, sent to the postmaster.
             log.warning("postgres.stop.signalling", pid=pid, pg_ctl=done.stdout.strip())
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGINT)
+                os.kill(pid, signal.SIGQUIT if kill else signal.SIGINT)
             deadline = time.monotonic() + 60
             while self._postmaster_pid() == pid and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -1,9 +1,11 @@
 """The README's commands, run as an operator runs them: `ragstream stack up`, third-party
 clients (kcat, psql) against what it started, an upload through the running workers,
-`ragstream stack down`, and the main job `ragstream demo`."""
+`ragstream stack down` (whole or part by part, `up` bringing back just what was stopped), and
+the main job `ragstream demo`."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -16,8 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from ragstream.local.kafka import process_alive
 from ragstream.samples import sample_dir
-from ragstream.topology import Topology
+from ragstream.settings import load_settings
+from ragstream.topology import Stage, Topology
+from tests.integration.pipeline_helpers import (
+    committed_offsets,
+    end_offsets,
+    make_corpus,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -158,3 +168,123 @@ def test_demo_runs_the_pipeline_and_prints_the_summary(stack_env: dict[str, str]
     assert "stopped what the demo started: kafka, postgres" in out
     kafka_port = int(stack_env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"].rsplit(":", 1)[1])
     assert not _listening(kafka_port)
+
+
+def _pid(data_dir: Path, name: str) -> int | None:
+    """The pid a stack part's pid file names, if that process runs."""
+    files = {
+        "workers": data_dir / "workers.pid",
+        "kafka": data_dir / "kafka" / "broker.pid",
+        "postgres": data_dir / "postgres" / "data" / "postmaster.pid",
+    }
+    try:
+        pid = int(files[name].read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+    return pid if process_alive(pid) else None
+
+
+def _positions(env: dict[str, str]) -> dict[str, dict[tuple[str, int], int]]:
+    """End offsets of the document topics and committed offsets of the stage groups, once
+    every group has caught up (a stage commits just after it writes the status)."""
+    settings = load_settings(
+        kafka={"bootstrap_servers": env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"], "partitions": 12}
+    )
+    topology = Topology()
+
+    async def read() -> dict[str, dict[tuple[str, int], int]]:
+        out: dict[str, dict[tuple[str, int], int]] = {}
+        for stage in Stage:
+            topic = topology.input_topic(stage)
+            ends = await end_offsets(settings, topic)
+            out[topic] = {(tp.topic, tp.partition): n for tp, n in ends.items()}
+            group = await committed_offsets(settings, topology.group(stage))
+            out[topology.group(stage)] = {(tp.topic, tp.partition): n for tp, n in group.items()}
+        return out
+
+    async def caught_up() -> dict[str, dict[tuple[str, int], int]] | None:
+        got = await read()
+        for stage in Stage:
+            ends = got[topology.input_topic(stage)]
+            done = got[topology.group(stage)]
+            if any(done.get(tp, 0) != n for tp, n in ends.items() if n):
+                return None
+        return got
+
+    return asyncio.run(wait_until(caught_up, 60, "the stage groups to commit", poll_s=0.5))
+
+
+@pytest.mark.timeout(600)
+def test_each_part_stops_alone_and_up_restores_just_it(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    data_dir = Path(stack_env["RAGSTREAM_LOCAL__DATA_DIR"])
+    bootstrap = stack_env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
+    ports = {
+        "kafka": int(bootstrap.rsplit(":", 1)[1]),
+        "postgres": int(stack_env["RAGSTREAM_POSTGRES__PORT"]),
+    }
+    up = ragstream(stack_env, "stack", "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    samples = iter(make_corpus(tmp_path, 7))
+
+    def upload_one() -> None:
+        done = ragstream(
+            stack_env,
+            "upload",
+            str(next(samples)),
+            *("--tenant", "parts", "--wait", "--timeout", "120"),
+        )
+        assert done.returncode == 0 and "embedded" in done.stdout, done.stdout + done.stderr
+
+    def documents() -> int:
+        psql = subprocess.run(
+            [
+                *("psql", "-h", "127.0.0.1", "-p", str(ports["postgres"]), "-U", "postgres"),
+                *("-d", "ragstream", "-At", "-c", "select count(*) from documents"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert psql.returncode == 0, psql.stderr
+        return int(psql.stdout)
+
+    upload_one()
+    for part, kill in [
+        ("kafka", False),
+        ("postgres", False),
+        ("workers", False),
+        ("kafka", True),
+        ("postgres", True),
+        ("workers", True),
+    ]:
+        before = _positions(stack_env)
+        pids = {name: _pid(data_dir, name) for name in ("kafka", "postgres", "workers")}
+        assert all(pids.values()), pids
+        uploaded = documents()
+
+        down = ragstream(stack_env, "stack", "down", part, *(["--kill"] if kill else []))
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert down.stdout.strip() == f"stopped: {part}", (part, kill, down.stdout)
+        assert _pid(data_dir, part) is None, (part, kill)
+        if part in ports:
+            assert not _listening(ports[part]), (part, kill)
+        for other, pid in pids.items():
+            if other != part:  # the other parts run on, the same processes
+                assert _pid(data_dir, other) == pid, (part, kill, other)
+
+        up = ragstream(stack_env, "stack", "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"started: {part};" in up.stdout, (part, kill, up.stdout)
+        assert _pid(data_dir, part) not in (None, pids[part]), (part, kill)
+        # Back on its data: the same records and committed offsets, the same documents.
+        assert _positions(stack_env) == before, (part, kill)
+        assert documents() == uploaded, (part, kill)
+        # And the pipeline works through it again.
+        upload_one()
+
+    down = ragstream(stack_env, "stack", "down", "kafka", "postgres")
+    assert down.stdout.strip() == "stopped: kafka, postgres", down.stdout
+    again = ragstream(stack_env, "stack", "down", "kafka")
+    assert again.stdout.strip() == "stopped: nothing was running", again.stdout
