@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ragstream.errors import InfrastructureError
-from ragstream.local.secure import ACL_TOOL, ADMIN, MECHANISM, Acl, SecureSetup, acls
 from ragstream.resources import config_dir
 
 if TYPE_CHECKING:
@@ -140,7 +139,6 @@ class LocalKafka:
         start_timeout_s: float = 90.0,
         *,
         classpath_cache_dir: Path | None = None,
-        secure: SecureSetup | None = None,
     ) -> None:
         if not _VERSION.match(version):
             raise InfrastructureError(f"kafka version {version!r} is not of the form 4.x.y")
@@ -161,11 +159,6 @@ class LocalKafka:
         self.properties_path = self.home / "server.properties"
         self.log_path = self.home / "broker.log"
         self.pid_path = self.home / "broker.pid"
-        # Secure mode belongs to the data: a broker formatted with SCRAM users keeps them.
-        self.secure_marker = self.home / "secure"
-        if secure is None and self.secure_marker.exists():
-            secure = SecureSetup.ensure(self.data_dir)
-        self.secure = secure
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalKafka:
@@ -182,21 +175,6 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
-
-    def client_options(self) -> dict[str, object]:
-        """aiokafka options of an admin client of this broker (SASL_SSL as admin if secure)."""
-        opts: dict[str, object] = {"bootstrap_servers": self.bootstrap}
-        if self.secure is not None:
-            from aiokafka.helpers import create_ssl_context
-
-            opts.update(
-                security_protocol="SASL_SSL",
-                sasl_mechanism=MECHANISM,
-                sasl_plain_username=ADMIN,
-                sasl_plain_password=self.secure.passwords[ADMIN],
-                ssl_context=create_ssl_context(cafile=str(self.secure.certs.ca_cert)),
-            )
-        return opts
 
     # -- classpath ------------------------------------------------------------------------
 
@@ -219,32 +197,6 @@ class LocalKafka:
     def tool_command(self, tool_main_class: str, args: Sequence[str]) -> list[str]:
         """kafka_tool_command() on this broker's classpath (resolved if need be)."""
         return kafka_tool_command(self.ensure_classpath(), tool_main_class, args)
-
-    def apply_acls(self, prefix: str) -> list[Acl]:
-        """Add the least-privilege ACLs (config/kafka/acls.toml) for a topic prefix, with
-        Kafka's own AclCommand as admin; adding an ACL that exists changes nothing."""
-        if self.secure is None:
-            raise InfrastructureError("ACLs need the secure broker (ragstream stack up --secure)")
-        entries = acls(prefix)
-        for acl in entries:
-            cmd = self.tool_command(
-                ACL_TOOL,
-                [
-                    "--bootstrap-server",
-                    self.bootstrap,
-                    "--command-config",
-                    str(self.secure.tool_config(ADMIN)),
-                    *acl.tool_args(),
-                ],
-            )
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-            if done.returncode != 0:
-                raise InfrastructureError(
-                    f"adding the ACL for {acl.principal} on {acl.resource} {acl.name!r} failed "
-                    f"(exit {done.returncode}):\n{done.stderr[-2000:] or done.stdout[-2000:]}"
-                )
-        log.info("kafka.acls.applied", prefix=prefix, entries=len(entries))
-        return entries
 
     def _cached_classpath(self) -> list[Path] | None:
         try:
@@ -406,8 +358,6 @@ class LocalKafka:
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",
         }
-        if self.secure is not None:
-            props.update(self.secure.broker_properties(HOST, self.port, self.controller_port))
         text = "# Written by ragstream (ragstream.local.kafka) at every start; edits are lost.\n"
         text += "".join(f"{k}={_escape(v)}\n" for k, v in props.items())
         tmp = self.properties_path.with_suffix(".tmp")
@@ -416,12 +366,6 @@ class LocalKafka:
 
     def _format_storage(self, classpath: list[Path]) -> None:
         if (self.log_dirs / "meta.properties").exists():
-            if self.secure is not None and not self.secure_marker.exists():
-                raise InfrastructureError(
-                    f"the broker in {self.home} was created without --secure, so it has no "
-                    "SCRAM users; stop it and remove that directory (its topics go with it), "
-                    "or use another local.data_dir for the secure stack"
-                )
             return
         cluster_id = _cluster_id()
         cmd = [
@@ -437,7 +381,6 @@ class LocalKafka:
             cluster_id,
             "-c",
             str(self.properties_path),
-            *(self.secure.format_args() if self.secure is not None else []),
         ]
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=120, check=False, cwd=self.home
@@ -448,14 +391,7 @@ class LocalKafka:
                 f"formatting Kafka storage in {self.log_dirs} failed (exit {done.returncode}):\n"
                 f"{output}"
             )
-        if self.secure is not None:
-            self.secure_marker.write_text("SASL_SSL with SCRAM-SHA-512 users; see ../secure/\n")
-        log.info(
-            "kafka.storage.formatted",
-            log_dirs=str(self.log_dirs),
-            cluster_id=cluster_id,
-            secure=self.secure is not None,
-        )
+        log.info("kafka.storage.formatted", log_dirs=str(self.log_dirs), cluster_id=cluster_id)
 
     def _launch(self, classpath: list[Path]) -> str:
         if self.log_path.exists():  # keep the previous run's log for a post-mortem
@@ -523,7 +459,7 @@ class LocalKafka:
                 )
             # Ready when *this* broker serves metadata: the cluster id tells it from another
             # broker that may hold the port.
-            if port_open(self.port) and cluster_id_at(self.client_options()) == self.cluster_id():
+            if port_open(self.port) and cluster_id_at(self.bootstrap) == self.cluster_id():
                 return
             if time.monotonic() > deadline:
                 raise InfrastructureError(
@@ -533,17 +469,15 @@ class LocalKafka:
             time.sleep(0.25)
 
 
-def cluster_id_at(options: str | dict[str, object], timeout_ms: int = 1000) -> str | None:
-    """The cluster id the broker at `options` (a bootstrap address, or aiokafka client
-    options) reports (one aiokafka admin round trip), or None if it does not answer. Runs in
-    a private event loop on a thread of its own, so it works whether or not the caller runs
-    an event loop."""
-    opts = {"bootstrap_servers": options} if isinstance(options, str) else dict(options)
+def cluster_id_at(bootstrap: str, timeout_ms: int = 1000) -> str | None:
+    """The cluster id the broker at `bootstrap` reports (one aiokafka admin round trip), or
+    None if it does not answer. Runs in a private event loop on a thread of its own, so it
+    works whether or not the caller runs an event loop."""
 
     async def probe() -> str | None:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(**opts, request_timeout_ms=timeout_ms)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
         try:
             await admin.start()
             cluster = await admin.describe_cluster()
