@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from aiokafka.conn import create_conn
@@ -96,3 +97,36 @@ async def started_or_explained(kafka: KafkaSettings, make: Callable[[], C]) -> C
         return await started(make)
     except KafkaError as exc:
         raise await unreachable(kafka, exc) from exc
+
+
+def java_client_properties(kafka: KafkaSettings) -> str:
+    """The same connection settings as a Java client's properties (Kafka's own tools read them
+    with `--command-config`). Holds the password: write it to a 0600 file."""
+    lines = [f"security.protocol={kafka.security_protocol}"]
+    if kafka.sasl_mechanism:
+        module = {
+            "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+        }.get(kafka.sasl_mechanism, "org.apache.kafka.common.security.scram.ScramLoginModule")
+        password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
+        quoted = [
+            v.replace("\\", "\\\\").replace('"', '\\"')
+            for v in (kafka.sasl_username or "", password)
+        ]
+        lines += [
+            f"sasl.mechanism={kafka.sasl_mechanism}",
+            f'sasl.jaas.config={module} required username="{quoted[0]}" password="{quoted[1]}";',
+        ]
+    if kafka.ssl_cafile:
+        lines += ["ssl.truststore.type=PEM", f"ssl.truststore.location={kafka.ssl_cafile}"]
+    if kafka.ssl_certfile and kafka.ssl_keyfile:
+        lines += [
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.certificate.chain={_pem_value(kafka.ssl_certfile)}",
+            f"ssl.keystore.key={_pem_value(kafka.ssl_keyfile)}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _pem_value(path: Path) -> str:
+    """A PEM file's text as one properties value (line breaks escaped)."""
+    return path.read_text().strip().replace("\n", "\\n")

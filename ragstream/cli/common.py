@@ -25,7 +25,8 @@ EXIT_FAILURE = 1
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # One line however long (soft wrap): an error is copied, grepped and pasted whole.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

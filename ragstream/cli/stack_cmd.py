@@ -131,7 +131,10 @@ def kafka_tool(
     Example: ragstream stack kafka-tool consumer-groups --describe --all-groups
     """
     import subprocess
+    import tempfile
+    from pathlib import Path
 
+    from ragstream.kafka_clients import diagnose, java_client_properties
     from ragstream.local import kafka as local_kafka
 
     mains = {
@@ -144,11 +147,21 @@ def kafka_tool(
     if tool not in mains:
         raise fail(f"unknown Kafka tool {tool!r}; choose one of {', '.join(KAFKA_TOOLS)}")
     settings = settings_or_exit()
+    kafka = settings.kafka
     broker = local_kafka.LocalKafka.from_settings(settings)
-    try:
-        cmd = broker.tool_command(
-            mains[tool], ["--bootstrap-server", settings.kafka.bootstrap_servers, *ctx.args]
-        )
-    except RagstreamError as exc:
-        raise fail(str(exc)) from None
-    raise typer.Exit(subprocess.run(cmd, check=False).returncode)
+    with tempfile.TemporaryDirectory(prefix="ragstream-tool-") as tmp:
+        args = ["--bootstrap-server", kafka.bootstrap_servers]
+        if kafka.security_protocol != "PLAINTEXT":
+            # Kafka's tools retry a refused login until they give up, then exit 0: say it first.
+            refused = run(diagnose, kafka)
+            if refused is not None:
+                raise fail(str(refused))
+            config = Path(tmp) / "client.properties"  # in a 0700 directory: it holds a password
+            config.write_text(java_client_properties(kafka))
+            args += ["--command-config", str(config)]
+        try:
+            cmd = broker.tool_command(mains[tool], [*args, *ctx.args])
+        except RagstreamError as exc:
+            raise fail(str(exc)) from None
+        code = subprocess.run(cmd, check=False).returncode
+    raise typer.Exit(code)

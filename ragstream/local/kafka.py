@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ragstream.errors import InfrastructureError
+from ragstream.local.secure import ACL_TOOL, ADMIN, MECHANISM, Acl, SecureSetup, acls
 from ragstream.resources import config_dir
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class LocalKafka:
         start_timeout_s: float = 90.0,
         *,
         classpath_cache_dir: Path | None = None,
+        secure: SecureSetup | None = None,
     ) -> None:
         if not _VERSION.match(version):
             raise InfrastructureError(f"kafka version {version!r} is not of the form 4.x.y")
@@ -159,6 +161,11 @@ class LocalKafka:
         self.properties_path = self.home / "server.properties"
         self.log_path = self.home / "broker.log"
         self.pid_path = self.home / "broker.pid"
+        # Secure mode belongs to the data: a broker formatted with SCRAM users keeps them.
+        self.secure_marker = self.home / "secure"
+        if secure is None and self.secure_marker.exists():
+            secure = SecureSetup.ensure(self.data_dir)
+        self.secure = secure
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalKafka:
@@ -175,6 +182,21 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    def client_options(self) -> dict[str, object]:
+        """aiokafka options of an admin client of this broker (SASL_SSL as admin if secure)."""
+        opts: dict[str, object] = {"bootstrap_servers": self.bootstrap}
+        if self.secure is not None:
+            from aiokafka.helpers import create_ssl_context
+
+            opts.update(
+                security_protocol="SASL_SSL",
+                sasl_mechanism=MECHANISM,
+                sasl_plain_username=ADMIN,
+                sasl_plain_password=self.secure.passwords[ADMIN],
+                ssl_context=create_ssl_context(cafile=str(self.secure.certs.ca_cert)),
+            )
+        return opts
 
     # -- classpath ------------------------------------------------------------------------
 
@@ -197,6 +219,42 @@ class LocalKafka:
     def tool_command(self, tool_main_class: str, args: Sequence[str]) -> list[str]:
         """kafka_tool_command() on this broker's classpath (resolved if need be)."""
         return kafka_tool_command(self.ensure_classpath(), tool_main_class, args)
+
+    def apply_acls(self, prefix: str) -> list[Acl]:
+        """Add the least-privilege ACLs (config/kafka/acls.toml) for a topic prefix, with
+        Kafka's own AclCommand as admin; adding an ACL that exists changes nothing."""
+        if self.secure is None:
+            raise InfrastructureError("ACLs need the secure broker (ragstream stack up --secure)")
+        entries = acls(prefix)
+        config = str(self.secure.tool_config(ADMIN))
+        runs = [  # one JVM per entry, all at once
+            (
+                acl,
+                subprocess.Popen(
+                    self.tool_command(
+                        ACL_TOOL,
+                        [
+                            *("--bootstrap-server", self.bootstrap),
+                            *("--command-config", config),
+                            *acl.tool_args(),
+                        ],
+                    ),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+            for acl in entries
+        ]
+        for acl, proc in runs:
+            out, err = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                raise InfrastructureError(
+                    f"adding the ACL for {acl.principal} on {acl.resource} {acl.name!r} failed "
+                    f"(exit {proc.returncode}):\n{(err or out)[-2000:]}"
+                )
+        log.info("kafka.acls.applied", prefix=prefix, entries=len(entries))
+        return entries
 
     def _cached_classpath(self) -> list[Path] | None:
         try:
@@ -358,6 +416,8 @@ class LocalKafka:
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",
         }
+        if self.secure is not None:
+            props.update(self.secure.broker_properties(HOST, self.port, self.controller_port))
         text = "# Written by ragstream (ragstream.local.kafka) at every start; edits are lost.\n"
         text += "".join(f"{k}={_escape(v)}\n" for k, v in props.items())
         tmp = self.properties_path.with_suffix(".tmp")
@@ -366,6 +426,12 @@ class LocalKafka:
 
     def _format_storage(self, classpath: list[Path]) -> None:
         if (self.log_dirs / "meta.properties").exists():
+            if self.secure is not None and not self.secure_marker.exists():
+                raise InfrastructureError(
+                    f"the broker in {self.home} was created without --secure, so it has no "
+                    "SCRAM users; stop it and remove that directory (its topics go with it), "
+                    "or use another local.data_dir for the secure stack"
+                )
             return
         cluster_id = _cluster_id()
         cmd = [
@@ -381,6 +447,7 @@ class LocalKafka:
             cluster_id,
             "-c",
             str(self.properties_path),
+            *(self.secure.format_args() if self.secure is not None else []),
         ]
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=120, check=False, cwd=self.home
@@ -391,7 +458,14 @@ class LocalKafka:
                 f"formatting Kafka storage in {self.log_dirs} failed (exit {done.returncode}):\n"
                 f"{output}"
             )
-        log.info("kafka.storage.formatted", log_dirs=str(self.log_dirs), cluster_id=cluster_id)
+        if self.secure is not None:
+            self.secure_marker.write_text("SASL_SSL with SCRAM-SHA-512 users; see ../secure/\n")
+        log.info(
+            "kafka.storage.formatted",
+            log_dirs=str(self.log_dirs),
+            cluster_id=cluster_id,
+            secure=self.secure is not None,
+        )
 
     def _launch(self, classpath: list[Path]) -> str:
         if self.log_path.exists():  # keep the previous run's log for a post-mortem
@@ -459,7 +533,7 @@ class LocalKafka:
                 )
             # Ready when *this* broker serves metadata: the cluster id tells it from another
             # broker that may hold the port.
-            if port_open(self.port) and cluster_id_at(self.bootstrap) == self.cluster_id():
+            if port_open(self.port) and cluster_id_at(self.client_options()) == self.cluster_id():
                 return
             if time.monotonic() > deadline:
                 raise InfrastructureError(
@@ -469,15 +543,17 @@ class LocalKafka:
             time.sleep(0.25)
 
 
-def cluster_id_at(bootstrap: str, timeout_ms: int = 1000) -> str | None:
-    """The cluster id the broker at `bootstrap` reports (one aiokafka admin round trip), or
-    None if it does not answer. Runs in a private event loop on a thread of its own, so it
-    works whether or not the caller runs an event loop."""
+def cluster_id_at(options: str | dict[str, object], timeout_ms: int = 1000) -> str | None:
+    """The cluster id the broker at `options` (a bootstrap address, or aiokafka client
+    options) reports (one aiokafka admin round trip), or None if it does not answer. Runs in
+    a private event loop on a thread of its own, so it works whether or not the caller runs
+    an event loop."""
+    opts = {"bootstrap_servers": options} if isinstance(options, str) else dict(options)
 
     async def probe() -> str | None:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+        admin = AIOKafkaAdminClient(**opts, request_timeout_ms=timeout_ms)
         try:
             await admin.start()
             cluster = await admin.describe_cluster()
