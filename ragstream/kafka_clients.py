@@ -84,6 +84,13 @@ async def unreachable(kafka: KafkaSettings, exc: BaseException) -> RagstreamErro
     refused = await diagnose(kafka)
     if refused is not None:
         return refused
+    if kafka.security_protocol == "PLAINTEXT" and await _accepts_tcp(kafka.bootstrap_servers):
+        return InfrastructureUnavailable(
+            f"cannot reach Kafka at {kafka.bootstrap_servers}: it accepts connections but "
+            "closes ours; does it require TLS or SASL (kafka.security_protocol, or `source "
+            "<data_dir>/secure.env` for the local secure stack)?",
+            dependency=KAFKA,
+        )
     return InfrastructureUnavailable(
         f"cannot reach Kafka at {kafka.bootstrap_servers} ({type(exc).__name__}): is the broker "
         "running (`ragstream stack up`) and kafka.bootstrap_servers right?",
@@ -130,3 +137,14 @@ def java_client_properties(kafka: KafkaSettings) -> str:
 def _pem_value(path: Path) -> str:
     """A PEM file's text as one properties value (line breaks escaped)."""
     return path.read_text().strip().replace("\n", "\\n")
+
+
+async def _accepts_tcp(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host or "localhost", int(port))
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    return True

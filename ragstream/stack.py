@@ -28,6 +28,7 @@ from ragstream.admin import TopicState, ensure_topics
 from ragstream.errors import ConfigError, InfrastructureError
 from ragstream.local.kafka import LocalKafka, process_alive, wait_exit
 from ragstream.local.postgres import LocalPostgres
+from ragstream.local.secure import ADMIN, WORKER, SecureSetup
 from ragstream.settings import Settings
 from ragstream.store.migrate import migrate
 from ragstream.topology import Stage
@@ -50,12 +51,16 @@ class StackInfo:
     workers_log: str | None = None
     metrics_url: str | None = None
     prometheus_url: str | None = None
+    secure_env: str | None = None  # secure mode: the file to `source` for admin access
 
 
 async def stack_up(
-    settings: Settings, *, workers: bool = True, prometheus: bool = False
+    settings: Settings, *, workers: bool = True, prometheus: bool = False, secure: bool = False
 ) -> StackInfo:
-    kafka = LocalKafka.from_settings(settings)
+    """Start what is not running. `secure`: the broker listens on SASL_SSL with SCRAM users
+    and ACLs (ragstream.local.secure); a broker created secure stays secure without it."""
+    setup = SecureSetup.ensure(settings.local.data_dir) if secure else None
+    kafka = LocalKafka.from_settings(settings, secure=setup)
     postgres = LocalPostgres.from_settings(settings)
     started: list[str] = []
     kafka_was_up, pg_was_up = kafka.is_running(), postgres.is_running()
@@ -64,7 +69,15 @@ async def stack_up(
     started += [] if kafka_was_up else ["kafka"]
     started += [] if pg_was_up else ["postgres"]
     await asyncio.to_thread(postgres.ensure_database, settings.postgres.database)
+    worker_env: dict[str, str] = {}
+    if kafka.secure is not None:  # the stack itself acts as admin; its workers as `worker`
+        settings = settings.model_copy(
+            update={"kafka": kafka.secure.client_kafka_settings(ADMIN, settings.kafka)}
+        )
+        worker_env = kafka.secure.client_env(WORKER)
     topics = await ensure_topics(settings)
+    if kafka.secure is not None:
+        await asyncio.to_thread(kafka.apply_acls, settings.kafka.topic_prefix)
     migrations = await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
     info = StackInfo(
         kafka_bootstrap=kafka.bootstrap,
@@ -74,8 +87,10 @@ async def stack_up(
         topics=topics,
         migrations=migrations,
     )
+    if kafka.secure is not None:
+        info.secure_env = str(settings.local.data_dir.resolve() / "secure.env")
     if workers:
-        pid, fresh = start_workers(settings)
+        pid, fresh = start_workers(settings, extra_env=worker_env)
         info.workers_pid = pid
         info.workers_log = str(_workers_log(settings))
         if fresh:
@@ -176,8 +191,11 @@ def workers_pid(settings: Settings) -> int | None:
     return _pid_alive(_workers_pidfile(settings))
 
 
-def start_workers(settings: Settings, timeout_s: float = 30.0) -> tuple[int, bool]:
-    """Start `ragstream worker all` in the background (once); returns (pid, started_now)."""
+def start_workers(
+    settings: Settings, timeout_s: float = 30.0, *, extra_env: dict[str, str] | None = None
+) -> tuple[int, bool]:
+    """Start `ragstream worker all` in the background (once); returns (pid, started_now).
+    `extra_env` is added to its environment (the secure broker's worker credentials)."""
     running = workers_pid(settings)
     if running is not None:
         return running, False
@@ -193,6 +211,7 @@ def start_workers(settings: Settings, timeout_s: float = 30.0) -> tuple[int, boo
         "RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir.resolve()),
         "RAGSTREAM_BLOBS__ROOT": str(settings.blob_root().resolve()),
         "RAGSTREAM_OBSERVABILITY__LOG_FORMAT": "json",
+        **(extra_env or {}),
     }
     with logfile.open("ab") as out:
         proc = subprocess.Popen(

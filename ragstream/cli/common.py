@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO, TypeVar
@@ -42,6 +43,10 @@ def settings_or_exit(*, quiet: bool = True) -> Settings:
     if quiet and level in ("DEBUG", "INFO"):
         level = "WARNING"
     configure_logging(level, settings.observability.log_format, secrets=secret_values(settings))
+    if quiet:
+        # An operator command reports a broker it cannot reach, or a coordinator moving, as
+        # one line of its own; the client library's retries in between are noise here.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     scrub = Scrubber.from_settings(settings)
     # Whatever a command prints (tables, JSON, errors) passes through the scrubber: a dead
     # letter's message or a journey's detail may quote what an upstream service echoed.

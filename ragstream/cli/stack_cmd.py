@@ -23,7 +23,10 @@ def where_table(info: StackInfo) -> Table:
     table = Table(title="ragstream local stack", show_header=True)
     table.add_column("service")
     table.add_column("where")
-    table.add_row("kafka (KRaft)", info.kafka_bootstrap)
+    table.add_row(
+        "kafka (KRaft)",
+        info.kafka_bootstrap + ("  SASL_SSL, SCRAM-SHA-512, ACLs" if info.secure_env else ""),
+    )
     table.add_row("postgresql + pgvector", info.postgres_dsn)
     table.add_row("data directory", info.data_dir)
     if info.workers_pid:
@@ -45,6 +48,13 @@ def up(
     prometheus: Annotated[
         bool, typer.Option(help="Also run Debian's prometheus against the workers.")
     ] = False,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="The broker on SASL_SSL (SCRAM-SHA-512, a CA of its own) with least-privilege "
+            "ACLs; clients' settings in <data_dir>/secure.toml, passwords in secure.env."
+        ),
+    ] = False,
 ) -> None:
     """Start whatever part of the stack is not running (broker, PostgreSQL, workers), create
     topics, migrate. Leaves them running."""
@@ -54,8 +64,12 @@ def up(
     with console.status(
         "starting the local stack (first start resolves Kafka's jars from Maven Central)"
     ):
-        info = run(stack_up, settings, workers=workers, prometheus=prometheus)
+        info = run(stack_up, settings, workers=workers, prometheus=prometheus, secure=secure)
     console.print(where_table(info))
+    if info.secure_env:
+        console.print(
+            f"secure broker: run commands as admin after `source {info.secure_env}`", soft_wrap=True
+        )
     console.print(
         f"started: {', '.join(info.started) or 'nothing (already running)'}; "
         f"migrations applied: {', '.join(info.migrations) or 'none pending'}"

@@ -168,7 +168,7 @@ class LocalKafka:
         self.secure = secure
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LocalKafka:
+    def from_settings(cls, settings: Settings, *, secure: SecureSetup | None = None) -> LocalKafka:
         local = settings.local
         return cls(
             data_dir=local.data_dir,
@@ -177,6 +177,7 @@ class LocalKafka:
             version=local.kafka_version,
             heap=local.kafka_heap,
             start_timeout_s=local.start_timeout_s,
+            secure=secure,
         )
 
     @property

@@ -6,8 +6,10 @@ the main job `ragstream demo`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -288,3 +290,47 @@ def test_each_part_stops_alone_and_up_restores_just_it(
     assert down.stdout.strip() == "stopped: kafka, postgres", down.stdout
     again = ragstream(stack_env, "stack", "down", "kafka")
     assert again.stdout.strip() == "stopped: nothing was running", again.stdout
+
+
+def _sourced(env: dict[str, str], path: Path) -> dict[str, str]:
+    """`env` after `source path` (a file of `export NAME=value` lines, values shell-quoted)."""
+    out = dict(env)
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            out[name] = shlex.split(value)[0]
+    return out
+
+
+def test_stack_up_secure_authenticates_every_client(stack_env: dict[str, str]) -> None:
+    """`stack up --secure`: workers, the CLI (as admin, from secure.env), an uploader (as the
+    publisher) and Kafka's own tools all authenticate; a client without credentials is refused."""
+    up = ragstream(stack_env, "stack", "up", "--secure")
+    assert up.returncode == 0, up.stdout + up.stderr
+    data = Path(stack_env["RAGSTREAM_LOCAL__DATA_DIR"])
+    secure_env = data / "secure.env"
+    assert f"source {secure_env}" in up.stdout, up.stdout
+    assert secure_env.stat().st_mode & 0o077 == 0
+    admin = _sourced(stack_env, secure_env)
+    passwords = json.loads((data / "secure" / "passwords.json").read_text())
+    publisher = {
+        **admin,
+        "RAGSTREAM_KAFKA__SASL_USERNAME": "publisher",
+        "RAGSTREAM_KAFKA__SASL_PASSWORD": passwords["publisher"],
+    }
+    doc = make_corpus(data / "in", 1)[0]
+    uploaded = ragstream(
+        publisher, "upload", str(doc), "--tenant", "secure", "--wait", "--timeout", "120"
+    )
+    assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+    assert "embedded" in uploaded.stdout, uploaded.stdout
+    status = ragstream(admin, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    groups = ragstream(admin, "stack", "kafka-tool", "consumer-groups", "--list")
+    assert groups.returncode == 0, groups.stderr
+    assert "ragstream-embed" in groups.stdout
+    # The same command without credentials: one line, no traceback.
+    refused = ragstream(stack_env, "status")
+    assert refused.returncode != 0
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: cannot reach Kafka"), refused.stderr
