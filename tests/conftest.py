@@ -44,6 +44,32 @@ def classpath_cache_dir() -> Path:
     return Path(base) / "ragstream" / "kafka"
 
 
+def new_local_kafka(directory: Path) -> LocalKafka:
+    """A broker of the tests' own in `directory` on free ports (not started yet), with the
+    configured version and heap and the tests' classpath cache."""
+    local = load_settings().local
+    return LocalKafka(
+        directory,
+        port=free_port(),
+        controller_port=free_port(),
+        version=local.kafka_version,
+        heap=local.kafka_heap,
+        start_timeout_s=local.start_timeout_s,
+        classpath_cache_dir=classpath_cache_dir(),
+    )
+
+
+def new_local_postgres(directory: Path) -> LocalPostgres:
+    """A PostgreSQL of the tests' own in `directory` on a free port (not started yet)."""
+    local = load_settings().local
+    return LocalPostgres(
+        directory,
+        port=free_port(),
+        system_user=local.postgres_system_user,
+        start_timeout_s=local.start_timeout_s,
+    )
+
+
 @pytest.fixture(scope="session")
 def services_dir() -> Iterator[Path]:
     """This session's directory for the local services' data and logs, removed at the end.
@@ -64,16 +90,7 @@ def local_kafka(services_dir: Path) -> Iterator[LocalKafka | None]:
     if os.environ.get("RAGSTREAM_KAFKA_BOOTSTRAP"):
         yield None
         return
-    local = load_settings().local
-    kafka = LocalKafka(
-        services_dir,
-        port=free_port(),
-        controller_port=free_port(),
-        version=local.kafka_version,
-        heap=local.kafka_heap,
-        start_timeout_s=local.start_timeout_s,
-        classpath_cache_dir=classpath_cache_dir(),
-    )
+    kafka = new_local_kafka(services_dir)
     try:
         kafka.start()
     except InfrastructureError as exc:
@@ -106,13 +123,7 @@ def local_postgres(services_dir: Path) -> Iterator[LocalPostgres | None]:
     if os.environ.get("RAGSTREAM_DATABASE_URL"):
         yield None
         return
-    local = load_settings().local
-    postgres = LocalPostgres(
-        services_dir,
-        port=free_port(),
-        system_user=local.postgres_system_user,
-        start_timeout_s=local.start_timeout_s,
-    )
+    postgres = new_local_postgres(services_dir)
     try:
         postgres.start()
     except InfrastructureError as exc:

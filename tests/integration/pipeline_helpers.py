@@ -109,12 +109,22 @@ def _text(rng: random.Random, n: int, topic: str, tag: str) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
-def make_corpus(directory: Path, count: int, *, seed: int = 20261124, start: int = 0) -> list[Path]:
-    """`count` small Markdown, HTML and plain-text files of distinct content (each carries a
-    word of its own, `docNNNN`), from a few hundred bytes to several kilobytes."""
+def make_corpus(
+    directory: Path,
+    count: int,
+    *,
+    seed: int = 20261124,
+    start: int = 0,
+    kinds: Sequence[str] = (".md", ".html", ".txt"),
+) -> list[Path]:
+    """`count` small Markdown, HTML and plain-text files (or only the `kinds` named) of distinct
+    content (each carries a word of its own, `docNNNN`), from a few hundred bytes to several
+    kilobytes."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + start)
-    writers = ((".md", _markdown), (".html", _html), (".txt", _text))
+    writers = [
+        (k, w) for k, w in ((".md", _markdown), (".html", _html), (".txt", _text)) if k in kinds
+    ]
     paths = []
     for n in range(start, start + count):
         suffix, write = writers[n % len(writers)]
