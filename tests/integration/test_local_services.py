@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from ragstream.errors import InfrastructureError
 from ragstream.local.kafka import CONSUMER_GROUPS, LocalKafka, kafka_tool_command
 from ragstream.local.postgres import LocalPostgres
+from ragstream.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -251,3 +252,54 @@ def test_postgres_on_a_taken_port_fails_with_the_server_log(
     assert "Address already in use" in message  # from the server's log
     assert str(postgres.log_path) in message
     assert not postgres.is_running()
+
+
+async def test_postgres_requires_the_generated_password(
+    own_postgres: LocalPostgres, database_url: str
+) -> None:
+    """scram-sha-256 for every connection; the password is generated, kept 0600 in the data
+    directory, carried by the DSNs the class hands out and read by the settings."""
+    password = own_postgres.password()
+    assert password and len(password) >= 24
+    assert own_postgres.password_path.stat().st_mode & 0o077 == 0
+    assert f":{password}@" in database_url
+    without = database_url.replace(f":{password}@", "@")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(without)
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(database_url.replace(password, "wrong-password"))
+    conn = await asyncpg.connect(database_url)
+    try:
+        method = await conn.fetchval(
+            "SELECT string_agg(DISTINCT auth_method, ',') FROM pg_hba_file_rules"
+        )
+        assert method == "scram-sha-256"
+    finally:
+        await conn.close()
+    local = load_settings(
+        local={"data_dir": own_postgres.data_dir, "postgres_port": own_postgres.port},
+        postgres={"port": own_postgres.port},
+    )
+    assert local.postgres.password is not None
+    assert local.postgres.password.get_secret_value() == password
+
+
+def test_a_cluster_made_with_trust_requires_passwords_after_a_restart(
+    services_dir: Path, prefix: str
+) -> None:
+    """A data directory an older version made (trust, no password file) is switched over."""
+    postgres = LocalPostgres(services_dir / f"{prefix}-old", port=free_port(), start_timeout_s=60)
+    postgres.start()
+    try:
+        postgres.password_path.unlink()
+        hba = postgres.pgdata / "pg_hba.conf"
+        hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+        postgres.stop()
+        postgres.start()
+        assert postgres.password() is not None
+        methods = {ln.split()[-1] for ln in hba.read_text().splitlines() if ln[:1].isalpha()}
+        assert methods == {"scram-sha-256"}
+        done = postgres.psql("postgres", "SELECT 1;\n")
+        assert done.returncode == 0, done.stdout
+    finally:
+        postgres.stop()

@@ -127,3 +127,13 @@ def test_prometheus_scrapes_every_stage_and_grafana_is_provisioned(compose: dict
     # The workers' own healthcheck asks the same port for /ready.
     assert f":{metrics_port}/ready" in " ".join(services["parse"]["healthcheck"]["test"])
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def test_the_database_password_has_no_default(compose: dict[str, Any]) -> None:
+    """Compose refuses to start without POSTGRES_PASSWORD (`${VAR:?message}`): no known default
+    password reaches a database."""
+    server = compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    client = compose["services"]["parse"]["environment"]["RAGSTREAM_POSTGRES__PASSWORD"]
+    for value in (server, client):
+        assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", value), value
+    assert "changeme" not in COMPOSE.read_text()

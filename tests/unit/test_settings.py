@@ -115,3 +115,10 @@ def test_cli_wrong_value_exits_2_without_traceback(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 2
     assert "config error: postgres.port" in result.output
     assert "Traceback" not in result.output
+
+
+def test_oauthbearer_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "OAUTHBEARER"})
+    assert "kafka.sasl_mechanism" in str(info.value)
+    assert "OAUTHBEARER is not supported (ragstream has no token provider)" in str(info.value)
