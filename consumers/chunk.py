@@ -40,7 +40,12 @@ class ChunkDeps:
 
 
 async def chunk(parsed: DocumentParsed, deps: ChunkDeps) -> Outcome:
-    skipped = await stale_input(deps.store, parsed.document_id, parse_sha256=parsed.content_sha256)
+    skipped = await stale_input(
+        deps.store,
+        parsed.document_id,
+        parse_sha256=parsed.content_sha256,
+        tenant_id=parsed.tenant_id,
+    )
     if skipped is not None:
         return skipped
     loaded = await deps.store.load_parse(parsed.document_id, parsed.content_sha256)
@@ -82,6 +87,7 @@ async def chunk(parsed: DocumentParsed, deps: ChunkDeps) -> Outcome:
     await deps.store.advance_status(
         parsed.document_id,
         "chunked",
+        tenant_id=parsed.tenant_id,
         chunk_count=len(chunks),
         current_chunker_version=version,
         current_parse_sha256=parsed.content_sha256,

@@ -1,7 +1,9 @@
 """The embed stage: DocumentChunked → DocumentEmbedded. Knows nothing of Kafka.
 
-Embeddings are cached by (model, dimensions, sha256 of the chunk text): only text not seen
-before is sent to the embedder.
+Embeddings are cached by (model, dimensions, sha256 of the chunk text), per tenant: only text
+the tenant has not had embedded before is sent to the embedder. With
+`embed.share_cache_across_tenants` the cache is one for all tenants (a hit then tells a tenant
+that another one has embedded the same text).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from consumers.stage import Outcome, StatusStore, stale_input
 from ragstream.embedding import Embedder
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentEmbedded
-from ragstream.store.models import ChunkRow
+from ragstream.store.models import SHARED_CACHE, ChunkRow
 
 
 class EmbedStore(StatusStore, Protocol):
@@ -23,7 +25,7 @@ class EmbedStore(StatusStore, Protocol):
     def load_chunks(self, document_id: str, chunker_version: str) -> Awaitable[list[ChunkRow]]: ...
 
     def cached_embeddings(
-        self, model: str, dimensions: int, text_sha256s: Sequence[str]
+        self, model: str, dimensions: int, text_sha256s: Sequence[str], *, cache_scope: str
     ) -> Awaitable[dict[str, list[float]]]: ...
 
     def save_embeddings(
@@ -35,6 +37,8 @@ class EmbedStore(StatusStore, Protocol):
         dimensions: int,
         provider: str,
         rows: Sequence[tuple[int, str, Sequence[float]]],
+        *,
+        cache_scope: str | None = None,
     ) -> Awaitable[int]: ...
 
 
@@ -42,6 +46,10 @@ class EmbedStore(StatusStore, Protocol):
 class EmbedDeps:
     store: EmbedStore
     embedder: Embedder
+    share_cache: bool = False  # embed.share_cache_across_tenants
+
+    def cache_scope(self, tenant_id: str) -> str:
+        return SHARED_CACHE if self.share_cache else tenant_id
 
 
 def _for_this_document(embedder: Embedder) -> Embedder:
@@ -75,6 +83,7 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
         chunked.document_id,
         parse_sha256=chunked.content_sha256,
         chunker_version=chunked.chunker_version,
+        tenant_id=chunked.tenant_id,
     )
     if skipped is not None:
         return skipped
@@ -87,7 +96,10 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
     embedder = _for_this_document(deps.embedder)
     dimensions = embedder.dimensions
     texts = {c.text_sha256: c.text for c in chunks}
-    vectors = await deps.store.cached_embeddings(embedder.model, dimensions, sorted(texts))
+    scope = deps.cache_scope(chunked.tenant_id)
+    vectors = await deps.store.cached_embeddings(
+        embedder.model, dimensions, sorted(texts), cache_scope=scope
+    )
     cached = len(vectors)
     todo = {sha: text for sha, text in texts.items() if sha not in vectors}
     fresh, tokens, provider, model = await _embed_missing(embedder, todo, embedder.model)
@@ -106,10 +118,12 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
         dimensions=dimensions,
         provider=provider,
         rows=[(c.index, c.text_sha256, vectors[c.text_sha256]) for c in chunks],
+        cache_scope=scope,
     )
     await deps.store.advance_status(
         chunked.document_id,
         "embedded",
+        tenant_id=chunked.tenant_id,
         current_embedding_model=model,
         current_embedding_dimensions=dimensions,
         current_chunker_version=chunked.chunker_version,

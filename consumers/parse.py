@@ -1,4 +1,9 @@
-"""The parse stage: DocumentUploaded → DocumentParsed. Knows nothing of Kafka."""
+"""The parse stage: DocumentUploaded → DocumentParsed. Knows nothing of Kafka.
+
+It is the door: uploads come from other systems, so before anything is read or written the
+record is checked against `ragstream.validation` (its key is its document id, every field
+within its rules) and its claim check against the tenant's own blob areas (`ragstream.blobs`).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from consumers.stage import Outcome, StatusStore
+from consumers.stage import Outcome, RecordContext, StatusStore
 from ragstream.blobs import BlobStore, sha256_hex
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentParsed, DocumentUploaded
 from ragstream.parsing import Parser
+from ragstream.settings import Settings
 from ragstream.store.models import UploadDecision
+from ragstream.validation import check_key, check_upload
 
 
 class ParseStore(StatusStore, Protocol):
@@ -52,10 +59,18 @@ class ParseDeps:
     store: ParseStore
     parser: Parser
     blobs: BlobStore
+    max_upload_bytes: int  # blobs.max_upload_bytes: the largest size_bytes let in
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: ParseStore, parser: Parser) -> ParseDeps:
+        return cls(
+            store, parser, BlobStore.from_settings(settings), settings.blobs.max_upload_bytes
+        )
 
 
 async def read_source(uploaded: DocumentUploaded, blobs: BlobStore) -> bytes:
-    """The document's bytes, inline or from the claim check, verified against its sha256."""
+    """The document's bytes, inline or from the claim check (read only inside the tenant's own
+    blob areas), verified against its sha256."""
     if uploaded.content is not None:
         data = uploaded.content
         if sha256_hex(data) != uploaded.sha256:
@@ -63,11 +78,23 @@ async def read_source(uploaded: DocumentUploaded, blobs: BlobStore) -> bytes:
         return data
     if not uploaded.source_uri:
         raise PermanentError("upload carries neither inline content nor a source_uri")
-    return await asyncio.to_thread(blobs.get, uploaded.source_uri, uploaded.sha256)
+    return await asyncio.to_thread(
+        blobs.get,
+        uploaded.source_uri,
+        uploaded.sha256,
+        tenant_id=uploaded.tenant_id,
+        size_bytes=uploaded.size_bytes,
+    )
 
 
-async def parse(uploaded: DocumentUploaded, deps: ParseDeps) -> Outcome:
-    """Register the upload; parse it unless it duplicates one already in the tenant's store."""
+async def parse(uploaded: DocumentUploaded, deps: ParseDeps, ctx: RecordContext) -> Outcome:
+    """Check the record at the door; register the upload; parse it unless it duplicates one
+    already in the tenant's store."""
+    check_key(ctx.key, uploaded.document_id)
+    check_upload(uploaded, max_size_bytes=deps.max_upload_bytes)
+    if uploaded.source_uri is not None:
+        # Where it points is checked before any write; the bytes are read after registration.
+        await asyncio.to_thread(deps.blobs.locate, uploaded.source_uri, uploaded.tenant_id)
     decision = await deps.store.register_upload(
         document_id=uploaded.document_id,
         tenant_id=uploaded.tenant_id,
@@ -101,6 +128,7 @@ async def parse(uploaded: DocumentUploaded, deps: ParseDeps) -> Outcome:
     await deps.store.advance_status(
         uploaded.document_id,
         "parsed",
+        tenant_id=uploaded.tenant_id,
         page_count=result.page_count,
         current_parse_sha256=content_sha,
     )

@@ -526,6 +526,7 @@ class StageRunner:
             record.offset,
             attempt,
             replay=header(record.headers, H_REPLAY) is not None,
+            key=record.key,
         )
         was_up = 0
         while True:

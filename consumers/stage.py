@@ -6,6 +6,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ragstream.errors import TenantConflict
 from ragstream.events import Event
 from ragstream.store.models import Document
 
@@ -21,13 +22,15 @@ class Outcome:
 
 @dataclass(frozen=True)
 class RecordContext:
-    """Where the event came from, for stages that care (attempt counts, replays)."""
+    """Where the event came from, for stages that care (attempt counts, replays, the record
+    key the parse stage checks against the document id)."""
 
     topic: str
     partition: int
     offset: int
     attempt: int
     replay: bool
+    key: bytes | None = None
 
     @property
     def replay_position(self) -> str:
@@ -36,7 +39,8 @@ class RecordContext:
 
 
 class StatusStore(Protocol):
-    """The store's forward-only status move (see ragstream.store), which every stage uses."""
+    """The store's forward-only status move (see ragstream.store), which every stage uses.
+    With `tenant_id`, a document of another tenant is refused (TenantConflict)."""
 
     def advance_status(
         self,
@@ -44,6 +48,7 @@ class StatusStore(Protocol):
         status: str,
         reason: str | None = None,
         *,
+        tenant_id: str | None = None,
         stage: str | None = None,
         current_parse_sha256: str | None = None,
         current_chunker_version: str | None = None,
@@ -62,13 +67,19 @@ async def stale_input(
     *,
     parse_sha256: str,
     chunker_version: str | None = None,
+    tenant_id: str | None = None,
 ) -> Outcome | None:
     """A `skipped` outcome when the event is about a parse or chunker version the document
     has since left (a replay of old events after a re-parse or re-chunk): working on it would
-    only pay for results nothing points at. None when the input is current."""
+    only pay for results nothing points at. None when the input is current.
+
+    With `tenant_id`, an event naming another tenant's document is refused before any work
+    (TenantConflict)."""
     doc = await store.get_document(document_id)
     if doc is None:
         return None
+    if tenant_id is not None and doc.tenant_id != tenant_id:
+        raise TenantConflict(document_id, tenant_id)
     stale = {
         "parse": (parse_sha256, doc.current_parse_sha256),
         "chunker_version": (chunker_version, doc.current_chunker_version),

@@ -21,7 +21,6 @@ from consumers.infrastructure import InfrastructureWatch, until_available, until
 from consumers.parse import ParseDeps, parse
 from consumers.runtime import StageHandler, StageRunner
 from consumers.stage import Outcome, RecordContext
-from ragstream.blobs import BlobStore
 from ragstream.chunking import Chunker
 from ragstream.circuits import report_circuits
 from ragstream.codec import Codec
@@ -129,15 +128,21 @@ class JourneyRecorder:
         )
         if final:
             await self.store.advance_status(
-                event.document_id, "dead-lettered", reason=reason[:2000], stage=stage
+                event.document_id,
+                "dead-lettered",
+                reason=reason[:2000],
+                stage=stage,
+                tenant_id=event.tenant_id,
             )
 
 
-def _typed(kind: type[Event], fn: Callable[[Any], Awaitable[Outcome]]) -> StageHandler:
+def _typed(
+    kind: type[Event], fn: Callable[[Any, RecordContext], Awaitable[Outcome]]
+) -> StageHandler:
     async def handler(event: Event, ctx: RecordContext) -> Outcome:
         if not isinstance(event, kind):
             raise PermanentError(f"expected {kind.__name__}, got {type(event).__name__}")
-        return await fn(event)
+        return await fn(event, ctx)
 
     return handler
 
@@ -155,20 +160,19 @@ def build_handler(
 ) -> StageHandler:
     providers = providers or Providers()
     if stage is Stage.PARSE:
-        deps_p = ParseDeps(
-            store=store,
-            parser=providers.parser or LocalParser(settings.parse),
-            blobs=BlobStore(settings.blob_root(), settings.blobs.allowed_roots),
+        deps_p = ParseDeps.from_settings(
+            settings, store, providers.parser or LocalParser(settings.parse)
         )
-        return _typed(DocumentUploaded, lambda e: parse(e, deps_p))
+        return _typed(DocumentUploaded, lambda e, ctx: parse(e, deps_p, ctx))
     if stage is Stage.CHUNK:
         deps_c = ChunkDeps(store=store, chunker=Chunker(settings.chunk, get_tokenizer()))
-        return _typed(DocumentParsed, lambda e: chunk(e, deps_c))
+        return _typed(DocumentParsed, lambda e, _: chunk(e, deps_c))
     deps_e = EmbedDeps(
         store=store,
         embedder=providers.embedder or LocalEmbedder(settings.embed.dimensions),
+        share_cache=settings.embed.share_cache_across_tenants,
     )
-    return _typed(DocumentChunked, lambda e: embed(e, deps_e))
+    return _typed(DocumentChunked, lambda e, _: embed(e, deps_e))
 
 
 @dataclass(frozen=True)
@@ -447,4 +451,3 @@ async def run_workers(
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
     return runners
-

@@ -1,8 +1,10 @@
 """Publishing uploads: files and directories to `<prefix>.documents.uploaded`.
 
-Bytes go to the blob store and the event carries a claim check (`source_uri` + `sha256`);
-files up to `blobs.inline_limit_bytes` travel inline. Other Python systems use `Uploader`;
-systems in other languages follow `schemas/README.md`.
+Bytes go to the tenant's area of the blob store and the event carries a claim check
+(`source_uri` + `sha256`); files up to `blobs.inline_limit_bytes` travel inline. Every event is
+checked against the rules the parse stage enforces at the door (`ragstream.validation`) before
+anything is stored or published. Other Python systems use `Uploader`; systems in other
+languages follow `schemas/README.md`.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ from aiokafka.errors import KafkaConnectionError
 
 from ragstream.blobs import BlobStore, sha256_hex
 from ragstream.codec import Codec
-from ragstream.errors import PermanentError, RetryableError
+from ragstream.errors import InvalidEvent, PermanentError, RetryableError
 from ragstream.events import DocumentUploaded
 from ragstream.parsing import detect_content_type
 from ragstream.settings import Settings
 from ragstream.topology import Topology
+from ragstream.validation import check_upload, shown
 
 log = structlog.get_logger(__name__)
 
 
 class UploadRejected(PermanentError):
-    """A file that will not be published: missing, empty, too large or of an unknown type."""
+    """A file that will not be published: missing, empty, too large, of an unknown type, or
+    breaking a rule of the door (a tenant or document id, a NUL byte, a field too long)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Uploader:
         self.settings = settings
         self.codec = codec or Codec()
         self.topic = Topology(settings.kafka.topic_prefix).uploaded
-        self.blobs = BlobStore(settings.blob_root(), settings.blobs.allowed_roots)
+        self.blobs = BlobStore.from_settings(settings)
         self._producer = AIOKafkaProducer(
             **settings.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=10
         )
@@ -132,20 +136,27 @@ class Uploader:
         content_type = self.check(data, filename)
         digest = sha256_hex(data)
         inline = len(data) <= self.settings.blobs.inline_limit_bytes
-        event = DocumentUploaded(
-            document_id=document_id or str(uuid.uuid4()),
-            tenant_id=tenant_id,
-            correlation_id=correlation_id or str(uuid.uuid4()),
-            filename=filename,
-            content_type=content_type,
-            size_bytes=len(data),
-            sha256=digest,
-            source_uri=None if inline else self.blobs.put(data, digest),
-            content=data if inline else None,
-            metadata=dict(metadata or {}),
-            force=force,
-            source_system=source_system,
-        )
+        try:
+            event = DocumentUploaded(
+                document_id=document_id or str(uuid.uuid4()),
+                tenant_id=tenant_id,
+                correlation_id=correlation_id or str(uuid.uuid4()),
+                filename=filename,
+                content_type=content_type,
+                size_bytes=len(data),
+                sha256=digest,
+                source_uri=None if inline else self.blobs.uri_for(tenant_id, digest),
+                content=data if inline else None,
+                metadata=dict(metadata or {}),
+                force=force,
+                source_system=source_system,
+            )
+            check_upload(event, max_size_bytes=self.settings.blobs.max_upload_bytes)
+        except InvalidEvent as exc:
+            name = filename if filename.isprintable() else shown(filename)
+            raise UploadRejected(f"{name}: {exc}") from None
+        if not inline:
+            await asyncio.to_thread(self.blobs.put, data, digest, tenant_id=tenant_id)
         await self._producer.send_and_wait(
             self.topic,
             self.codec.encode(event),

@@ -4,7 +4,10 @@
     ├── ConfigError                 a setting is wrong: stop start-up, name the key
     ├── RetryableError              may pass if tried again (timeouts, 429/5xx, lost connections)
     ├── PermanentError              will never pass (validation, corrupt or unsupported input, 4xx)
-    │   └── DecodeError             bytes that are not a ragstream event (poison pill)
+    │   ├── DecodeError             bytes that are not a ragstream event (poison pill)
+    │   ├── InvalidEvent            an event field breaks a rule at the door (names the field)
+    │   ├── ClaimCheckRefused       a claim check its tenant may not read, or not its sha256
+    │   └── TenantConflict          a write for a document of another tenant: nothing changed
     ├── BudgetExceeded              not a failure: wait until the budget window allows the call
     └── InfrastructureError         our own broker or database could not be started or reached
         ├── InfrastructureUnavailable   ...while a record was in hand: not the record's fault;
@@ -50,6 +53,31 @@ class PermanentError(RagstreamError):
 
 class DecodeError(PermanentError):
     """Bytes that do not decode as a ragstream event: a poison pill."""
+
+
+class InvalidEvent(PermanentError):
+    """An event from outside breaks a rule checked at the door (`ragstream.validation`): a
+    record key that is not its document id, a NUL byte, a field too long, an unknown content
+    type. The message names the field."""
+
+
+class ClaimCheckRefused(PermanentError):
+    """A claim check (`source_uri`) outside what its tenant may read, or whose bytes are not
+    the `sha256` the event names (`ragstream.blobs`). The message names the rule."""
+
+
+class TenantConflict(PermanentError):
+    """A write for a document that belongs to another tenant (its id is taken). Nothing was
+    changed, and nothing was written into the other tenant's journey. The message does not
+    name the owner."""
+
+    def __init__(self, document_id: str, tenant_id: str) -> None:
+        super().__init__(
+            f"tenant conflict: document_id {document_id!r} belongs to another tenant; a record "
+            f"of tenant {tenant_id!r} cannot change it (document ids are unique across tenants)"
+        )
+        self.document_id = document_id
+        self.tenant_id = tenant_id
 
 
 class BudgetExceeded(RagstreamError):

@@ -147,10 +147,17 @@ class LocalStackSettings(_Section):
 
 
 class BlobSettings(_Section):
+    """The claim-check blob store (`ragstream.blobs`). Blobs live in per-tenant areas,
+    `<root>/tenants/<tenant>/`. `allowed_roots` are other blob stores laid out the same way: a
+    tenant's claim checks may point into `<allowed root>/tenants/<tenant>/` too. `tenant_roots`
+    gives a tenant directories of its own (`{tenant: [paths]}`), readable by its claim checks
+    and no other tenant's."""
+
     root: Path | None = None  # default: <local.data_dir>/blobs
     inline_limit_bytes: int = Field(64 * 1024, ge=0, le=512 * 1024)
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     allowed_roots: list[Path] = Field(default_factory=list)
+    tenant_roots: dict[str, list[Path]] = Field(default_factory=dict)
 
 
 class _ServiceSection(_Section):
@@ -225,6 +232,9 @@ class ChunkSettings(ChildLimits):
 
 class EmbedSettings(_Section):
     dimensions: int = Field(512, ge=8, le=2000)  # pgvector's HNSW index allows up to 2000
+    # The embedding cache is per tenant unless this is on: shared, a tenant whose text another
+    # tenant has embedded gets it from the cache, and so learns that the other holds that text.
+    share_cache_across_tenants: bool = False
 
 
 class BudgetLimit(_Section):

@@ -13,6 +13,7 @@ from ragstream.store.migrate import (
 )
 from ragstream.store.models import (
     OUTCOMES,
+    SHARED_CACHE,
     STAGES,
     STATUSES,
     ChunkRow,
@@ -29,6 +30,7 @@ from ragstream.store.postgres import Store, StoreTx
 
 __all__ = [
     "OUTCOMES",
+    "SHARED_CACHE",
     "STAGES",
     "STATUSES",
     "ChunkRow",

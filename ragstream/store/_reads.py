@@ -100,7 +100,8 @@ class ReadOperations(OnConnection):
                 row = await conn.fetchrow(sql.DOCUMENT_BY_CORRELATION, key)
             if row is None:
                 return None
-            steps = await conn.fetch(sql.STEPS, row["document_id"])
+            # Only the owner's steps: a record of another tenant naming this id never shows.
+            steps = await conn.fetch(sql.STEPS, row["document_id"], row["tenant_id"])
         return Journey(document=document_from_row(row), steps=[Step(**dict(s)) for s in steps])
 
     @translate_errors
@@ -121,26 +122,24 @@ class ReadOperations(OnConnection):
 
     @translate_errors
     async def count_rows(self, tenant_id: str | None = None) -> dict[str, int]:
-        """Rows per table (one tenant's, or all; embedding_cache is shared, so all-tenant only)."""
-        tables = sql.ALL_TABLES if tenant_id is None else sql.TENANT_TABLES
+        """Rows per table, one tenant's or all (embedding_cache: the tenant's cache scope)."""
         where = "" if tenant_id is None else " WHERE tenant_id = $1"
         args = () if tenant_id is None else (tenant_id,)
         async with self._conn() as conn:
             return {
                 t: int(await conn.fetchval(f"SELECT count(*) FROM {t}{where}", *args))
-                for t in tables
+                for t in sql.ALL_TABLES
             }
 
     @translate_errors
     async def duplicate_rows(self, tenant_id: str | None = None) -> dict[str, int]:
         """Natural keys held by more than one row, per table (all zero in a healthy store), and
         `documents_same_content`: a tenant's content held by two originals, neither forced."""
-        tables = sql.ALL_TABLES if tenant_id is None else sql.TENANT_TABLES
         where = "" if tenant_id is None else " WHERE tenant_id = $1"
         args = () if tenant_id is None else (tenant_id,)
         out: dict[str, int] = {}
         async with self._conn() as conn:
-            for t in tables:
+            for t in sql.ALL_TABLES:
                 key = sql.NATURAL_KEYS[t]
                 query = f"SELECT count(*) FROM (SELECT 1 FROM {t}{where} GROUP BY {key} HAVING count(*) > 1) g"
                 out[t] = int(await conn.fetchval(query, *args))

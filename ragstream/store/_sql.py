@@ -13,6 +13,9 @@ DOCUMENT_COLUMNS = """
 # Serialises registrations of the same content for one tenant (collisions only serialise more).
 LOCK_CONTENT = "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))"
 
+# The tenant a document belongs to: every write for a document checks it.
+DOCUMENT_TENANT = "SELECT tenant_id FROM documents WHERE document_id = $1"
+
 EXISTING_UPLOAD = """
 SELECT tenant_id, sha256, status, duplicate_of FROM documents WHERE document_id = $1 FOR UPDATE
 """
@@ -100,12 +103,13 @@ SET text_sha256 = excluded.text_sha256, embedding = excluded.embedding,
 WHERE e.text_sha256 <> excluded.text_sha256
 """
 
+# The embedding cache is scoped: $1 is a tenant id, or '' for the cache every tenant shares.
 INSERT_CACHE = """
-INSERT INTO embedding_cache (model, dimensions, text_sha256, embedding, provider)
-SELECT DISTINCT ON (u.s) $1, $2, u.s, u.v, $3
-FROM unnest($4::text[], $5::vector[]) AS u(s, v)
+INSERT INTO embedding_cache (tenant_id, model, dimensions, text_sha256, embedding, provider)
+SELECT DISTINCT ON (u.s) $1, $2, $3, u.s, u.v, $4
+FROM unnest($5::text[], $6::vector[]) AS u(s, v)
 ORDER BY u.s
-ON CONFLICT (model, dimensions, text_sha256) DO NOTHING
+ON CONFLICT (tenant_id, model, dimensions, text_sha256) DO NOTHING
 """
 
 # One statement reads the vectors and counts the hits. Rows come (and are locked) in primary-key
@@ -113,7 +117,7 @@ ON CONFLICT (model, dimensions, text_sha256) DO NOTHING
 CACHE_HITS = """
 UPDATE embedding_cache
 SET hits = hits + 1, last_hit_at = clock_timestamp()
-WHERE model = $1 AND dimensions = $2 AND text_sha256 = ANY($3::text[])
+WHERE tenant_id = $1 AND model = $2 AND dimensions = $3 AND text_sha256 = ANY($4::text[])
 RETURNING text_sha256, embedding
 """
 
@@ -201,7 +205,7 @@ ORDER BY created_at DESC LIMIT 1
 STEPS = """
 SELECT stage, input_event_id, attempt, outcome, started_at, finished_at, duration_ms, detail,
        correlation_id, replay
-FROM document_events WHERE document_id = $1
+FROM document_events WHERE document_id = $1 AND tenant_id = $2
 ORDER BY started_at, coalesce(ragstream_stage_rank(stage), 99), attempt, finished_at
 """
 
@@ -270,11 +274,19 @@ SELECT
           AND e.chunker_version = d.searchable_chunker_version
           AND e.model = d.current_embedding_model
           AND e.dimensions = d.current_embedding_dimensions) AS embeddings,
-    (SELECT count(*) FROM embedding_cache) AS cached_embeddings
+    (SELECT count(*) FROM embedding_cache
+        WHERE $1::text IS NULL OR tenant_id = $1) AS cached_embeddings
 """
 
-TENANT_TABLES = ("documents", "document_events", "parse_results", "chunks", "embeddings")
-ALL_TABLES = (*TENANT_TABLES, "embedding_cache")
+# Every table carries tenant_id (embedding_cache's is its scope: '' for the shared cache).
+ALL_TABLES = (
+    "documents",
+    "document_events",
+    "parse_results",
+    "chunks",
+    "embeddings",
+    "embedding_cache",
+)
 
 NATURAL_KEYS = {
     "documents": "document_id",
@@ -282,7 +294,7 @@ NATURAL_KEYS = {
     "parse_results": "document_id, content_sha256",
     "chunks": "document_id, chunker_version, chunk_index",
     "embeddings": "document_id, chunker_version, chunk_index, model, dimensions",
-    "embedding_cache": "model, dimensions, text_sha256",
+    "embedding_cache": "tenant_id, model, dimensions, text_sha256",
 }
 
 # Two documents of one tenant with the same content both treated as originals, neither forced.

@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from ragstream.errors import PermanentError
+from ragstream.errors import PermanentError, TenantConflict
 from ragstream.store import _sql as sql
 from ragstream.store._base import (
     OnConnection,
@@ -27,12 +27,25 @@ from ragstream.store.models import (
     ParseResult,
     UploadDecision,
 )
+from ragstream.validation import check_no_nul
 
 log = structlog.get_logger(__name__)
 
 
+async def check_tenant(conn: Any, document_id: str, tenant_id: str) -> None:
+    """Refuse a write for a document that belongs to another tenant (TenantConflict, naming
+    neither the owner nor anything of its). A document not registered yet belongs to no one.
+    A document's tenant never changes, so the check needs no lock."""
+    owner = await conn.fetchval(sql.DOCUMENT_TENANT, document_id)
+    if owner is not None and owner != tenant_id:
+        raise TenantConflict(document_id, tenant_id)
+
+
 class WriteOperations(OnConnection):
-    """What the stages write: documents and their status, steps, parses, chunks, embeddings."""
+    """What the stages write: documents and their status, steps, parses, chunks, embeddings.
+
+    Every write for a document checks its tenant: a write whose tenant is not the document's
+    changes nothing and raises TenantConflict (`advance_status` when given a `tenant_id`)."""
 
     @translate_errors
     async def register_upload(
@@ -55,8 +68,19 @@ class WriteOperations(OnConnection):
         one still counts (not failed or dead-lettered); it does not proceed unless `force`.
         Registrations of the same content are serialised, so of two arriving at once exactly one
         proceeds. Redelivery returns the same decision; `force` on a registered duplicate turns
-        it into an original.
+        it into an original. A document id another tenant holds is a TenantConflict; one the
+        tenant holds with other content, a PermanentError.
         """
+        check_no_nul(
+            document_id=document_id,
+            tenant_id=tenant_id,
+            filename=filename,
+            content_type=content_type,
+            source_uri=source_uri,
+            correlation_id=correlation_id,
+            **{f"metadata key {k!r}": k for k in metadata or {}},
+            **{f"metadata[{k!r}]": v for k, v in (metadata or {}).items() if isinstance(v, str)},
+        )
         async with self._conn() as conn, conn.transaction():
             await conn.execute(sql.LOCK_CONTENT, tenant_id, sha256)
             existing = await conn.fetchrow(sql.EXISTING_UPLOAD, document_id)
@@ -90,10 +114,12 @@ class WriteOperations(OnConnection):
                     )
                 # The same document_id registered at this moment with other content: see below.
                 existing = await conn.fetchrow(sql.EXISTING_UPLOAD, document_id)
-            if existing["tenant_id"] != tenant_id or existing["sha256"] != sha256:
+            if existing["tenant_id"] != tenant_id:
+                raise TenantConflict(document_id, tenant_id)
+            if existing["sha256"] != sha256:
                 raise PermanentError(
-                    f"document_id {document_id} is already registered with another tenant or "
-                    "content; document ids must be unique"
+                    f"document_id {document_id!r} is already registered with other content; "
+                    "document ids must be unique"
                 )
             if existing["status"] == "duplicate" and force:
                 await conn.execute(sql.PROMOTE_FORCED, document_id)
@@ -109,6 +135,7 @@ class WriteOperations(OnConnection):
         status: str,
         reason: str | None = None,
         *,
+        tenant_id: str | None = None,
         stage: str | None = None,
         current_parse_sha256: str | None = None,
         current_chunker_version: str | None = None,
@@ -124,8 +151,13 @@ class WriteOperations(OnConnection):
         'chunked', `current_chunker_version` with 'embedded'), so stale results are recognised.
         A failure ('failed', 'dead-lettered') names its `stage` and counts only while the
         document has not passed that stage; any later success leaves it again (a redrive).
+
+        `tenant_id` is the tenant of the record behind the move: a document of another tenant
+        is refused (TenantConflict). Every caller should pass it; without it nothing is checked.
         """
         async with self._conn() as conn:
+            if tenant_id is not None:
+                await check_tenant(conn, document_id, tenant_id)
             if status in FAILURE_STATUSES:
                 if stage is not None and stage not in STAGES:
                     raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -163,11 +195,15 @@ class WriteOperations(OnConnection):
         replay: str = "",
     ) -> None:
         """Record one stage step of a document's journey (one row per input event and attempt,
-        and per replayed copy: `replay` is the copy's position, empty for the original)."""
+        and per replayed copy: `replay` is the copy's position, empty for the original).
+        A step of another tenant's document is refused (TenantConflict): its journey is the
+        owner's alone."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        check_no_nul(document_id=document_id, tenant_id=tenant_id, correlation_id=correlation_id)
         duration_ms = max(0.0, (finished_at - started_at).total_seconds() * 1000)
         async with self._conn() as conn:
+            await check_tenant(conn, document_id, tenant_id)
             await conn.execute(
                 sql.RECORD_STEP,
                 document_id,
@@ -198,6 +234,7 @@ class WriteOperations(OnConnection):
     ) -> bool:
         """Keep a parse result, keyed by its content hash; True if it was new."""
         async with self._conn() as conn:
+            await check_tenant(conn, document_id, tenant_id)
             row = await conn.fetchval(
                 sql.INSERT_PARSE,
                 document_id,
@@ -242,6 +279,7 @@ class WriteOperations(OnConnection):
         if not chunks:
             return 0
         async with self._conn() as conn, conn.transaction():
+            await check_tenant(conn, document_id, tenant_id)
             if parse_sha256 is not None:
                 state = await conn.fetchrow(sql.CHUNK_SET, document_id, chunker_version)
                 current = state["current"] if state else None
@@ -296,14 +334,17 @@ class WriteOperations(OnConnection):
 
     @translate_errors
     async def cached_embeddings(
-        self, model: str, dimensions: int, text_sha256s: Iterable[str]
+        self, model: str, dimensions: int, text_sha256s: Iterable[str], *, cache_scope: str
     ) -> dict[str, list[float]]:
-        """The cached vectors among these texts (by sha256); each hit is counted."""
+        """The cached vectors among these texts (by sha256) in one cache scope (a tenant id, or
+        SHARED_CACHE); each hit is counted. Another scope's rows are never read."""
         keys = sorted(set(text_sha256s))
         if not keys:
             return {}
         async with self._conn() as conn:
-            rows = await conn.fetch(sql.CACHE_HITS, model, check_dimensions(dimensions), keys)
+            rows = await conn.fetch(
+                sql.CACHE_HITS, cache_scope, model, check_dimensions(dimensions), keys
+            )
         return {r["text_sha256"]: r["embedding"].to_list() for r in rows}
 
     @translate_errors
@@ -316,10 +357,13 @@ class WriteOperations(OnConnection):
         dimensions: int,
         provider: str,
         rows: Sequence[EmbeddingRow | tuple[int, str, Sequence[float]]],
+        *,
+        cache_scope: str | None = None,
     ) -> int:
         """Keep a document's chunk embeddings and cache them; the number of embedding rows written.
 
-        An embedding whose text_sha256 is not the chunk's current text is not written (a late
+        They are cached in `cache_scope`: the tenant's own by default, or SHARED_CACHE. An
+        embedding whose text_sha256 is not the chunk's current text is not written (a late
         result for replaced text) but is cached.
         """
         check_dimensions(dimensions)
@@ -328,7 +372,9 @@ class WriteOperations(OnConnection):
         indexes = [int(r[0]) for r in rows]
         shas = [str(r[1]) for r in rows]
         vectors = [check_vector(r[2], dimensions, f"chunk {r[0]}") for r in rows]
+        scope = tenant_id if cache_scope is None else cache_scope
         async with self._conn() as conn, conn.transaction():
+            await check_tenant(conn, document_id, tenant_id)
             status = await conn.execute(
                 sql.INSERT_EMBEDDINGS,
                 document_id,
@@ -341,7 +387,7 @@ class WriteOperations(OnConnection):
                 shas,
                 vectors,
             )
-            await conn.execute(sql.INSERT_CACHE, model, dimensions, provider, shas, vectors)
+            await conn.execute(sql.INSERT_CACHE, scope, model, dimensions, provider, shas, vectors)
         return int(status.rsplit(" ", 1)[-1])
 
     # -- reading ------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ FAILURE_STATUSES: Final = ("failed", "dead-lettered")
 STAGES: Final = ("upload", "parse", "chunk", "embed")
 OUTCOMES: Final = ("ok", "duplicate", "failed", "retry", "dead-lettered")
 
+# The embedding cache scope every tenant shares (`embed.share_cache_across_tenants`); any other
+# scope is a tenant id.
+SHARED_CACHE: Final = ""
+
 Status = Literal[
     "uploaded", "parsed", "chunked", "embedded", "duplicate", "failed", "dead-lettered"
 ]

@@ -70,6 +70,7 @@ async def test_real_mode_stores_what_the_api_returned_then_switches_to_local(
                         "text-embedding-3-small",
                         settings.embed.dimensions,
                         [c.text_sha256 for c in chunks],
+                        cache_scope="svc",
                     )
                     for c in chunks:  # exactly the vectors the server sent
                         assert stored[c.text_sha256] == pytest.approx(returned[c.text], abs=1e-6)

@@ -22,8 +22,16 @@ import asyncpg
 import pytest
 from pgvector.asyncpg import register_vector
 
-from ragstream.errors import ConfigError, InfrastructureUnavailable, PermanentError, RetryableError
+from ragstream.errors import (
+    ConfigError,
+    InfrastructureUnavailable,
+    InvalidEvent,
+    PermanentError,
+    RetryableError,
+    TenantConflict,
+)
 from ragstream.store import (
+    SHARED_CACHE,
     ChunkRow,
     MigrationError,
     Store,
@@ -33,6 +41,7 @@ from ragstream.store import (
 )
 from ragstream.store import _sql as sql
 from ragstream.store._errors import UniqueViolation, translate, translate_errors
+from ragstream.store.migrate import _BOOTSTRAP
 
 pytestmark = pytest.mark.integration
 
@@ -297,6 +306,86 @@ async def test_a_document_id_reused_for_other_content_is_refused(store: Store) -
         await register(store, doc, tenant, "two")
 
 
+async def test_every_write_for_a_document_checks_its_tenant(store: Store) -> None:
+    owner, doc = ids("owner")
+    intruder = f"{owner}-intruder"
+    markdown = "alpha\n\nbeta"
+    await ingest(store, doc, owner, ["alpha", "beta"], [axis(0), axis(1)], markdown=markdown)
+    await store.record_step(
+        doc, owner, "parse", "e1", "ok", 1, NOW, NOW + timedelta(seconds=1), {}, f"corr-{doc}"
+    )
+    document, journey = await store.get_document(doc), await store.journey(doc)
+    rows = await store.count_rows(owner)
+    chunks = make_chunks(["alpha", "beta"])
+    writes: dict[str, Any] = {
+        "register_upload": lambda: register(store, doc, intruder, markdown),
+        "save_parse": lambda: store.save_parse(
+            doc, intruder, sha("other"), "local", "1", "other", 1, None
+        ),
+        "save_chunks": lambda: store.save_chunks(
+            doc, intruder, "md-v2", {}, chunks, parse_sha256=sha(markdown)
+        ),
+        "save_embeddings": lambda: store.save_embeddings(
+            doc, intruder, "md-v1", "other-model", DIMS, "local", [(0, sha("alpha"), axis(3))]
+        ),
+        "advance_status failure": lambda: store.advance_status(
+            doc, "dead-lettered", "parse: refused", tenant_id=intruder, stage="parse"
+        ),
+        "advance_status success": lambda: store.advance_status(
+            doc, "parsed", tenant_id=intruder, current_parse_sha256=sha("other")
+        ),
+        "record_step": lambda: store.record_step(
+            doc, intruder, "parse", "e9", "dead-lettered", 1, NOW, NOW, {"error": "x"}
+        ),
+    }
+    for name, write in writes.items():
+        with pytest.raises(TenantConflict) as caught:
+            await write()
+        message = str(caught.value)
+        assert f"document_id {doc!r} belongs to another tenant" in message, name
+        assert f"tenant {intruder!r} cannot change it" in message, name
+        assert owner not in message.replace(intruder, ""), "the owner is never named"
+
+    assert await store.get_document(doc) == document
+    after = await store.journey(doc)
+    assert journey is not None and after is not None and after.steps == journey.steps
+    assert await store.count_rows(owner) == rows
+    assert not any((await store.count_rows(intruder)).values())
+    # The owner's own writes go on.
+    await store.record_step(doc, owner, "chunk", "e2", "ok", 1, NOW, NOW)
+    # Already embedded: a failure of an earlier stage changes nothing (and raises nothing).
+    moved = await store.advance_status(
+        doc, "dead-lettered", "chunk: failed", tenant_id=owner, stage="chunk"
+    )
+    assert moved is False
+
+
+async def test_a_journey_shows_only_its_owners_steps(store: Store) -> None:
+    owner, doc = ids("steps")
+    # A record of another tenant naming this id before it was registered: kept, never shown.
+    await store.record_step(doc, f"{owner}-other", "parse", "x1", "dead-lettered", 1, NOW, NOW)
+    await ingest(store, doc, owner, ["a"], [axis(0)])
+    await store.record_step(doc, owner, "parse", "e1", "ok", 1, NOW, NOW)
+    journey = await store.journey(doc)
+    assert journey is not None
+    assert [s.input_event_id for s in journey.steps] == ["e1"]
+
+
+async def test_a_nul_byte_is_refused_naming_its_field(store: Store) -> None:
+    tenant, doc = ids("nul")
+    with pytest.raises(InvalidEvent, match=r"^invalid filename: contains a NUL byte"):
+        await store.register_upload(
+            doc, tenant, "a\x00.md", "text/markdown", 1, sha("x"), None, {}, None, NOW
+        )
+    with pytest.raises(InvalidEvent, match=r"^invalid metadata\['k'\]: contains a NUL byte"):
+        await store.register_upload(
+            doc, tenant, "a.md", "text/markdown", 1, sha("x"), None, {"k": "\x00"}, None, NOW
+        )
+    with pytest.raises(InvalidEvent, match=r"^invalid tenant_id: contains a NUL byte"):
+        await store.record_step(doc, "t\x00", "parse", "e1", "dead-lettered", 1, NOW, NOW)
+    assert await store.get_document(doc) is None
+
+
 # -- idempotent writes --------------------------------------------------------------------------
 
 
@@ -321,6 +410,7 @@ async def test_every_write_is_idempotent(store: Store) -> None:
         "parse_results": 1,
         "chunks": 3,
         "embeddings": 3,
+        "embedding_cache": 3,  # the tenant's own cache scope
     }
     await everything()  # redelivery of every step
     assert await store.count_rows(tenant) == first
@@ -452,11 +542,12 @@ async def test_embedding_cache_counts_hits(store: Store) -> None:
     await ingest(store, doc, tenant, texts, [axis(1), axis(2)], model=model)
     wanted = [sha("cached one"), sha("cached two"), sha("never embedded")]
 
-    got = await store.cached_embeddings(model, DIMS, wanted)
+    got = await store.cached_embeddings(model, DIMS, wanted, cache_scope=tenant)
     assert set(got) == {sha("cached one"), sha("cached two")}
     assert got[sha("cached one")] == pytest.approx(axis(1), abs=1e-6)
-    assert await store.cached_embeddings(model, DIMS + 1, wanted) == {}  # other dimensions
-    await store.cached_embeddings(model, DIMS, wanted[:1])
+    # other dimensions
+    assert await store.cached_embeddings(model, DIMS + 1, wanted, cache_scope=tenant) == {}
+    await store.cached_embeddings(model, DIMS, wanted[:1], cache_scope=tenant)
 
     conn = await asyncpg.connect(store._dsn)
     try:
@@ -468,6 +559,111 @@ async def test_embedding_cache_counts_hits(store: Store) -> None:
     finally:
         await conn.close()
     assert hits == {sha("cached one"): 2, sha("cached two"): 1}
+
+
+async def test_the_embedding_cache_is_scoped_by_tenant(store: Store) -> None:
+    a, doc_a = ids("scope-a")
+    b, doc_b = ids("scope-b")
+    model = f"scope-model-{uuid.uuid4().hex[:6]}"
+    key = [sha("the same text")]
+    await ingest(store, doc_a, a, ["the same text"], [axis(1)], model=model)
+    # Another tenant's scope and the shared one hold nothing of a's.
+    assert await store.cached_embeddings(model, DIMS, key, cache_scope=b) == {}
+    assert await store.cached_embeddings(model, DIMS, key, cache_scope=SHARED_CACHE) == {}
+    assert set(await store.cached_embeddings(model, DIMS, key, cache_scope=a)) == set(key)
+
+    # b embeds the same text into the shared cache (embed.share_cache_across_tenants).
+    await ingest(store, doc_b, b, ["the same text"], [axis(2)], model=model)
+    chunk = make_chunks(["the same text"])[0]
+    await store.save_embeddings(
+        doc_b, b, "md-v1", model, DIMS, "local", [(0, chunk.text_sha256, axis(2))],
+        cache_scope=SHARED_CACHE,
+    )  # fmt: skip
+    shared = await store.cached_embeddings(model, DIMS, key, cache_scope=SHARED_CACHE)
+    assert shared[key[0]] == pytest.approx(axis(2), abs=1e-6)
+
+    conn = await asyncpg.connect(store._dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT tenant_id, hits FROM embedding_cache WHERE model = $1 ORDER BY tenant_id",
+            model,
+        )
+    finally:
+        await conn.close()
+    assert [(r["tenant_id"], r["hits"]) for r in rows] == [(SHARED_CACHE, 1), (a, 1), (b, 0)]
+    assert (await store.count_rows(a))["embedding_cache"] == 1
+
+
+async def test_the_cache_migration_fills_each_tenants_scope_from_its_own_embeddings(
+    fresh_schema: str,
+) -> None:
+    """A store at version 4 with a shared cache row and two tenants' embeddings of one text."""
+    conn = await asyncpg.connect(fresh_schema)
+    try:
+        await conn.execute(_BOOTSTRAP)
+        for m in available_migrations():
+            if m.version >= "0005":
+                break
+            await conn.execute(m.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                m.version,
+                m.name,
+                m.checksum,
+            )
+        text = sha("cached before the upgrade")
+        vector = str(axis(1))
+        for tenant in ("t-one", "t-two"):
+            doc = f"d-{tenant}"
+            await conn.execute(
+                "INSERT INTO documents (document_id, tenant_id, sha256, status)"
+                " VALUES ($1, $2, 'x', 'embedded')",
+                doc,
+                tenant,
+            )
+            await conn.execute(
+                "INSERT INTO chunks (document_id, chunker_version, chunk_index, tenant_id, text,"
+                " text_sha256, token_count, char_start, char_end) VALUES ($1, 'v', 0, $2, 't',"
+                " $3, 1, 0, 1)",
+                doc,
+                tenant,
+                text,
+            )
+            await conn.execute(
+                "INSERT INTO embeddings (document_id, chunker_version, chunk_index, model,"
+                " dimensions, tenant_id, text_sha256, provider, embedding)"
+                " VALUES ($1, 'v', 0, 'm', $2, $3, $4, 'local', $5::vector)",
+                doc,
+                DIMS,
+                tenant,
+                text,
+                vector,
+            )
+        await conn.execute(
+            "INSERT INTO embedding_cache (model, dimensions, text_sha256, embedding, provider)"
+            " VALUES ('m', $1, $2, $3::vector, 'local')",
+            DIMS,
+            text,
+            vector,
+        )
+    finally:
+        await conn.close()
+
+    assert await migrate(fresh_schema, dimensions=DIMS) == ["0005"]
+
+    conn = await asyncpg.connect(fresh_schema)
+    try:
+        rows = await conn.fetch("SELECT tenant_id FROM embedding_cache ORDER BY tenant_id")
+        assert [r["tenant_id"] for r in rows] == ["", "t-one", "t-two"]
+        with pytest.raises(asyncpg.NotNullViolationError):  # every write names its scope
+            await conn.execute(
+                "INSERT INTO embedding_cache (model, dimensions, text_sha256, embedding, provider)"
+                " VALUES ('m', $1, 'other', $2::vector, 'local')",
+                DIMS,
+                vector,
+            )
+    finally:
+        await conn.close()
 
 
 async def test_search_returns_the_nearest_current_chunks_of_one_tenant(store: Store) -> None:

@@ -23,6 +23,7 @@ from ragstream.codec import Codec, SchemaInfo, load_schema
 from ragstream.events import EVENT_TYPES, DocumentEvent, DocumentUploaded, Event, ServiceMode
 from ragstream.resources import schemas_dir
 from ragstream.settings import Mode
+from ragstream.validation import check_key, check_upload
 
 SCHEMAS = schemas_dir()
 FILES = sorted(SCHEMAS.glob("*.avsc"))
@@ -313,3 +314,6 @@ def test_readme_python_recipe_produces_what_ragstream_decodes(
     assert (
         event.content == b"# Hello\n" and event.tenant_id == "acme" and event.source_system == "crm"
     )
+    # ...and what the parse stage lets in at the door.
+    check_key(key, event.document_id)
+    check_upload(event, max_size_bytes=len(b"# Hello\n"))
