@@ -321,7 +321,7 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
     assert exit_s < 10, f"embed-a took {exit_s:.1f}s to stop"
     # It left the group (LeaveGroup) instead of being waited for until its session timed out.
     assert handover_s < session_timeout_s / 3, f"handover took {handover_s:.1f}s"
-    assert a.events("stage stopped"), a.tail()
+    assert a.events("consumer stopped"), a.tail()
     # It was in the middle of a batch: it finished the record in hand or handed records back
     # after the signal, and left records of its partitions to embed-b.
     after_signal = [

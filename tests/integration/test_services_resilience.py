@@ -291,6 +291,12 @@ async def test_a_429_storm_is_ridden_out_and_no_document_is_lost(settings: Setti
                 calmed = time.monotonic()
                 await wait_for_statuses(store, ids, 60, statuses=EMBEDDED)
                 recovered = time.monotonic() - calmed
+
+                async def journeys_written() -> bool:  # the step lands after the status
+                    found = [await steps(store, d, "embed") for d in ids]
+                    return all(any(s.outcome == "ok" for s in f) for f in found)
+
+                await wait_until(journeys_written, 15, "every embed step in the journey")
                 embed_steps = {d: await steps(store, d, "embed") for d in ids}
             assert circuit_gauge(runners, "openai") == 0  # closed again
             retried = runner(runners, Stage.EMBED).stats.retried
