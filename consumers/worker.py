@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 
@@ -59,6 +59,13 @@ from ragstream.tokens import get_tokenizer
 from ragstream.topology import Stage
 
 log = structlog.get_logger(__name__)
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
 
 
 def _with_replay(detail: Mapping[str, Any], replay: str) -> dict[str, Any]:
@@ -156,16 +163,30 @@ class Providers:
 
 
 def build_handler(
-    stage: Stage, settings: Settings, store: Store, providers: Providers | None = None
+    stage: Stage,
+    settings: Settings,
+    store: Store,
+    providers: Providers | None = None,
+    *,
+    stack: AsyncExitStack | None = None,
 ) -> StageHandler:
+    """The stage's handler with its dependencies. Local parsing and chunking run in pools of
+    child processes: with `stack`, the pools made here are closed (their children killed)
+    when it closes."""
     providers = providers or Providers()
+
+    def owned(resource: C) -> C:
+        if stack is not None:
+            stack.push_async_callback(resource.aclose)
+        return resource
+
     if stage is Stage.PARSE:
-        deps_p = ParseDeps.from_settings(
-            settings, store, providers.parser or LocalParser(settings.parse)
-        )
+        parser = providers.parser or owned(LocalParser(settings.parse))
+        deps_p = ParseDeps.from_settings(settings, store, parser)
         return _typed(DocumentUploaded, lambda e, ctx: parse(e, deps_p, ctx))
     if stage is Stage.CHUNK:
-        deps_c = ChunkDeps(store=store, chunker=Chunker(settings.chunk, get_tokenizer()))
+        chunker = owned(Chunker(settings.chunk, get_tokenizer()))
+        deps_c = ChunkDeps(store=store, chunker=chunker)
         return _typed(DocumentParsed, lambda e, _: chunk(e, deps_c))
     deps_e = EmbedDeps(
         store=store,
@@ -418,7 +439,7 @@ async def run_workers(
             StageRunner(
                 settings,
                 stage,
-                build_handler(stage, settings, store, providers),
+                build_handler(stage, settings, store, providers, stack=stack),
                 codec,
                 recorder,
                 concurrency=concurrency,
