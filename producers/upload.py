@@ -12,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaError
 
 from ragstream.blobs import BlobStore, sha256_hex
 from ragstream.codec import Codec
-from ragstream.errors import InvalidEvent, PermanentError, RetryableError
+from ragstream.errors import InvalidEvent, PermanentError
 from ragstream.events import DocumentUploaded
+from ragstream.kafka_clients import unreachable
 from ragstream.parsing import detect_content_type
 from ragstream.settings import Settings
 from ragstream.topology import Topology
@@ -80,7 +83,9 @@ def collect_files(
 class Uploader:
     """Publishes DocumentUploaded events. Use as `async with Uploader(settings) as up:`."""
 
-    def __init__(self, settings: Settings, codec: Codec | None = None) -> None:
+    def __init__(
+        self, settings: Settings, codec: Codec | None = None, *, window: int = 1000
+    ) -> None:
         self.settings = settings
         self.codec = codec or Codec()
         self.topic = Topology(settings.kafka.topic_prefix).uploaded
@@ -88,15 +93,16 @@ class Uploader:
         self._producer = AIOKafkaProducer(
             **settings.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=10
         )
+        self.window = window
+        self._pending: deque[tuple[UploadReceipt, asyncio.Future[Any]]] = deque()
+        self._failed: list[tuple[UploadReceipt, BaseException]] = []
 
     async def __aenter__(self) -> Uploader:
         try:
             await self._producer.start()
-        except KafkaConnectionError as exc:
+        except KafkaError as exc:
             await self._producer.stop()
-            raise RetryableError(
-                f"cannot reach Kafka at {self.settings.kafka.bootstrap_servers}: {exc}"
-            ) from exc
+            raise await unreachable(self.settings.kafka, exc) from exc
         return self
 
     async def __aexit__(
@@ -132,7 +138,13 @@ class Uploader:
         document_id: str | None = None,
         correlation_id: str | None = None,
         source_system: str | None = "ragstream-cli",
+        wait: bool = True,
     ) -> UploadReceipt:
+        """Check, store (a claim check over the inline limit) and publish one document.
+
+        `wait`: return once the broker acknowledged it (acks=all). Without, return once it is
+        queued, with up to `window` uploads in flight; `flush()` waits for the rest and says
+        which the broker did not take."""
         content_type = self.check(data, filename)
         digest = sha256_hex(data)
         inline = len(data) <= self.settings.blobs.inline_limit_bytes
@@ -157,21 +169,13 @@ class Uploader:
             raise UploadRejected(f"{name}: {exc}") from None
         if not inline:
             await asyncio.to_thread(self.blobs.put, data, digest, tenant_id=tenant_id)
-        await self._producer.send_and_wait(
+        sent = await self._producer.send(  # queued; acknowledged below or by flush()
             self.topic,
             self.codec.encode(event),
             key=event.document_id.encode(),
             headers=self.codec.headers_for(event),
         )
-        log.info(
-            "uploaded",
-            document_id=event.document_id,
-            filename=filename,
-            correlation_id=event.correlation_id,
-            bytes=len(data),
-            inline=inline,
-        )
-        return UploadReceipt(
+        receipt = UploadReceipt(
             filename,
             event.document_id,
             event.correlation_id,
@@ -181,6 +185,39 @@ class Uploader:
             content_type,
             inline,
         )
+        if wait:
+            await self._acknowledged(receipt, sent)
+            return receipt
+        self._pending.append((receipt, sent))
+        while len(self._pending) > self.window:
+            await self._settle(*self._pending.popleft())
+        return receipt
+
+    async def flush(self) -> list[tuple[UploadReceipt, BaseException]]:
+        """Wait until every upload sent with `wait=False` is acknowledged; the ones the broker
+        did not take (with why), since the last flush."""
+        while self._pending:
+            await self._settle(*self._pending.popleft())
+        failed, self._failed = self._failed, []
+        return failed
+
+    async def _acknowledged(self, receipt: UploadReceipt, sent: asyncio.Future[Any]) -> None:
+        await sent
+        log.info(
+            "uploaded",
+            document_id=receipt.document_id,
+            filename=receipt.filename,
+            correlation_id=receipt.correlation_id,
+            bytes=receipt.size_bytes,
+            inline=receipt.inline,
+        )
+
+    async def _settle(self, receipt: UploadReceipt, sent: asyncio.Future[Any]) -> None:
+        try:
+            await self._acknowledged(receipt, sent)
+        except KafkaError as exc:
+            log.warning("upload not published", filename=receipt.filename, error=str(exc))
+            self._failed.append((receipt, exc))
 
     async def upload_file(self, path: Path, **kwargs: object) -> UploadReceipt:
         try:
@@ -209,10 +246,13 @@ async def upload_paths(
             try:
                 receipts.append(
                     await uploader.upload_file(
-                        path, tenant_id=tenant_id, metadata=metadata, force=force
+                        path, tenant_id=tenant_id, metadata=metadata, force=force, wait=False
                     )
                 )
             except UploadRejected as exc:
                 log.warning("upload refused", path=str(path), reason=str(exc))
                 rejected.append(Rejection(str(path), str(exc)))
-    return receipts, rejected
+        failed = await uploader.flush()
+    lost = {r.document_id for r, _ in failed}
+    rejected += [Rejection(r.filename, f"not published: {exc}") for r, exc in failed]
+    return [r for r in receipts if r.document_id not in lost], rejected

@@ -88,6 +88,14 @@ class ReadOperations(OnConnection):
             row = await conn.fetchrow(sql.GET_DOCUMENT, document_id)
         return None if row is None else document_from_row(row)
 
+    @translate_errors
+    async def get_documents(self, document_ids: Sequence[str]) -> dict[str, Document]:
+        """Many documents in one query, by id; ids not registered are left out."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.GET_DOCUMENTS, list(document_ids))
+        found = [document_from_row(row) for row in rows]
+        return {doc.document_id: doc for doc in found}
+
     # -- parse --------------------------------------------------------------------------------
 
     @translate_errors

@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaError
 
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
-from ragstream.errors import RetryableError
+from ragstream.errors import InfrastructureError, RetryableError
 from ragstream.local.kafka import LocalKafka
 from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import load_settings
@@ -267,7 +267,7 @@ class _Run:
                         self.published += 1
                 if failing_since is not None:
                     self.note(f"uploads go through again after {self.clock() - failing_since:.0f}s")
-            except (RetryableError, KafkaError, OSError) as exc:
+            except (RetryableError, InfrastructureError, KafkaError, OSError) as exc:
                 self.report.upload_retries += 1
                 if failing_since is None:
                     failing_since = self.clock()
@@ -364,7 +364,7 @@ class _Run:
                     for tp, end in (await end_offsets(self.settings, topic)).items():
                         total += max(0, end - group.get(tp, 0))
             return total
-        except (KafkaError, OSError, RetryableError):
+        except (KafkaError, OSError, RetryableError, InfrastructureError):
             return None
 
     async def settle(self) -> bool:
