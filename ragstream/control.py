@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from ragstream.codec import Codec
 from ragstream.errors import ConfigError, DecodeError
 from ragstream.events import Event, ServiceMode, ServiceModeChanged, ThrottleEvent, ThrottleState
-from ragstream.kafka_clients import started
+from ragstream.kafka_clients import started_or_explained
 from ragstream.settings import Settings
 from ragstream.topology import CONTROL_MODE, CONTROL_THROTTLE, Topology
 
@@ -81,8 +81,8 @@ class ControlFollower:
     async def start(self) -> None:
         """Catch up with everything on the topic, then keep following in the background."""
         kafka = self.settings.kafka
-        consumer = await started(
-            lambda: AIOKafkaConsumer(**kafka.client_options(), enable_auto_commit=False)
+        consumer = await started_or_explained(
+            kafka, lambda: AIOKafkaConsumer(**kafka.client_options(), enable_auto_commit=False)
         )
         self._consumer = consumer
         await consumer._client.force_metadata_update()
@@ -131,10 +131,11 @@ async def snapshot(settings: Settings) -> ControlState:
 
 async def publish_control(settings: Settings, key: bytes, event: Event) -> None:
     codec = Codec()
-    producer = AIOKafkaProducer(
-        **settings.kafka.client_options(), acks="all", enable_idempotence=True
+    kafka = settings.kafka
+    producer = await started_or_explained(
+        kafka,
+        lambda: AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True),
     )
-    await producer.start()
     try:
         await producer.send_and_wait(
             Topology(settings.kafka.topic_prefix).control,

@@ -59,7 +59,7 @@ from ragstream.dlq import (
 )
 from ragstream.errors import PermanentError, RagstreamError, RetryableError
 from ragstream.events import DocumentEvent
-from ragstream.kafka_clients import unreachable
+from ragstream.kafka_clients import started_or_explained, unreachable
 from ragstream.settings import Settings
 from ragstream.topology import H_REPLAY, Stage, Topology
 
@@ -684,11 +684,13 @@ async def _republish(
     total = plan.records
     producer: Any = None
     if not report.dry_run and total:
-        producer = AIOKafkaProducer(
-            **settings.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
+        kafka = settings.kafka
+        producer = await started_or_explained(
+            kafka,
+            lambda: AIOKafkaProducer(
+                **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
+            ),
         )
-        with kafka_errors(f"connecting to {settings.kafka.bootstrap_servers}"):
-            await producer.start()
     pending: list[Any] = []
     try:
         async with _plain_consumer(settings) as consumer:

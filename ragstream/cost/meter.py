@@ -36,7 +36,7 @@ from ragstream.cost.budget import DAY, HOUR, limit_for, window
 from ragstream.cost.pricing import Price
 from ragstream.errors import BudgetExceeded
 from ragstream.events import CostUsage, Event, ThrottleEvent, ThrottleState
-from ragstream.kafka_clients import started
+from ragstream.kafka_clients import started_or_explained
 from ragstream.settings import BudgetSettings, Settings
 from ragstream.topology import Topology
 
@@ -73,8 +73,9 @@ class KafkaUsageSink:
 
     async def start(self) -> None:
         kafka = self._settings.kafka
-        self._producer = await started(
-            lambda: AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True)
+        self._producer = await started_or_explained(
+            kafka,
+            lambda: AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True),
         )
 
     async def stop(self) -> None:

@@ -27,12 +27,14 @@ import asyncpg
 
 from ragstream.errors import (
     POSTGRES,
+    AuthenticationFailed,
     ConfigError,
     InfrastructureUnavailable,
     PermanentError,
     RagstreamError,
     RetryableError,
 )
+from ragstream.scrub import Scrubber
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -137,3 +139,26 @@ def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
+
+
+@contextmanager
+def connecting(dsn: str) -> Iterator[None]:
+    """`translating()` for opening connections, with the server named (password masked) and
+    what to check: unreachable, refused credentials, unknown database."""
+    where = Scrubber()(dsn)
+    try:
+        with translating():
+            yield
+    except InfrastructureUnavailable as exc:
+        raise InfrastructureUnavailable(
+            f"cannot reach PostgreSQL at {where} ({exc}): is it running (`ragstream stack up`) "
+            "and postgres.url right?",
+            dependency=POSTGRES,
+        ) from exc
+    except ConfigError as exc:
+        if isinstance(exc.__cause__, _exc.InvalidAuthorizationSpecificationError):
+            raise AuthenticationFailed(
+                f"postgres.password: PostgreSQL at {where} refused the credentials "
+                f"({type(exc.__cause__).__name__}: {exc.__cause__})"
+            ) from exc
+        raise

@@ -27,7 +27,7 @@ import asyncpg
 import structlog
 
 from ragstream.errors import ConfigError, RetryableError
-from ragstream.store._errors import translating
+from ragstream.store._errors import connecting, translating
 
 log = structlog.get_logger(__name__)
 
@@ -241,7 +241,7 @@ async def _connection(target: str | Any) -> AsyncIterator[Any]:
     if not isinstance(target, str):
         yield target
         return
-    with translating():
+    with connecting(target):
         conn = await asyncpg.connect(target, server_settings={"statement_timeout": "0"})
     try:
         yield conn

@@ -27,7 +27,7 @@ from ragstream.settings import PostgresSettings
 from ragstream.store._base import json_dumps
 from ragstream.store._cost import CostOperations
 from ragstream.store._dlq import DlqOperations
-from ragstream.store._errors import translating
+from ragstream.store._errors import connecting, translating
 from ragstream.store._reads import ReadOperations
 from ragstream.store._writes import WriteOperations
 from ragstream.store.migrate import ensure_vector_index as _ensure_vector_index
@@ -79,8 +79,10 @@ class Store(WriteOperations, ReadOperations, DlqOperations, CostOperations):
         command_timeout: float | None = 60.0,
         connect_timeout: float = 10.0,
     ) -> Store:
-        """Open the pool; an unreachable server raises RetryableError, bad credentials ConfigError."""
-        with translating():
+        """Open the pool. An unreachable server raises InfrastructureUnavailable, refused
+        credentials AuthenticationFailed, an unknown database ConfigError; each names the
+        server (password masked) and what to check."""
+        with connecting(dsn):
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
