@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,7 +13,12 @@ from pydantic import SecretStr
 from ragstream.errors import PermanentError, RetryableError
 from ragstream.parsing import LocalParser
 from ragstream.providers import CircuitBreaker, CircuitState, GuardedParser, aclose, parser_for
-from ragstream.providers.llamaparse import JobState, LlamaParseParser, LlamaParseResult
+from ragstream.providers.llamaparse import (
+    FIRST_POLL_S,
+    JobState,
+    LlamaParseParser,
+    LlamaParseResult,
+)
 from ragstream.settings import LlamaParseSettings, Mode, ServicesSettings, Settings
 from tests.servers.llamaparse_server import LlamaParseServer
 
@@ -108,6 +114,96 @@ async def test_twenty_jobs_of_two_seconds_complete_in_about_one_duration() -> No
     assert server.max_running() == 20
     assert sorted(r.pages[0] for r in results) == sorted(f"document {i}" for i in range(20))
     assert parser.tracker.in_flight == 0
+
+
+# -- polling: soon after submit, then backing off -----------------------------------------------
+
+DEFAULT_POLL_INTERVAL_S = LlamaParseSettings().poll_interval_s
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+@pytest.mark.parametrize("job_s", [0.3, 2.0])
+async def test_a_job_is_seen_complete_soon_after_it_completes(job_s: float) -> None:
+    with LlamaParseServer(job_duration_s=job_s) as server:
+        parser = LlamaParseParser(
+            llamaparse_settings(server, poll_interval_s=DEFAULT_POLL_INTERVAL_S)
+        )
+        started = time.monotonic()
+        try:
+            await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+        finally:
+            await parser.aclose()
+        elapsed = time.monotonic() - started
+    (job,) = server.jobs.values()
+    seen_done = job.poll_times[-1]  # the poll that found it complete, after its upload
+    assert job_s <= seen_done < job_s + 0.4, job.poll_times
+    assert elapsed < job_s + 0.6
+    assert job.poll_times[0] < 0.4  # the first poll comes soon after submit
+
+
+@pytest.mark.slow
+async def test_polls_back_off_while_a_long_job_runs() -> None:
+    job_s = 10.0
+    with LlamaParseServer(job_duration_s=job_s) as server:
+        parser = LlamaParseParser(
+            llamaparse_settings(server, poll_interval_s=DEFAULT_POLL_INTERVAL_S, job_timeout_s=60)
+        )
+        try:
+            await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+        finally:
+            await parser.aclose()
+    (job,) = server.jobs.values()
+    waits = gaps(job.poll_times)
+    assert all(b > a - 0.1 for a, b in itertools.pairwise(waits)), waits  # never shorter
+    assert waits[-1] > 2.5 * waits[0], waits
+    # at the pace of the first polls, 10 s would take 40
+    assert job.polls < 0.7 * job_s / FIRST_POLL_S, job.poll_times
+    assert job.poll_times[-1] < job_s * 1.15
+
+
+async def test_polls_are_never_further_apart_than_poll_interval_s() -> None:
+    with LlamaParseServer(job_duration_s=3.0) as server:
+        parser = LlamaParseParser(llamaparse_settings(server, poll_interval_s=0.4))
+        try:
+            await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+        finally:
+            await parser.aclose()
+    (job,) = server.jobs.values()
+    assert max(gaps(job.poll_times)) < 0.4 + 0.15, job.poll_times
+
+
+async def test_a_retry_after_on_the_status_answer_paces_the_polls() -> None:
+    with LlamaParseServer(job_duration_s=2.5, status_retry_after_s=1.0) as server:
+        parser = LlamaParseParser(
+            llamaparse_settings(server, poll_interval_s=DEFAULT_POLL_INTERVAL_S)
+        )
+        try:
+            await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+        finally:
+            await parser.aclose()
+    (job,) = server.jobs.values()
+    # polled at about 0.25 s, then once a second as asked: 1.25, 2.25, 3.25
+    assert job.polls == 4, job.poll_times
+    assert all(0.95 < gap < 1.4 for gap in gaps(job.poll_times)), job.poll_times
+
+
+async def test_a_429_on_a_poll_holds_polling_back_for_its_retry_after() -> None:
+    with LlamaParseServer(job_duration_s=0.1) as server:
+        server.inject_http(429, on="get", retry_after_s=0.6)
+        parser = LlamaParseParser(
+            llamaparse_settings(server, poll_interval_s=DEFAULT_POLL_INTERVAL_S)
+        )
+        try:
+            result = await parser.parse(b"text", filename="a.txt", content_type="text/plain")
+        finally:
+            await parser.aclose()
+    assert result.page_count == 1
+    (job,) = server.jobs.values()
+    # the first poll (about 0.25 s) was refused; the next waited its 0.6 s
+    assert job.poll_times[0] > 0.8, job.poll_times
 
 
 async def test_jobs_beyond_the_limit_wait_for_a_slot() -> None:

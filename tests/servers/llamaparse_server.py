@@ -8,8 +8,11 @@ A job is PENDING, then RUNNING, then COMPLETED `job_duration_s` after its upload
 CANCELLED with an error message, when injected with `fail_next_jobs`). Its pages are the
 uploaded text split at form feeds (`\\f`), or `pages_per_job` generated pages for binary files;
 credits are `credits_per_page` per page. `inject_http(status, times, on=...)` answers the next
-requests to "upload", "get" or "any" endpoint with that HTTP status instead. Uploads are kept
-in `uploads`; `max_running` tells how many jobs were running at once at most.
+requests to "upload", "get" or "any" endpoint with that HTTP status instead. With
+`status_retry_after_s`, a status answer for a job still under way carries `retry-after` (a
+hint for when to poll again). Uploads are kept in `uploads`; each job's `poll_times` says when
+it was polled (seconds after its upload); `max_running` tells how many jobs were running at
+once at most.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from starlette.applications import Starlette
@@ -51,6 +54,7 @@ class _Job:
     outcome: Literal["COMPLETED", "FAILED", "CANCELLED"] = "COMPLETED"
     error_message: str | None = None
     polls: int = 0
+    poll_times: list[float] = field(default_factory=list)  # seconds after the upload
     result_reads: int = 0
     tier: str = "cost_effective"
 
@@ -79,6 +83,7 @@ class LlamaParseServer(BackgroundServer):
         pages_per_job: int = 2,
         api_key: str = "test-key",
         port: int | None = None,
+        status_retry_after_s: float | None = None,
     ) -> None:
         super().__init__(
             Starlette(
@@ -93,6 +98,7 @@ class LlamaParseServer(BackgroundServer):
         self.credits_per_page = credits_per_page
         self.pages_per_job = pages_per_job
         self.api_key = api_key
+        self.status_retry_after_s = status_retry_after_s
         self.uploads: list[Upload] = []
         self.requests = 0
         self.jobs: dict[str, _Job] = {}
@@ -187,7 +193,8 @@ class LlamaParseServer(BackgroundServer):
         job = self.jobs.get(request.path_params["job_id"])
         if job is None:
             return JSONResponse({"detail": "Job not found"}, status_code=404)
-        status = job.status(time.monotonic())
+        now = time.monotonic()
+        status = job.status(now)
         expand = set(request.query_params.getlist("expand"))
         body: dict[str, object] = {
             "job": {
@@ -202,6 +209,7 @@ class LlamaParseServer(BackgroundServer):
             job.result_reads += 1
         else:
             job.polls += 1
+            job.poll_times.append(now - job.created)
         if status == "COMPLETED":
             if "markdown" in expand:
                 body["markdown"] = {
@@ -216,7 +224,10 @@ class LlamaParseServer(BackgroundServer):
                     "job_credits_usage": len(job.pages) * self.credits_per_page,
                     "job_is_cache_hit": False,
                 }
-        return JSONResponse(body)
+        headers = {}
+        if self.status_retry_after_s is not None and status in ("PENDING", "RUNNING"):
+            headers["retry-after"] = f"{self.status_retry_after_s:g}"
+        return JSONResponse(body, headers=headers)
 
     def _pages(self, filename: str, data: bytes) -> list[str]:
         try:
