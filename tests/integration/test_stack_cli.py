@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ragstream.local.kafka import process_alive
+from ragstream.local.postgres import read_password
 from ragstream.samples import sample_dir
 from ragstream.settings import load_settings
 from ragstream.topology import Stage, Topology
@@ -79,6 +80,22 @@ def ragstream(
     )
 
 
+def _psql(env: dict[str, str], sql: str) -> subprocess.CompletedProcess[str]:
+    """psql against the stack's PostgreSQL, with the password the stack generated."""
+    password = read_password(Path(env["RAGSTREAM_LOCAL__DATA_DIR"]))
+    assert password, "the stack's PostgreSQL has no generated password"
+    return subprocess.run(
+        [
+            *("psql", "-h", "127.0.0.1", "-p", env["RAGSTREAM_POSTGRES__PORT"], "-U", "postgres"),
+            *("-d", "ragstream", "-At", "-c", sql),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PGPASSWORD": password},
+    )
+
+
 def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
     stack_env: dict[str, str],
 ) -> None:
@@ -102,24 +119,8 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
 
     # psql, another third-party client, sees the migrated tables.
     pg_port = stack_env["RAGSTREAM_POSTGRES__PORT"]
-    psql = subprocess.run(
-        [
-            "psql",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            pg_port,
-            "-U",
-            "postgres",
-            "-d",
-            "ragstream",
-            "-At",
-            "-c",
-            "select tablename from pg_tables where schemaname = 'public' order by 1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    psql = _psql(
+        stack_env, "select tablename from pg_tables where schemaname = 'public' order by 1"
     )
     assert psql.returncode == 0, psql.stderr
     tables = set(psql.stdout.split())
@@ -240,15 +241,7 @@ def test_each_part_stops_alone_and_up_restores_just_it(
         assert done.returncode == 0 and "embedded" in done.stdout, done.stdout + done.stderr
 
     def documents() -> int:
-        psql = subprocess.run(
-            [
-                *("psql", "-h", "127.0.0.1", "-p", str(ports["postgres"]), "-U", "postgres"),
-                *("-d", "ragstream", "-At", "-c", "select count(*) from documents"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        psql = _psql(stack_env, "select count(*) from documents")
         assert psql.returncode == 0, psql.stderr
         return int(psql.stdout)
 
