@@ -31,7 +31,7 @@ from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState, throttle_key
 from ragstream.cost.budget import Verdict, limit_for, verdict, windows
 from ragstream.events import CostUsage, Event, ThrottleEvent, ThrottleState
-from ragstream.kafka_clients import started
+from ragstream.kafka_clients import bounded, started
 from ragstream.metrics import Metrics
 from ragstream.settings import Settings
 from ragstream.store import Store
@@ -106,7 +106,7 @@ class CostAccountant:
             log.info("cost accountant started", group=self.group_id)
             await asyncio.gather(self.runner.run(stop), self._evaluate_until(stop))
         finally:
-            await producer.stop()
+            await bounded(producer.stop(), "flush the throttle events")
             log.info("cost accountant stopped", recorded=self.recorded, duplicates=self.duplicates)
 
     async def _account(self, event: Event, ctx: RecordContext) -> Outcome:

@@ -80,7 +80,7 @@ from ragstream.cost.meter import CallContext, current_call
 from ragstream.dlq import MESSAGE_LIMIT, dead_letter_headers, failure_headers, header
 from ragstream.errors import KAFKA, DecodeError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
-from ragstream.kafka_clients import started
+from ragstream.kafka_clients import bounded, started
 from ragstream.metrics import Metrics, observe_lag
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
@@ -131,15 +131,7 @@ class StepRecorder(Protocol):
     ) -> None: ...
 
 
-SHUTDOWN_STEP_S: Final = 5.0
-
-
-async def _bounded(step: Awaitable[None], what: str) -> None:
-    try:
-        async with asyncio.timeout(SHUTDOWN_STEP_S):
-            await step
-    except TimeoutError:
-        log.warning(f"shutdown: could not {what} within {SHUTDOWN_STEP_S:.0f}s; going on")
+COMMIT_TIMEOUT_S: Final = 2.0
 
 
 def _now_ms() -> int:
@@ -285,22 +277,31 @@ class StageRunner:
             await self._drain(self.settings.kafka.shutdown_grace_s)
             # Each step is bounded: with the broker away, shutdown must not wait for it (what
             # is not committed is handed to the next owner; every write is idempotent).
-            await _bounded(self.commit_pending(), "commit")
-            # Leaving the group at once (LeaveGroup), so a restart hands partitions over fast.
-            await _bounded(consumer.stop(), "leave the group")
-            await _bounded(producer.stop(), "flush the producer")
+            await bounded(self._close(consumer, producer), "commit and leave the group", 2.0)
             self.joined = False
             self.metrics.stage_stopped(self.name)
             log.info("consumer stopped", stage=self.name, **self.stats.__dict__)
+
+    async def _close(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+        await self.commit_pending()
+        # Leaving the group at once (LeaveGroup), so a restart hands partitions over fast.
+        await asyncio.gather(consumer.stop(), producer.stop())
 
     async def commit_pending(self) -> None:
         async with self._commit_lock:
             if not self._pending or self.consumer is None:
                 return
-            offsets = {tp: OffsetAndMetadata(off, "") for tp, off in self._pending.items()}
-            self._pending.clear()
+            pending, self._pending = self._pending, {}
+            offsets = {tp: OffsetAndMetadata(off, "") for tp, off in pending.items()}
             try:
-                await self.consumer.commit(offsets)
+                # Bounded: with the coordinator away aiokafka waits for it indefinitely, and
+                # the poll loop (which sees `stop`) must go on.
+                async with asyncio.timeout(COMMIT_TIMEOUT_S):
+                    await self.consumer.commit(offsets)
+            except TimeoutError:
+                for tp, off in pending.items():  # try again with the next commit
+                    self._pending.setdefault(tp, off)
+                log.warning("commit timed out; will try again", partitions=len(pending))
             except (CommitFailedError, KafkaError) as exc:
                 # The group moved on, or the coordinator is away: whoever reads these
                 # partitions next re-reads the records; every write is idempotent.

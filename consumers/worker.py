@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
@@ -40,6 +42,7 @@ from ragstream.events import (
     ThrottleEvent,
 )
 from ragstream.health import HealthServer, database_ready, readiness
+from ragstream.kafka_clients import closing
 from ragstream.metrics import Metrics
 from ragstream.parsing import LocalParser, Parser
 from ragstream.providers.circuit import CircuitBreaker
@@ -229,7 +232,7 @@ async def _follow_control(
     guard = BudgetGuard(state, settings.budgets)
     follower = ControlFollower(settings, state, codec)
     await follower.start()
-    stack.push_async_callback(follower.stop)
+    stack.push_async_callback(closing(follower.stop, "stop following the control topic"))
     for service, (mode, throttle) in {
         s: (state.mode(s), guard.active_throttle(s)) for s in (EMBED_SERVICE, PARSE_SERVICE)
     }.items():
@@ -250,7 +253,7 @@ async def _meters(
     prices = PriceTable.load(settings.budgets.prices)
     sink = KafkaUsageSink(settings, codec)
     await sink.start()
-    stack.push_async_callback(sink.stop)
+    stack.push_async_callback(closing(sink.stop, "flush the usage events"))
 
     def observe(usage: CostUsage) -> None:
         metrics.record_usage(usage.service, usage.unit, usage.units, usage.cost_usd)
@@ -359,6 +362,24 @@ async def supervise(member: Member, stop: asyncio.Event) -> None:
             delay = min(RESTART_CAP_S, delay * 2)
 
 
+def _exit_after(seconds: float) -> None:
+    """The bound on a worker's shutdown (`kafka.shutdown_grace_s` + 5 s): whatever still
+    holds it then (a broker that does not answer, a stuck child), the process exits, on a
+    thread of its own so a blocked event loop cannot hold it; the records it did not commit
+    are redelivered to the group."""
+
+    def hard_exit() -> None:
+        os.write(
+            2,
+            b"worker: shutdown took too long; exiting now (uncommitted records are redelivered)\n",
+        )
+        os._exit(1)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
+
+
 async def run_workers(
     settings: Settings,
     stages: list[Stage],
@@ -385,8 +406,16 @@ async def run_workers(
     stop = stop or asyncio.Event()
     if handle_signals:
         loop = asyncio.get_running_loop()
+        within_s = settings.kafka.shutdown_grace_s + 5.0
+
+        def on_signal() -> None:
+            if not stop.is_set():
+                log.info("stopping: finishing the records in hand", within_s=within_s)
+                _exit_after(within_s - 0.5)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     metrics = Metrics()
     watch = InfrastructureWatch(metrics=metrics)
     members: list[Member] = []

@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 
 from ragstream.codec import Codec
 from ragstream.events import CircuitState, CircuitStateChanged, utc_now
+from ragstream.kafka_clients import closing
 from ragstream.settings import Settings
 from ragstream.topology import CONTROL_CIRCUIT, Topology
 
@@ -160,7 +161,7 @@ async def report_circuits(
     """Start reporting `breakers` for as long as `stack` is open."""
     reporter = CircuitReporter(settings, codec, breakers)
     await reporter.start()
-    stack.push_async_callback(reporter.stop)
+    stack.push_async_callback(closing(reporter.stop, "withdraw the circuit reports"))
     return reporter
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
+import structlog
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaError, SaslAuthenticationFailed
 
@@ -22,6 +23,8 @@ from ragstream.errors import (
 
 if TYPE_CHECKING:
     from ragstream.settings import KafkaSettings
+
+log = structlog.get_logger(__name__)
 
 
 class _Client(Protocol):
@@ -148,3 +151,32 @@ async def _accepts_tcp(bootstrap: str, timeout_s: float = 2.0) -> bool:
         return False
     writer.close()
     return True
+
+
+SHUTDOWN_STEP_S: Final = 1.0  # a worker's whole shutdown must fit kafka.shutdown_grace_s + 5 s
+
+
+async def bounded(step: Awaitable[object], what: str, seconds: float = SHUTDOWN_STEP_S) -> None:
+    """A shutdown step that may wait on an absent broker: given `seconds`, then left behind
+    with a warning (what it did not finish is redelivered or retried by whoever comes next)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await step
+    except TimeoutError:
+        log.warning(f"shutdown: could not {what} within {seconds:.0f}s; going on")
+    except asyncio.CancelledError:
+        # aiokafka's stop() can let a cancelled fetch's CancelledError out although nobody
+        # cancelled us: only a cancellation of this very task goes on up.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning(f"shutdown: {what} was interrupted by the client; going on")
+
+
+def closing(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], Awaitable[None]]:
+    """`close`, bounded: for `AsyncExitStack.push_async_callback` of a Kafka client."""
+
+    async def closer() -> None:
+        await bounded(close(), what)
+
+    return closer

@@ -30,7 +30,7 @@ from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import Stage, Topology
-from tests.conftest import free_port
+from tests.conftest import free_port, new_local_kafka
 from tests.integration.pipeline_helpers import (
     WorkerProcess,
     end_offsets,
@@ -379,3 +379,47 @@ async def _ledger_count(dsn: str, event_ids: list[str]) -> int:
 
 # Unused-import guards for names used only in type positions above.
 _ = (Awaitable, Callable, datetime, Outcome, RecordContext, DocumentEvent)
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_a_worker_in_time_while_the_broker_is_down(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The broker is SIGKILLed under a running `worker all`; SIGTERM still stops the worker
+    within kafka.shutdown_grace_s + 5 s (no wait on a coordinator that does not answer)."""
+    kafka = new_local_kafka(_home())
+    await asyncio.to_thread(kafka.start)
+    try:
+        settings = variant(settings, kafka={"bootstrap_servers": kafka.bootstrap})
+        await ensure_topics(settings)
+        metrics_port = free_port()
+        proc = WorkerProcess(
+            settings,
+            "all",
+            tmp_path / "worker.log",
+            env={
+                "RAGSTREAM_OBSERVABILITY__METRICS_PORT": str(metrics_port),
+                "RAGSTREAM_KAFKA__SHUTDOWN_GRACE_S": "2",
+            },
+        ).start()
+        try:
+            await _until(f"http://127.0.0.1:{metrics_port}/ready", 200, within_s=60)
+            ids = await _upload(
+                settings, make_corpus(tmp_path / "in", 6), settings.kafka.topic_prefix
+            )
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(kafka.stop, kill=True)
+            await asyncio.sleep(3.0)
+            assert proc.alive()
+            began = time.monotonic()
+            code = await proc.stop(timeout_s=30)
+            took = time.monotonic() - began
+        finally:
+            await proc.stop()
+    finally:
+        await asyncio.to_thread(kafka.stop, kill=True)
+    print(
+        f"\nstopped {took:.1f}s after SIGTERM with the broker down (exit {code}); {len(ids)} uploaded"
+    )
+    assert took <= 2 + 5 + 1.0, proc.tail(60)
+    assert "Traceback" not in proc.log_path.read_text(), proc.tail(60)
