@@ -1,0 +1,64 @@
+"""benchmarks/bench_pipeline.py runs end to end on a tiny corpus, against the session's broker
+and PostgreSQL, and reports every figure it promises. No speed is asserted: the machine is
+shared and the corpus too small to say anything about throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = 30
+
+
+async def test_bench_pipeline_reports_rates_ratio_latency_and_memory(
+    kafka_bootstrap: str, database_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_pipeline.py"),
+        "--documents",
+        str(DOCUMENTS),
+        "--latency-s",
+        "2",
+        "--bootstrap",
+        kafka_bootstrap,
+        "--database-url",
+        database_url,
+        "--json",
+        str(out),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
+    done = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+
+    for name in ("pipeline", "ceiling", "logic"):
+        figures = report[name]
+        assert figures["documents"] == DOCUMENTS, name
+        assert figures["chunks"] >= DOCUMENTS, name
+        assert figures["docs_per_s"] > 0 and figures["chunks_per_s"] > 0, name
+    slowest = min(report["ceiling"]["docs_per_s"], report["logic"]["docs_per_s"])
+    assert 0 < report["combined_docs_per_s"] < slowest
+    assert report["ratio"] > 0
+    latency = report["latency"]
+    assert latency["documents"] >= 5
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+    processes = {row["process"]: row["mib"] for row in report["peak_rss"]}
+    assert processes.get("pipeline: ragstream worker all", 0) > 0, processes
+    assert {"ceiling: parse stage", "ceiling: chunk stage", "ceiling: embed stage"} <= set(
+        processes
+    )
+    assert all(mib > 0 for mib in processes.values()), processes
+    assert "ratio pipeline / combined" in done.stdout
