@@ -178,6 +178,9 @@ class LlamaParseSettings(_ServiceSection):
     max_jobs_in_flight: int = Field(16, ge=1)
     job_timeout_s: float = Field(1800.0, gt=0)
     poll_interval_s: float = Field(2.0, gt=0)
+    # A job is first polled this soon after submit, then every 10% of its age up to
+    # poll_interval_s: a short job is seen done soon after it is.
+    first_poll_s: float = Field(0.25, gt=0)
 
 
 class OpenAISettings(_ServiceSection):

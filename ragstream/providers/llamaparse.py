@@ -152,6 +152,7 @@ class LlamaParseParser:
             max_jobs_in_flight=settings.max_jobs_in_flight,
             poll_interval_s=settings.poll_interval_s,
             job_timeout_s=settings.job_timeout_s,
+            first_poll_s=settings.first_poll_s,
         )
 
     async def aclose(self) -> None:

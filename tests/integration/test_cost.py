@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -468,7 +469,15 @@ async def test_the_request_budget_throttles_until_its_window_rolls_over(
             ]
             for r in receipts:
                 assert await wait_status(store, r.document_id, {"embedded"}, 60) == "embedded"
-            windows = await store.spend_by_day(datetime.now(UTC) - timedelta(minutes=5), 8)
+
+            async def ledger_windows() -> list[Any]:
+                return list(await store.spend_by_day(datetime.now(UTC) - timedelta(minutes=5), 8))
+
+            async def all_recorded() -> bool:  # the last usage lands just after its document
+                return sum(w.requests for w in await ledger_windows()) == 5
+
+            await wait_until(all_recorded, 15, "the ledger to hold all five requests")
+            windows = await ledger_windows()
     assert len(server.ok_calls()) == 5
     assert ThrottleState.THROTTLED in states
     assert ThrottleState.OPEN in states[states.index(ThrottleState.THROTTLED) :]
