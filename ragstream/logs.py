@@ -93,3 +93,32 @@ def configure_logging(
     # Client libraries are chatty at INFO about routine coordinator changes.
     for name in ("aiokafka", "asyncio"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # ...and repeat themselves many times a second while a broker is away: one line per kind
+    # of message per interval is enough (the runtime logs its own wait for the broker).
+    kafka_log = logging.getLogger("aiokafka")
+    kafka_log.filters[:] = [f for f in kafka_log.filters if not isinstance(f, OncePer)]
+    kafka_log.addFilter(OncePer(REPEAT_INTERVAL_S))
+
+
+REPEAT_INTERVAL_S = 30.0
+
+
+class OncePer(logging.Filter):
+    """Lets a message through once per `interval_s`, counting by its template (the format
+    string before arguments), so a client's retry loop logs once, not ten times a second."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, int], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (str(record.msg), record.levelno)
+        now = record.created
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
