@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ragstream.errors import ConfigError
 from ragstream.store import _sql as sql
 from ragstream.store._base import OnConnection, check_dimensions, check_vector, document_from_row
 from ragstream.store._errors import translate_errors
@@ -14,6 +15,10 @@ MAX_K = 1000
 # A tenant with fewer candidate embeddings (for the model and dimensions) than this is searched
 # exactly: every vector measured, perfect recall, a few milliseconds. Above it, the HNSW index.
 EXACT_SEARCH_LIMIT = 2000
+
+
+MIN_ID_PREFIX = 4
+AMBIGUOUS_SHOWN = 5
 
 
 class ReadOperations(OnConnection):
@@ -100,12 +105,23 @@ class ReadOperations(OnConnection):
 
     @translate_errors
     async def journey(self, document_id_or_correlation_id: str) -> Journey | None:
-        """A document and its steps in order, by document id or (else) correlation id."""
+        """A document and its steps in order, by document id, correlation id, or the start of
+        a document id (at least 4 characters, as the tables show it) that only one has."""
         key = document_id_or_correlation_id
         async with self._conn() as conn:
             row = await conn.fetchrow(sql.GET_DOCUMENT, key)
             if row is None:
                 row = await conn.fetchrow(sql.DOCUMENT_BY_CORRELATION, key)
+            if row is None and len(key) >= MIN_ID_PREFIX:
+                found = await conn.fetch(sql.DOCUMENTS_BY_ID_PREFIX, key, AMBIGUOUS_SHOWN + 1)
+                if len(found) > 1:
+                    shown = ", ".join(f["document_id"] for f in found[:AMBIGUOUS_SHOWN])
+                    more = ", ..." if len(found) > AMBIGUOUS_SHOWN else ""
+                    raise ConfigError(
+                        f"{key!r} is the start of several document ids ({shown}{more}): "
+                        "give more of it"
+                    )
+                row = found[0] if found else None
             if row is None:
                 return None
             # Only the owner's steps: a record of another tenant naming this id never shows.

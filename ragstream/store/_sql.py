@@ -199,6 +199,11 @@ SET outcome = excluded.outcome, started_at = excluded.started_at,
 
 GET_DOCUMENT = f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE document_id = $1"
 GET_DOCUMENTS = f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE document_id = ANY($1::text[])"
+DOCUMENTS_BY_ID_PREFIX = f"""
+SELECT {DOCUMENT_COLUMNS} FROM documents
+WHERE document_id LIKE replace(replace(replace($1, '\\', '\\\\'), '%', '\\%'), '_', '\\_') || '%'
+ORDER BY document_id LIMIT $2
+"""
 DOCUMENT_BY_CORRELATION = f"""
 SELECT {DOCUMENT_COLUMNS} FROM documents WHERE correlation_id = $1
 ORDER BY created_at DESC LIMIT 1

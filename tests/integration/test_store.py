@@ -984,3 +984,22 @@ async def test_a_unique_violation_in_an_idempotent_write_is_run_again() -> None:
     with pytest.raises(UniqueViolation) as info:
         await once(in_tx)
     assert isinstance(info.value, RetryableError)
+
+
+async def test_a_journey_is_found_by_the_start_of_its_id(store: Store) -> None:
+    """The tables show ids cut short (8 characters): `doc` takes any start that only one
+    document id has, and names the candidates when several have it."""
+    tenant, doc = ids("prefix")
+    first, second = f"{doc}-1a", f"{doc}-2b"
+    for d in (first, second):
+        await register(store, d, tenant, d)
+    found = await store.journey(f"{doc}-1")
+    assert found is not None and found.document.document_id == first
+    with pytest.raises(ConfigError, match="several document ids") as info:
+        await store.journey(doc)
+    assert first in str(info.value) and second in str(info.value)
+    assert await store.journey(f"{doc}-3") is None
+    assert await store.journey("d-p") is None  # under 4 characters: no prefix search
+    assert (
+        await store.journey(doc.replace("-", "_", 1)[:6] + "%") is None
+    )  # LIKE characters are literal
