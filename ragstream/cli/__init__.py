@@ -36,6 +36,14 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as installed
+
+        typer.echo(f"ragstream {installed('ragstream')}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     config: Annotated[
@@ -44,6 +52,15 @@ def _root(
             "--config", "-c", help="Extra TOML file over the defaults (RAGSTREAM_CONFIG)."
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print ragstream's version and exit.",
+            is_eager=True,
+            callback=_print_version,
+        ),
+    ] = False,
 ) -> None:
     if config is not None:
         os.environ["RAGSTREAM_CONFIG"] = str(config)

@@ -122,3 +122,11 @@ def test_oauthbearer_is_refused_with_the_reason() -> None:
         load_settings(kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "OAUTHBEARER"})
     assert "kafka.sasl_mechanism" in str(info.value)
     assert "OAUTHBEARER is not supported (ragstream has no token provider)" in str(info.value)
+
+
+def test_version_is_printed() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"ragstream {version('ragstream')}"
