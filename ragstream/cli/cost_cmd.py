@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Annotated
 
@@ -103,10 +104,18 @@ def budget(
     hourly_requests: Annotated[
         int | None, typer.Option(min=0, help="Paid requests allowed per hour window.")
     ] = None,
-    clear: Annotated[bool, typer.Option(help="Go back to the configured budget.")] = False,
+    clear_daily: Annotated[
+        bool, typer.Option("--clear-daily", help="Daily spend back to the configured budget.")
+    ] = False,
+    clear_hourly: Annotated[
+        bool,
+        typer.Option("--clear-hourly", help="Hourly requests back to the configured budget."),
+    ] = False,
+    clear: Annotated[bool, typer.Option(help="Both limits back to the configured budget.")] = False,
 ) -> None:
-    """Set a budget at runtime (kept in PostgreSQL, over the config). The cost accountant
-    applies it within budgets.evaluate_interval_s: raising it publishes OPEN."""
+    """Change a budget at runtime (kept in PostgreSQL, over the config). Only the limits named
+    change; the others keep what they were. Prints the limits in force afterwards. The cost
+    accountant applies it within budgets.evaluate_interval_s: raising it publishes OPEN."""
     from ragstream.control import SERVICES
 
     if service not in SERVICES:
@@ -123,29 +132,67 @@ def budget(
         raise fail(
             "--clear goes back to the configured budget: give no values with it", EXIT_CONFIG
         )
-    if not clear and amount is None and hourly_requests is None:
-        raise fail("give --daily-usd and/or --hourly-requests, or --clear", EXIT_CONFIG)
+    if clear_daily and amount is not None:
+        raise fail("give --daily-usd or --clear-daily, not both", EXIT_CONFIG)
+    if clear_hourly and hourly_requests is not None:
+        raise fail("give --hourly-requests or --clear-hourly, not both", EXIT_CONFIG)
+    clear_daily, clear_hourly = clear_daily or clear, clear_hourly or clear
+    if not (clear_daily or clear_hourly) and amount is None and hourly_requests is None:
+        raise fail(
+            "give --daily-usd and/or --hourly-requests, or --clear-daily, --clear-hourly, --clear",
+            EXIT_CONFIG,
+        )
     settings = settings_or_exit()
-    run(_set_budget, settings, service, tenant, amount, hourly_requests)
-    who = f"{service} (tenant {tenant})" if tenant else service
+    changes = BudgetChange(amount, hourly_requests, clear_daily, clear_hourly)
+    limits = run(_set_budget, settings, service, tenant, changes)
+    console.print(f"changed: {changes.describe()}")
+    console.print(f"in force: {limits}", highlight=False)
     console.print(
-        f"{who}: budget {'cleared' if clear else 'set'}; the cost accountant applies it within "
-        f"{settings.budgets.evaluate_interval_s:g} s"
+        f"the cost accountant applies it within {settings.budgets.evaluate_interval_s:g} s"
     )
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetChange:
+    """What one `cost budget` command names; everything else stays as it was."""
+
+    daily_usd: Decimal | None
+    hourly_requests: int | None
+    clear_daily: bool
+    clear_hourly: bool
+
+    def describe(self) -> str:
+        from ragstream.cost.budget import usd
+
+        parts = []
+        if self.daily_usd is not None:
+            parts.append(f"daily spend {usd(self.daily_usd)}")
+        if self.clear_daily:
+            parts.append("daily spend back to the config")
+        if self.hourly_requests is not None:
+            parts.append(f"{self.hourly_requests} paid requests an hour")
+        if self.clear_hourly:
+            parts.append("hourly requests back to the config")
+        return "; ".join(parts)
+
+
 async def _set_budget(
-    settings: Settings,
-    service: str,
-    tenant: str | None,
-    daily_usd: Decimal | None,
-    hourly_requests: int | None,
-) -> None:
+    settings: Settings, service: str, tenant: str | None, change: BudgetChange
+) -> str:
+    """Apply the change; the limits in force afterwards, as one line."""
+    from ragstream.cost.budget import effective_limits
     from ragstream.store import Store
     from ragstream.store.migrate import migrate
 
     await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
     async with await Store.from_settings(settings.postgres) as store:
         await store.set_budget(
-            service, tenant, daily_usd=daily_usd, hourly_requests=hourly_requests
+            service,
+            tenant,
+            daily_usd=change.daily_usd,
+            hourly_requests=change.hourly_requests,
+            clear_daily=change.clear_daily,
+            clear_hourly=change.clear_hourly,
         )
+        overrides = await store.budget_overrides()
+    return effective_limits(settings.budgets, overrides, service, tenant)

@@ -67,6 +67,34 @@ def limit_for(
     return Limit(Decimal(str(daily)), int(str(hourly)))
 
 
+def effective_limits(
+    budgets: BudgetSettings,
+    overrides: list[BudgetOverride],
+    service: str,
+    tenant: str | None = None,
+) -> str:
+    """One line naming the limits in force for a scope and where each comes from."""
+    who = f"{service} (tenant {tenant})" if tenant else service
+    limit = limit_for(budgets, overrides, service, tenant)
+    if limit is None:
+        return f"{who}: no budget of its own; the service's budget applies"
+    override = next((o for o in overrides if o.service == service and o.tenant_id == tenant), None)
+    daily = "set at runtime" if override and override.daily_usd is not None else "config"
+    hourly = "set at runtime" if override and override.hourly_requests is not None else "config"
+    return (
+        f"{who}: daily {usd(limit.daily_usd)} ({daily}), "
+        f"{limit.hourly_requests} paid requests an hour ({hourly})"
+    )
+
+
+def usd(amount: Decimal) -> str:
+    """Money with the precision it has: at least cents, never a sub-cent amount rounded away
+    ($0.0001, not $0.00), at most the ledger's nine places."""
+    exponent = amount.normalize().as_tuple().exponent
+    places = min(9, max(2, -exponent)) if isinstance(exponent, int) else 2
+    return f"${amount:.{places}f}"
+
+
 def _first(*values: object) -> object:
     """The first value that is set (0 is a value: a budget of nothing)."""
     return next(v for v in values if v is not None and v is not False)
@@ -104,7 +132,7 @@ def verdict(
     if spend < 1 and next_call and spent + next_call > limit.daily_usd:
         spend = 1.0
     calls = _ratio(Decimal(requests), Decimal(limit.hourly_requests))
-    over_spend = f"{who}: ${spent:.4f} of ${limit.daily_usd:.2f} spent this {DAY}"
+    over_spend = f"{who}: {usd(spent)} of {usd(limit.daily_usd)} spent this {DAY}"
     over_calls = f"{who}: {requests} of {limit.hourly_requests} paid requests this {HOUR}"
     if spend >= 1 or calls >= 1:
         # When both are exhausted the throttle lasts until the later window ends.

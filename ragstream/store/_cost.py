@@ -154,31 +154,55 @@ class CostOperations(OnConnection):
         service: str,
         tenant_id: str | None,
         *,
-        daily_usd: Decimal | None,
-        hourly_requests: int | None,
-    ) -> None:
-        """Set (or, with both None, clear) the runtime budget of a service or a tenant."""
-        async with self._conn() as conn:
-            if daily_usd is None and hourly_requests is None:
+        daily_usd: Decimal | None = None,
+        hourly_requests: int | None = None,
+        clear_daily: bool = False,
+        clear_hourly: bool = False,
+    ) -> BudgetOverride | None:
+        """Change only the limits named: a value sets it, `clear_*` takes it back to the
+        config, and a limit not named keeps what it was. Returns the runtime row afterwards
+        (None when nothing is left over the config)."""
+        set_daily = clear_daily or daily_usd is not None
+        set_hourly = clear_hourly or hourly_requests is not None
+        key = (service, tenant_id or "")
+        async with self._conn() as conn, conn.transaction():
+            if set_daily or set_hourly:
                 await conn.execute(
-                    "DELETE FROM cost_budgets WHERE service = $1 AND tenant_id = $2",
-                    service,
-                    tenant_id or "",
+                    """
+                    INSERT INTO cost_budgets (service, tenant_id, daily_usd, hourly_requests)
+                    VALUES ($1, $2, $3, $4)
+                    ON CONFLICT (service, tenant_id) DO UPDATE
+                    SET daily_usd = CASE WHEN $5 THEN EXCLUDED.daily_usd
+                                         ELSE cost_budgets.daily_usd END,
+                        hourly_requests = CASE WHEN $6 THEN EXCLUDED.hourly_requests
+                                               ELSE cost_budgets.hourly_requests END,
+                        updated_at = now()
+                    """,
+                    *key,
+                    None if clear_daily else daily_usd,
+                    None if clear_hourly else hourly_requests,
+                    set_daily,
+                    set_hourly,
                 )
-                return
             await conn.execute(
-                """
-                INSERT INTO cost_budgets (service, tenant_id, daily_usd, hourly_requests)
-                VALUES ($1, $2, $3, $4)
-                ON CONFLICT (service, tenant_id) DO UPDATE
-                SET daily_usd = EXCLUDED.daily_usd, hourly_requests = EXCLUDED.hourly_requests,
-                    updated_at = now()
-                """,
-                service,
-                tenant_id or "",
-                daily_usd,
-                hourly_requests,
+                "DELETE FROM cost_budgets WHERE service = $1 AND tenant_id = $2"
+                " AND daily_usd IS NULL AND hourly_requests IS NULL",
+                *key,
             )
+            row = await conn.fetchrow(
+                "SELECT service, tenant_id, daily_usd, hourly_requests, updated_at"
+                " FROM cost_budgets WHERE service = $1 AND tenant_id = $2",
+                *key,
+            )
+        if row is None:
+            return None
+        return BudgetOverride(
+            service=row["service"],
+            tenant_id=row["tenant_id"] or None,
+            daily_usd=row["daily_usd"],
+            hourly_requests=row["hourly_requests"],
+            updated_at=row["updated_at"],
+        )
 
     @translate_errors
     async def spend_by_day(self, since: datetime, day_s: int) -> list[SpendRow]:

@@ -488,3 +488,43 @@ async def test_the_request_budget_throttles_until_its_window_rolls_over(
 
 async def _equals(value: Awaitable[object], expected: object) -> bool:
     return await value == expected
+
+
+async def test_budget_commands_change_only_what_they_name_and_print_the_limits_in_force(
+    own_database: Settings,
+) -> None:
+    settings = own_database
+
+    async def budget(*args: str) -> str:
+        result = await cli(settings, "budget", "openai", *args)
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    async def row() -> tuple[Decimal | None, int | None] | None:
+        async with await Store.connect(settings.postgres.dsn()) as store:
+            found = [o for o in await store.budget_overrides() if o.service == "openai"]
+        return (found[0].daily_usd, found[0].hourly_requests) if found else None
+
+    out = await budget("--daily-usd", "1")
+    assert (
+        "in force: openai: daily $1.00 (set at runtime), 100 paid requests an hour (config)" in out
+    )
+    # Setting the hourly limit leaves the lowered daily cap where the operator put it.
+    out = await budget("--hourly-requests", "7")
+    assert "daily $1.00 (set at runtime), 7 paid requests an hour (set at runtime)" in out
+    assert await row() == (Decimal("1"), 7)
+    out = await budget("--daily-usd", "0.0001")
+    assert "daily $0.0001 (set at runtime), 7 paid requests" in out
+    assert await row() == (Decimal("0.0001"), 7)
+    out = await budget("--clear-daily")
+    assert "daily $5.00 (config), 7 paid requests an hour (set at runtime)" in out
+    assert await row() == (None, 7)
+    out = await budget("--clear-hourly")
+    assert "daily $5.00 (config), 100 paid requests an hour (config)" in out
+    assert await row() is None
+    await budget("--daily-usd", "2", "--hourly-requests", "3")
+    out = await budget("--clear")
+    assert "daily $5.00 (config), 100 paid requests an hour (config)" in out
+    assert await row() is None
+    tenant = await cli(settings, "budget", "openai", "--tenant", "acme", "--hourly-requests", "4")
+    assert "openai (tenant acme): daily $5.00 (config), 4 paid requests" in tenant.output

@@ -13,7 +13,18 @@ from typer.testing import CliRunner
 from consumers.worker import _observe_control
 from ragstream.cli import app
 from ragstream.control import ControlState
-from ragstream.cost.budget import DAY, HOUR, Limit, Verdict, limit_for, verdict, window, windows
+from ragstream.cost.budget import (
+    DAY,
+    HOUR,
+    Limit,
+    Verdict,
+    effective_limits,
+    limit_for,
+    usd,
+    verdict,
+    window,
+    windows,
+)
 from ragstream.cost.meter import BudgetGuard, CallContext, Meter, current_call
 from ragstream.cost.pricing import PriceTable
 from ragstream.errors import BudgetExceeded, ConfigError
@@ -64,7 +75,7 @@ def test_verdict_open_warning_throttled_by_spend() -> None:
     assert judge(usage("3.99", 1, 400)).state is ThrottleState.OPEN
     warn = judge(usage("4.00", 1, 400))
     assert warn.state is ThrottleState.WARNING
-    assert "$4.0000 of $5.00" in warn.reason
+    assert "$4.00 of $5.00" in warn.reason
     full = judge(usage("5.00", 1, 400))
     assert full.state is ThrottleState.THROTTLED
     assert full.window == DAY
@@ -102,6 +113,33 @@ def test_limits_come_from_runtime_override_then_config_then_defaults() -> None:
     assert limit_for(budgets, [raised], "openai") == Limit(Decimal("10"), 100)
     tenant = BudgetOverride("openai", "new", None, 3, NOON)
     assert limit_for(budgets, [tenant], "openai", "new") == Limit(Decimal("5.00"), 3)
+
+
+def test_effective_limits_name_where_each_limit_comes_from() -> None:
+    budgets = BudgetSettings()
+    assert effective_limits(budgets, [], "openai") == (
+        "openai: daily $5.00 (config), 100 paid requests an hour (config)"
+    )
+    hourly = BudgetOverride("openai", None, None, 7, NOON)
+    assert effective_limits(budgets, [hourly], "openai") == (
+        "openai: daily $5.00 (config), 7 paid requests an hour (set at runtime)"
+    )
+    daily = BudgetOverride("openai", "acme", Decimal("0.0001"), None, NOON)
+    assert effective_limits(budgets, [daily], "openai", "acme") == (
+        "openai (tenant acme): daily $0.0001 (set at runtime), 100 paid requests an hour (config)"
+    )
+    assert "no budget of its own" in effective_limits(budgets, [], "openai", "other")
+
+
+def test_money_prints_with_the_precision_it_has() -> None:
+    assert usd(Decimal("5")) == "$5.00"
+    assert usd(Decimal("5.00")) == "$5.00"
+    assert usd(Decimal("0.0001")) == "$0.0001"
+    assert usd(Decimal("0.004662040")) == "$0.00466204"
+    assert usd(Decimal("0.00000000001")) == "$0.000000000"  # past the ledger's nine places
+    assert usd(Decimal("1E+1")) == "$10.00"
+    tiny = judge(usage("0.00012", 2, 2), daily="0.0001")
+    assert "$0.00012 of $0.0001 spent" in tiny.reason
 
 
 def test_budget_settings_errors_name_the_key() -> None:
@@ -282,7 +320,9 @@ def test_page_estimate_for_a_job() -> None:
     ("args", "message"),
     [
         (["nope", "--daily-usd", "1"], "unknown service 'nope'"),
-        (["openai"], "give --daily-usd and/or --hourly-requests, or --clear"),
+        (["openai"], "give --daily-usd and/or --hourly-requests, or --clear-daily"),
+        (["openai", "--clear-daily", "--daily-usd", "1"], "not both"),
+        (["openai", "--clear-hourly", "--hourly-requests", "1"], "not both"),
         (["openai", "--daily-usd", "-1"], "must be a number >= 0"),
         (["openai", "--daily-usd", "NaN"], "must be a number >= 0"),
         (["openai", "--clear", "--daily-usd", "1"], "give no values with it"),
