@@ -287,6 +287,7 @@ async def _following_providers(
     parse_breaker = given.get(PARSE_SERVICE) or breaker_for(settings, PARSE_SERVICE)
     for breaker in (embed_breaker, parse_breaker):
         breaker.add_listener(metrics.on_circuit_change)
+        breaker.add_call_listener(metrics.record_external_call)
         metrics.set_circuit_state(breaker.name, breaker.state)
     await report_circuits(settings, codec, stack, (embed_breaker, parse_breaker))
     embedder = SwitchingEmbedder(

@@ -63,12 +63,40 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds. A stage may wait minutes on a parsing service; a document may take an hour to get
 # through a backlog.
 STAGE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-PIPELINE_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+# Milliseconds to hours, no step wider than about 2x, so a quantile resolves a backlog's wait too.
+PIPELINE_BUCKETS: Final = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    180,
+    300,
+    450,
+    600,
+    900,
+    1200,
+    1800,
+    2700,
+    3600,
+    5400,
+    7200,
+)
 CALL_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 CIRCUIT_STATES: Final = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
 THROTTLE_STATES: Final = {"open": 0, "warning": 1, "throttled": 2}
-OUTCOMES: Final = ("ok", "duplicate", "skipped", "failed", "poison")  # shown at 0 from the start
+# Every outcome a record can end with, each shown at 0 from the start (so rate() sees its first):
+# the stage's own (ok, duplicate, skipped), then the runtime's: retried (to the retry topic),
+# waiting (held or parked: budget, open circuit), dead-lettered, poison (undecodable, DLQ).
+OUTCOMES: Final = ("ok", "duplicate", "skipped", "retried", "waiting", "dead-lettered", "poison")
 
 
 class TopicPartitionLike(Protocol):
@@ -107,7 +135,8 @@ class Metrics:
         self.build_info.info({"version": _version()})
         self.records = Counter(
             "ragstream_records_total",
-            "Records a stage finished with, by outcome (ok, duplicate, skipped, failed, poison).",
+            "Records a stage finished with, by outcome (ok, duplicate, skipped, retried, "
+            "waiting, dead-lettered, poison).",
             ["stage", "outcome"],
             registry=r,
         )

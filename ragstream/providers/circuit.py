@@ -39,6 +39,7 @@ class CircuitState(StrEnum):
 
 
 Listener = Callable[[str, CircuitState, CircuitState], None]
+CallListener = Callable[[str, str, str, float], None]
 
 
 class CircuitOpenError(RetryableError):
@@ -83,6 +84,7 @@ class CircuitBreaker:
         self.cooldown_s = cooldown_s
         self._clock = clock
         self._listeners: list[Listener] = [listener] if listener else []
+        self._call_listeners: list[CallListener] = []
         self._is_failure = is_failure
         self._state = CircuitState.CLOSED
         self._failures: deque[float] = deque()
@@ -100,6 +102,15 @@ class CircuitBreaker:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_call_listener(self, listener: CallListener) -> None:
+        """Hear every call made through this breaker: (service, operation, status, seconds),
+        status `ok` or the error's class name (for the external-call metrics)."""
+        self._call_listeners.append(listener)
+
+    def record_call(self, operation: str, status: str, seconds: float) -> None:
+        for listener in self._call_listeners:
+            listener(self.name, operation, status, seconds)
 
     def retry_after(self) -> float:
         """Seconds until an open circuit lets a probe through (0 when it would now)."""

@@ -15,6 +15,7 @@ is raised as it is: it is not the service being down, and a fallback would hide 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -110,6 +111,8 @@ async def aclose(provider: object) -> None:
 class _Guard:
     """The shared call policy of the guarded embedder and parser."""
 
+    operation = "call"  # what the external-call metrics name it
+
     def __init__(self, primary: Any, breaker: CircuitBreaker, fallback: Any | None) -> None:
         self.primary = primary
         self.breaker = breaker
@@ -133,6 +136,7 @@ class _Guard:
         """The primary call under the breaker; the fallback while the circuit is open, when a
         retryable failure has just opened it, or when the budget refused the call."""
         if self._use_primary():
+            started = time.perf_counter()
             try:
                 result = await primary()
             except BudgetExceeded:
@@ -141,16 +145,21 @@ class _Guard:
                 if self.fallback is None:
                     raise
             except Exception as exc:
+                self._observe(type(exc).__name__, started)
                 if not self._after_failure(exc):
                     raise
             except BaseException:
                 self.breaker.release()
                 raise
             else:
+                self._observe("ok", started)
                 self.breaker.record_success()
                 return result
         assert self.fallback is not None
         return await fallback()
+
+    def _observe(self, status: str, started: float) -> None:
+        self.breaker.record_call(self.operation, status, time.perf_counter() - started)
 
     def _after_failure(self, exc: Exception) -> bool:
         """Record the outcome of a failed primary call; True when the fallback should run."""
@@ -163,6 +172,8 @@ class _Guard:
 
 class GuardedEmbedder(_Guard):
     """An `Embedder` behind a circuit breaker; with a fallback, the hybrid embedder."""
+
+    operation = "embeddings"
 
     primary: Embedder
     fallback: Embedder | None
@@ -202,6 +213,8 @@ class GuardedEmbedder(_Guard):
 
 class GuardedParser(_Guard):
     """A `Parser` behind a circuit breaker; with a fallback, the hybrid parser."""
+
+    operation = "parse"
 
     primary: Parser
     fallback: Parser | None

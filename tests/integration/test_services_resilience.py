@@ -300,7 +300,23 @@ async def test_a_429_storm_is_ridden_out_and_no_document_is_lost(settings: Setti
                 embed_steps = {d: await steps(store, d, "embed") for d in ids}
             assert circuit_gauge(runners, "openai") == 0  # closed again
             retried = runner(runners, Stage.EMBED).stats.retried
+            registry = runners[0].metrics.registry
+            calls = {
+                status: registry.get_sample_value(
+                    "ragstream_external_calls_total",
+                    {"service": "openai", "operation": "embeddings", "status": status},
+                )
+                or 0
+                for status in ("ok", "RetryableError")
+            }
+            timed = registry.get_sample_value(
+                "ragstream_external_call_duration_seconds_count",
+                {"service": "openai", "operation": "embeddings"},
+            )
 
+    # Every call through the breaker is counted and timed: the storm's refusals and the rest.
+    assert calls["ok"] >= len(ids) and calls["RetryableError"] >= 1, calls
+    assert timed == calls["ok"] + calls["RetryableError"]
     served_429 = server.refused("injected_rate_limit")
     assert served_429 >= 4  # enough to open the circuit, then a probe refused
     assert all(c.at >= calmed - 0.05 for c in server.ok_calls())  # nothing got through the storm

@@ -61,7 +61,7 @@ def exercise(metrics: Metrics) -> None:
     metrics.record_restart("embed")
     metrics.record_handled("embed", "ok", 0.25)
     metrics.record_handled("embed", "ok", 0.5)
-    metrics.record_handled("parse", "failed", 3.0)
+    metrics.record_handled("parse", "dead-lettered", 3.0)
     uploaded = utc_now()
     metrics.record_embedded(embedded_event(uploaded, uploaded + timedelta(seconds=42)))
     metrics.record_pipeline_latency(7.5)
@@ -149,9 +149,12 @@ def test_values_after_every_method() -> None:
         return v[(name, frozenset(labels.items()))]
 
     assert get("ragstream_records_total", stage="embed", outcome="ok") == 2
+    for outcome in ("dead-lettered", "retried", "waiting", "poison"):  # shown from the start
+        assert get("ragstream_records_total", stage="embed", outcome=outcome) == 0
     assert (
-        get("ragstream_records_total", stage="embed", outcome="failed") == 0
-    )  # shown from the start
+        "ragstream_records_total",
+        frozenset({("stage", "embed"), ("outcome", "failed")}),
+    ) not in v
     assert get("ragstream_stage_duration_seconds_count", stage="embed") == 2
     assert get("ragstream_stage_duration_seconds_sum", stage="embed") == 0.75
     assert get("ragstream_upload_to_embedded_seconds_count") == 2
