@@ -591,4 +591,6 @@ def test_missing_topics_and_unreachable_services_are_one_line(
     no_db = {**shared.env(), "RAGSTREAM_POSTGRES__URL": f"postgresql://postgres@{dead}/x"}
     result = dlq_cli(no_db, "redrive", "--dry-run")
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("error: database unavailable"), result.output
+    assert result.output.startswith(
+        f"error: cannot reach PostgreSQL at postgresql://postgres@{dead}/x"
+    ), result.output
