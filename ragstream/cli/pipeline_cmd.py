@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -138,25 +139,66 @@ def doc(
     console.print(table)
 
 
+SHORT_ID = 8  # the start of a document id the tables show; `ragstream doc` accepts it
+
+
 def search(
     question: Annotated[str, typer.Argument(help="What to look for.")],
     tenant: Annotated[str, typer.Option("--tenant", "-t")],
     k: Annotated[int, typer.Option("-k", min=1, max=100, help="How many chunks.")] = 5,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: models and hits, full ids.")
+    ] = False,
 ) -> None:
-    """Embed the question like the stored chunks and print the nearest ones."""
-    from ragstream.search import search_chunks
+    """Embed the question as the tenant's documents were embedded (their model and dimensions)
+    and print the nearest chunks."""
+    from ragstream.search import provider_of
+    from ragstream.search import search as run_search
 
     settings = settings_or_exit()
-    hits = run(search_chunks, settings, question, tenant, k)
-    if not hits:
-        console.print(f"no embedded chunks for tenant {tenant!r}")
+    result = run(run_search, settings, question, tenant, k)
+    if as_json:
+        payload = {
+            "question": question,
+            "tenant": tenant,
+            "models": [
+                {"provider": provider_of(m.model), "model": m.model, "dimensions": m.dimensions,
+                 "documents": m.documents}
+                for m in result.models
+            ],
+            "hits": [
+                {"rank": i, "score": round(h.score, 6), "document_id": h.document_id,
+                 "filename": h.filename, "heading_path": h.heading_path, "page": h.page,
+                 "chunk_index": h.chunk_index, "chunker_version": h.chunker_version,
+                 "text": h.text}
+                for i, h in enumerate(result.hits, 1)
+            ],
+        }  # fmt: skip
+        typer.echo(json.dumps(payload, ensure_ascii=False))
+        if not result.hits:
+            raise typer.Exit(1)
+        return
+    if not result.hits:
+        console.print(f"no embedded chunks for tenant {tenant!r}", highlight=False)
         raise typer.Exit(1)
+    models = ", ".join(
+        f"{provider_of(m.model)} {m.model} ({m.dimensions}d, {m.documents} documents)"
+        for m in result.models
+    )
+    console.print(f"question embedded with {models}", highlight=False)
     table = Table(title=f"nearest chunks for {question!r} (tenant {tenant})")
-    for col in ("score", "document", "heading path", "snippet"):
+    for col in ("score", "document", "file", "heading path", "page", "snippet"):
         table.add_column(col, overflow="fold")
-    for hit in hits:
+    for hit in result.hits:
         snippet = " ".join(hit.text.split())[:160]
-        table.add_row(f"{hit.score:.3f}", hit.filename, " > ".join(hit.heading_path), snippet)
+        table.add_row(
+            f"{hit.score:.3f}",
+            hit.document_id[:SHORT_ID],
+            hit.filename or "",
+            " > ".join(hit.heading_path),
+            "" if hit.page is None else str(hit.page),
+            snippet,
+        )
     console.print(table)
 
 

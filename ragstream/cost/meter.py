@@ -250,7 +250,7 @@ class Meter:
             unit_price_usd=self.price.unit_price_usd,
             cost_usd=self.price.cost(bill.units),
             tenant_id=ctx.tenant_id if ctx else None,
-            document_ids=[ctx.document_id] if ctx else [],
+            document_ids=[ctx.document_id] if ctx and ctx.document_id else [],
             stage=ctx.stage if ctx else None,
             correlation_id=ctx.correlation_id if ctx else None,
             request_id=bill.request_id,

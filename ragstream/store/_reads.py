@@ -9,7 +9,14 @@ from ragstream.errors import ConfigError
 from ragstream.store import _sql as sql
 from ragstream.store._base import OnConnection, check_dimensions, check_vector, document_from_row
 from ragstream.store._errors import translate_errors
-from ragstream.store.models import Document, Journey, SearchHit, Step, Summary
+from ragstream.store.models import (
+    Document,
+    EmbeddingModel,
+    Journey,
+    SearchHit,
+    Step,
+    Summary,
+)
 
 MAX_K = 1000
 # A tenant with fewer candidate embeddings (for the model and dimensions) than this is searched
@@ -48,6 +55,14 @@ class ReadOperations(OnConnection):
             )
             for r in rows
         ]
+
+    @translate_errors
+    async def embedding_models(self, tenant_id: str) -> list[EmbeddingModel]:
+        """The models and dimensions the tenant's searchable documents were embedded with, the
+        one holding most documents first (a question is embedded with each to search them)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.EMBEDDING_MODELS, tenant_id)
+        return [EmbeddingModel(r["model"], int(r["dimensions"]), int(r["documents"])) for r in rows]
 
     @translate_errors
     async def explain_search(

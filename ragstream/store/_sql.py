@@ -215,6 +215,18 @@ FROM document_events WHERE document_id = $1 AND tenant_id = $2
 ORDER BY started_at, coalesce(ragstream_stage_rank(stage), 99), attempt, finished_at
 """
 
+# The models and dimensions of a tenant's searchable documents (what search embeds a question
+# with), most documents first.
+EMBEDDING_MODELS = """
+SELECT current_embedding_model AS model, current_embedding_dimensions AS dimensions,
+       count(*) AS documents
+FROM documents
+WHERE tenant_id = $1 AND current_embedding_model IS NOT NULL
+  AND current_embedding_dimensions IS NOT NULL AND searchable_chunker_version IS NOT NULL
+GROUP BY 1, 2
+ORDER BY 3 DESC, 1, 2
+"""
+
 # How many candidate rows the tenant has for this model and dimensions, counted up to a limit
 # (an index-only scan): below it, search is exact; above it, it goes through the HNSW index.
 SEARCH_CANDIDATES = """

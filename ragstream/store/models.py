@@ -67,6 +67,15 @@ class EmbeddingRow(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class EmbeddingModel:
+    """A model and dimensions a tenant's searchable documents were embedded with."""
+
+    model: str
+    dimensions: int
+    documents: int
+
+
+@dataclass(frozen=True, slots=True)
 class SearchHit:
     score: float  # 1 - cosine distance: 1.0 is the same direction
     document_id: str

@@ -1,0 +1,161 @@
+"""`ragstream search` over the store: the question embedded as the documents were.
+
+Documents are written as the stage workers write them; OpenAI vectors come from
+`tests/servers/openai_server.py` over real HTTP, and search calls the same server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+
+import pytest
+from click.testing import Result
+from pydantic import SecretStr
+from typer.testing import CliRunner
+
+from ragstream.admin import ensure_topics
+from ragstream.cli import app
+from ragstream.embedding import LOCAL_MODEL, LocalEmbedder
+from ragstream.search import search
+from ragstream.settings import Mode, Settings
+from ragstream.store import Store
+from tests.integration.test_store import ingest
+from tests.servers.openai_server import OpenAIServer, vector_for
+
+DIMS = 64
+OPENAI_MODEL = "text-embedding-3-small"
+
+
+async def ingest_openai(store: Store, tenant: str, doc: str, texts: Sequence[str]) -> None:
+    vectors = [vector_for(OPENAI_MODEL, t, DIMS) for t in texts]
+    await ingest(store, doc, tenant, texts, vectors, model=OPENAI_MODEL, dims=DIMS)
+
+
+@pytest.fixture
+def server() -> Iterator[OpenAIServer]:
+    with OpenAIServer() as running:
+        yield running
+
+
+@pytest.fixture
+async def topics(settings: Settings) -> None:
+    """The prefix's topics, as `stack up` or `topics create` leave them: search reads the
+    control topic (budget state) and publishes usage."""
+    await ensure_topics(settings)
+
+
+def real_mode(settings: Settings, server: OpenAIServer) -> Settings:
+    openai = settings.services.openai.model_copy(
+        update={
+            "mode": Mode.REAL,
+            "base_url": server.base_url,
+            "api_key": SecretStr(server.api_key),
+        }
+    )
+    services = settings.services.model_copy(update={"openai": openai})
+    return settings.model_copy(update={"services": services})
+
+
+SENTENCES = [
+    "The fern wants indirect light and damp soil.",
+    "Kafka partitions keep one key's records in order.",
+    "HNSW graphs trade recall for speed through ef_search.",
+    "A circuit breaker opens after five failures in a minute.",
+]
+
+
+async def test_search_embeds_the_question_with_the_documents_own_model(
+    store: Store, settings: Settings, server: OpenAIServer, topics: None
+) -> None:
+    tenant = f"t-search-{uuid.uuid4().hex[:10]}"
+    doc = f"d-openai-{uuid.uuid4().hex[:10]}"
+    await ingest_openai(store, tenant, doc, SENTENCES)
+
+    result = await search(real_mode(settings, server), SENTENCES[2], tenant, k=3)
+
+    assert [(m.model, m.dimensions) for m in result.models] == [(OPENAI_MODEL, DIMS)]
+    assert result.hits[0].document_id == doc
+    assert result.hits[0].text == SENTENCES[2]
+    assert result.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    asked = server.ok_calls()
+    assert [(c.model, c.dimensions, c.inputs) for c in asked] == [
+        (OPENAI_MODEL, DIMS, [SENTENCES[2]])
+    ]
+
+
+async def test_a_tenant_of_two_models_is_searched_per_model_and_merged_by_rank(
+    store: Store, settings: Settings, server: OpenAIServer, topics: None
+) -> None:
+    tenant = f"t-search-{uuid.uuid4().hex[:10]}"
+    remote, local = f"d-openai-{uuid.uuid4().hex[:10]}", f"d-local-{uuid.uuid4().hex[:10]}"
+    await ingest_openai(store, tenant, remote, SENTENCES[:2])
+    local_vectors = (await LocalEmbedder(DIMS).embed(SENTENCES[2:])).vectors
+    await ingest(store, local, tenant, SENTENCES[2:], local_vectors, model=LOCAL_MODEL, dims=DIMS)
+
+    remote_first = await search(real_mode(settings, server), SENTENCES[0], tenant, k=4)
+    assert {(m.model, m.documents) for m in remote_first.models} == {
+        (OPENAI_MODEL, 1),
+        (LOCAL_MODEL, 1),
+    }
+    assert len(remote_first.hits) == 4
+    assert remote_first.hits[0].text == SENTENCES[0]
+    # Ranks alternate between the models: each model's best comes before any second.
+    assert {h.document_id for h in remote_first.hits[:2]} == {remote, local}
+
+    local_first = await search(real_mode(settings, server), SENTENCES[3], tenant, k=2)
+    assert local_first.hits[0].text == SENTENCES[3]
+    assert local_first.hits[0].document_id == local
+
+
+async def test_a_tenant_with_nothing_embedded_finds_nothing_and_calls_no_one(
+    store: Store, settings: Settings, server: OpenAIServer, topics: None
+) -> None:
+    result = await search(real_mode(settings, server), "anything", f"t-empty-{uuid.uuid4().hex}")
+    assert result.hits == [] and result.models == []
+    assert server.calls == []
+
+
+def cli_env(settings: Settings, server: OpenAIServer) -> dict[str, str]:
+    return {
+        "RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "RAGSTREAM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "RAGSTREAM_POSTGRES__URL": settings.postgres.dsn(),
+        "RAGSTREAM_SERVICES__OPENAI__MODE": "real",
+        "RAGSTREAM_SERVICES__OPENAI__BASE_URL": server.base_url,
+        "RAGSTREAM_SERVICES__OPENAI__API_KEY": server.api_key,
+        "COLUMNS": "250",
+    }
+
+
+async def test_search_command_prints_json_with_full_ids_and_a_table_with_short_ones(
+    store: Store, settings: Settings, server: OpenAIServer, topics: None
+) -> None:
+    tenant = f"t-search-{uuid.uuid4().hex[:10]}"
+    doc = f"{uuid.uuid4()}"
+    await ingest_openai(store, tenant, doc, SENTENCES)
+    env = cli_env(settings, server)
+
+    def invoke(*args: str) -> Result:
+        return CliRunner().invoke(app, list(args), env=env)
+
+    as_json = await asyncio.to_thread(invoke, "search", SENTENCES[1], "-t", tenant, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.output)
+    assert payload["models"] == [
+        {"provider": "openai", "model": OPENAI_MODEL, "dimensions": DIMS, "documents": 1}
+    ]
+    first = payload["hits"][0]
+    assert (first["document_id"], first["text"], first["rank"]) == (doc, SENTENCES[1], 1)
+    assert first["heading_path"] == ["Doc", "Intro", "§1"] and first["page"] == 1
+    assert first["filename"] == f"{doc}.md"
+
+    table = await asyncio.to_thread(invoke, "search", SENTENCES[1], "-t", tenant)
+    assert table.exit_code == 0, table.output
+    assert f"openai {OPENAI_MODEL} ({DIMS}d, 1 documents)" in table.output
+    short = doc[:8]
+    assert short in table.output and doc not in table.output.replace(f"{doc}.md", "")
+    journey = await asyncio.to_thread(invoke, "doc", short)
+    assert journey.exit_code == 0 and f"document {doc}" in journey.output, journey.output
