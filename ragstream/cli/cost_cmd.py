@@ -64,6 +64,8 @@ def report(
     if not result.days:
         spend.add_row("-", "no paid calls yet", "", "", "", "")
     console.print(spend)
+    from ragstream.cost.budget import usd
+
     budgets = Table(title="budgets now")
     for col in (
         "service",
@@ -72,6 +74,7 @@ def report(
         "used",
         "requests / hour",
         "state",
+        "deciding window",
         "USD per hour",
         "runs out",
     ):
@@ -84,14 +87,15 @@ def report(
         budgets.add_row(
             b.service,
             b.tenant_id or "(all)",
-            f"${b.spent_usd:.4f} / ${b.budget_usd:.2f}",
+            f"{usd(b.spent_usd)} / {usd(b.budget_usd)}",
             f"{b.used:.0%}" if b.budget_usd else "no budget",
             f"{b.requests_this_hour} / {b.request_budget}",
             f"[{colour}]{state}[/]",
-            f"{b.usd_per_hour:.4f}",
+            f"{b.window}, ends {b.window_ends_at:%Y-%m-%d %H:%M} UTC",
+            usd(b.usd_per_hour),
             b.runs_out_at.strftime("%Y-%m-%d %H:%M UTC")
             if b.runs_out_at
-            else f"not before the window resets ({b.window_ends_at:%Y-%m-%d %H:%M} UTC)",
+            else f"not before the window resets ({b.day_ends_at:%Y-%m-%d %H:%M} UTC)",
         )
     console.print(budgets)
 

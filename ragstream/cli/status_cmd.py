@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ragstream.admin import Member
 from ragstream.cli.common import console, run, settings_or_exit
+from ragstream.cost.budget import usd
 from ragstream.settings import Settings
 from ragstream.status import (
     GroupSpec,
@@ -208,7 +209,7 @@ def _services_table(services: tuple[ServiceStatus, ...]) -> Table:
             share = (
                 f" ({throttle.spent_usd / throttle.budget_usd:.0%})" if throttle.budget_usd else ""
             )
-            spend = f"${throttle.spent_usd:.4f} / ${throttle.budget_usd:.2f}{share}"
+            spend = f"{usd(throttle.spent_usd)} / {usd(throttle.budget_usd)}{share}"
             requests = f"{throttle.requests} / {throttle.request_budget}"
         if s.tenants:
             state += "; tenants: " + ", ".join(f"{t.tenant_id} {t.state.value}" for t in s.tenants)

@@ -28,7 +28,9 @@ class BudgetLine:
     computed_state: str  # from the ledger now
     published_state: str | None  # the last ThrottleEvent on the control topic
     reason: str | None
-    window_ends_at: datetime
+    window: str  # the window that decides the state: the one throttling, else the day
+    window_ends_at: datetime  # when that window ends (and a throttle from it lifts)
+    day_ends_at: datetime
     usd_per_hour: Decimal
     runs_out_at: datetime | None  # None: not before the window resets (or nothing is spent)
 
@@ -70,7 +72,9 @@ class CostReport:
                     "state": b.computed_state,
                     "published_state": b.published_state,
                     "reason": b.reason,
+                    "window": b.window,
                     "window_ends_at": b.window_ends_at.isoformat(),
+                    "day_ends_at": b.day_ends_at.isoformat(),
                     "usd_per_hour": str(b.usd_per_hour),
                     "runs_out_at": b.runs_out_at.isoformat() if b.runs_out_at else None,
                 }
@@ -129,7 +133,9 @@ async def cost_report(
                     computed_state=v.state.value,
                     published_state=published.state.value if published else None,
                     reason=published.reason if published else None,
-                    window_ends_at=day.end,
+                    window=v.window,
+                    window_ends_at=v.window_ends_at,
+                    day_ends_at=day.end,
                     usd_per_hour=rate.quantize(Decimal("0.000001")),
                     runs_out_at=runs_out,
                 )

@@ -528,3 +528,51 @@ async def test_budget_commands_change_only_what_they_name_and_print_the_limits_i
     assert await row() is None
     tenant = await cli(settings, "budget", "openai", "--tenant", "acme", "--hourly-requests", "4")
     assert "openai (tenant acme): daily $5.00 (config), 4 paid requests" in tenant.output
+
+
+async def test_the_report_names_the_window_that_throttles_and_prints_sub_cent_money(
+    own_database: Settings,
+) -> None:
+    settings = own_database
+    await ensure_topics(settings)
+    paid = [
+        CostUsage(
+            service="openai",
+            operation="embeddings",
+            model="text-embedding-3-small",
+            unit="tokens",
+            units=500,
+            unit_price_usd=Decimal("0.00000002"),
+            cost_usd=Decimal("0.00001"),
+            tenant_id="r",
+            document_ids=[f"d{i}"],
+        )
+        for i in range(2)
+    ]
+    assert (await cli(settings, "budget", "openai", "--hourly-requests", "2")).exit_code == 0
+    async with await Store.connect(settings.postgres.dsn()) as store:
+        await store.record_usage(paid)
+
+    async def openai_line() -> dict[str, Any]:
+        report = await cli(settings, "--json")
+        assert report.exit_code == 0, report.output
+        (line,) = [b for b in json.loads(report.output)["budgets"] if b["service"] == "openai"]
+        return dict(line)
+
+    # Two of two requests this hour, spend far from the day's budget: the hour decides.
+    line = await openai_line()
+    assert (line["state"], line["window"]) == ("THROTTLED", "hour")
+    ends = datetime.fromisoformat(line["window_ends_at"])
+    assert ends < datetime.fromisoformat(line["day_ends_at"])
+    assert ends.minute == ends.second == 0 and ends - datetime.now(UTC) <= timedelta(hours=1)
+    tables = await cli(settings)
+    assert f"hour, ends {ends:%Y-%m-%d %H:%M} UTC" in " ".join(tables.output.split())
+    # A sub-cent daily budget prints as what it is, and with both used up the later window
+    # (the day) decides.
+    assert (await cli(settings, "budget", "openai", "--daily-usd", "0.00002")).exit_code == 0
+    line = await openai_line()
+    assert (line["state"], line["window"]) == ("THROTTLED", "day")
+    assert line["window_ends_at"] == line["day_ends_at"]
+    tables = await cli(settings)
+    (row,) = [r for r in tables.output.splitlines() if "openai" in r and "(all)" in r]
+    assert "$0.00002 / $0.00002" in row and "$0.00 " not in row
