@@ -11,9 +11,10 @@ runtime sets around each record. Local providers have no meter: they cost nothin
 nothing (one rule: only calls that cost money are in the ledger).
 
 The guard knows the latest throttle state and spend of each service (and tenant) from the
-control topic, which the cost accountant keeps current, plus what this process has reserved
-and spent since. It refuses a call that would cross the remaining budget, so the spend past a
-budget is bounded by the calls already in flight in other processes.
+control topic, which the cost accountant keeps current, plus what this process has settled
+since its first call in the window and what it has reserved for calls in flight. It refuses a
+call that would cross the remaining budget, so one process never crosses it; the spend past a
+budget is bounded by what other processes spend before the accountant's figures show it.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from aiokafka import AIOKafkaProducer
 
 from ragstream.codec import Codec
 from ragstream.control import ControlState
-from ragstream.cost.budget import DAY, HOUR, limit_for, window
+from ragstream.cost.budget import DAY, HOUR, limit_for, usd, window
 from ragstream.cost.pricing import Price
 from ragstream.errors import BudgetExceeded
-from ragstream.events import CostUsage, Event, ThrottleEvent, ThrottleState
+from ragstream.events import CostUsage, ThrottleEvent, ThrottleState
 from ragstream.kafka_clients import started_or_explained
 from ragstream.settings import BudgetSettings, Settings
 from ragstream.topology import Topology
@@ -91,13 +92,52 @@ class KafkaUsageSink:
 
 
 @dataclass
-class _Tally:
-    cost: Decimal = Decimal(0)
-    requests: int = 0
+class _Room:
+    """One scope's use of one window (spend in the day, requests in the hour) as this process
+    knows it: the accountant's figure from before this process's first call in the window, what
+    this process has settled since, and what it has reserved for calls still in flight."""
+
+    start: datetime | None = None
+    base: Decimal | None = None  # None: this process has made no call in this window yet
+    settled: Decimal = Decimal(0)
+    reserved: Decimal = Decimal(0)
+
+    def roll(self, start: datetime) -> None:
+        """A new window: what was settled belongs to the old one (open reservations stay)."""
+        if self.start != start:
+            self.start, self.base, self.settled = start, None, Decimal(0)
+
+    def used(self, reported: Decimal) -> Decimal:
+        """At least what the window has used: the accountant's figure, or the figure from
+        before this process's first call plus all it settled since (the accountant's may not
+        hold those yet), whichever is more; plus the open reservations."""
+        known = reported if self.base is None else max(reported, self.base + self.settled)
+        return known + self.reserved
+
+    def reserve(self, reported: Decimal, amount: Decimal) -> None:
+        if self.base is None:  # seen before this call: it cannot hold the call's usage
+            self.base = reported
+        self.reserved += amount
+
+    def settle(self, reported: Decimal, reserved: Decimal, actual: Decimal) -> None:
+        if self.base is None:  # the window rolled while the call was in flight
+            self.base = reported
+        self.reserved -= reserved
+        self.settled += actual
+
+
+@dataclass
+class _Use:
+    day: _Room = field(default_factory=_Room)  # USD
+    hour: _Room = field(default_factory=_Room)  # paid requests
 
 
 class BudgetGuard:
-    """Refuses paid calls while a service (or tenant) is throttled or would cross its budget."""
+    """Refuses paid calls while a service (or tenant) is throttled or would cross its budget.
+
+    Reservations are kept apart from settled spend: a call's estimate is reserved before it
+    starts and released when it settles, and a throttle event never touches open reservations.
+    So one process, at any concurrency, never admits calls that jointly cross a budget."""
 
     def __init__(
         self,
@@ -108,12 +148,7 @@ class BudgetGuard:
         self.state = state
         self.budgets = budgets
         self._clock = clock
-        self._local: dict[Scope, _Tally] = {}  # spent and reserved since the last event
-        state.listeners.append(self._on_event)
-
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, ThrottleEvent):  # the accountant's figures now include ours
-            self._local.pop((event.service, event.tenant_id), None)
+        self._use: dict[Scope, _Use] = {}
 
     def active_throttle(self, service: str, tenant: str | None = None) -> ThrottleEvent | None:
         """The THROTTLED event in force for the scope, if any (it lapses when its window ends,
@@ -132,18 +167,44 @@ class BudgetGuard:
         for scope in scopes:
             self._check(scope, cost, now)
         for scope in scopes:
-            tally = self._local.setdefault(scope, _Tally())
-            tally.cost += cost
-            tally.requests += 1
+            use, (spent, requests) = self._rolled(scope, now), self._reported(scope, now)
+            use.day.reserve(spent, cost)
+            use.hour.reserve(requests, Decimal(1))
 
-    def settle(self, service: str, tenant: str | None, reserved: Decimal, actual: Decimal) -> None:
-        """Replace a reservation by what the call really cost (0 when it was not made)."""
+    def settle(
+        self,
+        service: str,
+        tenant: str | None,
+        reserved: Decimal,
+        actual: Decimal,
+        *,
+        made: bool | None = None,
+    ) -> None:
+        """Release a reservation and settle what the call really cost (0, and no request,
+        when it was not made; `made` defaults to whether it cost anything)."""
+        now = self._clock()
+        made = actual != 0 if made is None else made
         for scope in [(service, None)] + ([(service, tenant)] if tenant else []):
-            tally = self._local.get(scope)
-            if tally is not None:
-                tally.cost += actual - reserved
-                if actual == 0:
-                    tally.requests -= 1
+            use, (spent, requests) = self._rolled(scope, now), self._reported(scope, now)
+            use.day.settle(spent, reserved, actual)
+            use.hour.settle(requests, Decimal(1), Decimal(made))
+
+    def _rolled(self, scope: Scope, now: datetime) -> _Use:
+        use = self._use.setdefault(scope, _Use())
+        use.day.roll(window(DAY, self.budgets.day_s, now).start)
+        use.hour.roll(window(HOUR, self.budgets.hour_s, now).start)
+        return use
+
+    def _reported(self, scope: Scope, now: datetime) -> tuple[Decimal, Decimal]:
+        """The accountant's latest spend (day) and requests (hour) for the scope, in the
+        current windows."""
+        event = self.state.throttles.get(scope)
+        if event is None:
+            return Decimal(0), Decimal(0)
+        day, hour = window(DAY, self.budgets.day_s, now), window(HOUR, self.budgets.hour_s, now)
+        spent = event.spent_usd if event.occurred_at >= day.start else Decimal(0)
+        requests = Decimal(event.requests if event.occurred_at >= hour.start else 0)
+        return spent, requests
 
     def _check(self, scope: Scope, cost: Decimal, now: datetime) -> None:
         service, tenant = scope
@@ -156,31 +217,29 @@ class BudgetGuard:
                 retry_after=_seconds_until(throttle.window_ends_at, now),
             )
         event = self.state.throttles.get(scope)
-        day, hour = window(DAY, self.budgets.day_s, now), window(HOUR, self.budgets.hour_s, now)
         if event is not None:
             budget, request_budget = event.budget_usd, event.request_budget
-            seen_at = event.occurred_at
-            spent = event.spent_usd if seen_at >= day.start else Decimal(0)
-            requests = event.requests if seen_at >= hour.start else 0
         else:
             limit = limit_for(self.budgets, [], service, tenant)
             if limit is None:  # a tenant without a budget of its own
                 return
             budget, request_budget = limit.daily_usd, limit.hourly_requests
-            spent, requests = Decimal(0), 0
-        local = self._local.get(scope, _Tally())
+        use = self._rolled(scope, now)
+        reported_spend, reported_requests = self._reported(scope, now)
+        spent, requests = use.day.used(reported_spend), use.hour.used(reported_requests)
         who = f"{service} (tenant {tenant})" if tenant else service
-        if spent + local.cost + cost > budget:
+        if spent + cost > budget:
             raise BudgetExceeded(
-                f"{who}: a call estimated at ${cost:.6f} would cross the daily budget "
-                f"(${spent + local.cost:.6f} of ${budget:.2f} spent or reserved)",
+                f"{who}: a call estimated at {usd(cost)} would cross the daily budget "
+                f"({usd(spent)} of {usd(budget)} spent or reserved)",
                 service=service,
                 tenant_id=tenant,
             )
-        if requests + local.requests + 1 > request_budget:
+        if requests + 1 > request_budget:
+            hour = window(HOUR, self.budgets.hour_s, now)
             raise BudgetExceeded(
-                f"{who}: {requests + local.requests} of {request_budget} paid requests "
-                "this hour already",
+                f"{who}: {requests} of {request_budget} paid requests this hour already "
+                "(made or in flight)",
                 service=service,
                 tenant_id=tenant,
                 retry_after=_seconds_until(hour.end, now),
@@ -237,7 +296,8 @@ class Meter:
                 await self._record(usage)
         finally:
             if self.guard is not None:
-                self.guard.settle(self.service, tenant, reserved, actual)
+                made = bill.units is not None
+                self.guard.settle(self.service, tenant, reserved, actual, made=made)
 
     def usage(self, bill: Bill, ctx: CallContext | None) -> CostUsage:
         assert bill.units is not None

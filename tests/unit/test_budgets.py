@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -194,9 +196,77 @@ def test_guard_reserves_and_refuses_the_call_that_would_cross() -> None:
     assert refused.value.service == "openai" and refused.value.tenant_id is None
     g.settle("openai", "t", Decimal("0.30"), Decimal("0.10"))  # it cost less than estimated
     g.admit("openai", "t", Decimal("0.30"))
-    # A newer event from the accountant includes what this process spent: the tally resets.
+    # A newer event from the accountant holds what this process settled, but not the call
+    # still in flight: its reservation stays.
     g.state.apply(throttle(ThrottleState.OPEN, spent="0.60"))
-    g.admit("openai", "t", Decimal("0.39"))
+    with pytest.raises(BudgetExceeded, match=r"\$0.90 of \$1.00 spent or reserved"):
+        g.admit("openai", "t", Decimal("0.39"))
+    g.admit("openai", "t", Decimal("0.10"))
+
+
+def test_guard_keeps_settled_spend_the_accountants_figures_do_not_hold_yet() -> None:
+    g = guard(throttle(ThrottleState.OPEN, spent="0.50"))
+    g.admit("openai", None, Decimal("0.30"))
+    g.settle("openai", None, Decimal("0.30"), Decimal("0.30"))
+    # An event computed before the call reached the ledger: the call's spend still counts.
+    g.state.apply(throttle(ThrottleState.OPEN, spent="0.50", requests=1))
+    with pytest.raises(BudgetExceeded, match="would cross"):
+        g.admit("openai", None, Decimal("0.25"))
+    # Once the ledger holds it (and another process's $0.05), the accountant's figure decides.
+    g.state.apply(throttle(ThrottleState.OPEN, spent="0.85", requests=3))
+    g.admit("openai", None, Decimal("0.15"))
+    with pytest.raises(BudgetExceeded):
+        g.admit("openai", None, Decimal("0.01"))
+    # A call refused by the API (never made) releases its reservation and counts no request.
+    g.settle("openai", None, Decimal("0.15"), Decimal(0), made=False)
+    g.admit("openai", None, Decimal("0.15"))
+
+
+@pytest.mark.parametrize(("cost", "request_budget"), [("0.07", 1000), ("0.0001", 12)])
+async def test_guard_at_concurrency_8_never_crosses_a_budget_while_events_arrive(
+    cost: str, request_budget: int
+) -> None:
+    """Eight callers with random latency; the accountant publishes figures every few
+    milliseconds from a ledger that lags the calls. Neither the $1.00 daily budget nor the
+    hourly request budget is crossed, and the callers get close to it."""
+    g = guard()
+    rng = random.Random(22)
+    price = Decimal(cost)
+    ledger: list[Decimal] = []
+    made: list[Decimal] = []
+    done = asyncio.Event()
+
+    async def accountant() -> None:
+        while not done.is_set():
+            await asyncio.sleep(0.002)
+            figures = throttle(
+                ThrottleState.OPEN,
+                spent=str(sum(ledger, Decimal(0))),
+                requests=len(ledger),
+                request_budget=request_budget,
+            )
+            g.state.apply(figures)
+
+    async def caller() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(40):
+            try:
+                g.admit("openai", "t", price)
+            except BudgetExceeded:
+                await asyncio.sleep(0.003)
+                continue
+            await asyncio.sleep(rng.uniform(0.002, 0.012))  # the request in flight
+            made.append(price)
+            g.settle("openai", "t", price, price)
+            loop.call_later(rng.uniform(0.001, 0.02), ledger.append, price)  # ledger lags
+
+    following = asyncio.create_task(accountant())
+    await asyncio.gather(*(caller() for _ in range(8)))
+    done.set()
+    await following
+    spent = sum(made, Decimal(0))
+    assert spent <= Decimal("1.00") and len(made) <= request_budget, (spent, len(made))
+    assert len(made) == min(14, request_budget)  # the budget is used, not wasted
 
 
 def test_guard_obeys_a_throttle_until_its_window_ends() -> None:
