@@ -70,6 +70,13 @@ class ParseResult:
     parser: str = "local"
     parser_version: str = LOCAL_PARSER_VERSION
 
+    def __post_init__(self) -> None:
+        # PostgreSQL text cannot hold NUL: no text field of any parser's result carries one
+        # (a PDF's title metadata may).
+        object.__setattr__(self, "markdown", _no_nul(self.markdown))
+        object.__setattr__(self, "title", None if self.title is None else _no_nul(self.title))
+        object.__setattr__(self, "pages", [_no_nul(p) for p in self.pages])
+
 
 class Parser(Protocol):
     """The parse port: LlamaParse and the local parser both fit it."""
@@ -166,6 +173,10 @@ def decode_text(data: bytes, charset: str | None = None) -> str:
     return data.decode("latin-1")
 
 
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 def _clean(text: str) -> str:
     """Normalise newlines, drop NULs (PostgreSQL text cannot hold them) and trailing blanks."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
@@ -225,18 +236,18 @@ def _parse_pdf(data: bytes, max_pages: int) -> ParseResult:
         reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
         encrypted = reader.is_encrypted
     except Exception as exc:  # pypdf raises many kinds on broken input
-        raise PermanentError(f"corrupt PDF: {type(exc).__name__}: {exc}") from exc
+        raise _pdf_error(exc) from exc
     if encrypted:  # owner-password-only PDFs open with the empty user password
         try:
             opened = bool(reader.decrypt(""))
         except Exception as exc:
-            raise PermanentError(f"encrypted PDF: cannot decrypt it: {exc}") from exc
+            raise _pdf_error(exc, "encrypted PDF: cannot decrypt it") from exc
         if not opened:
-            raise PermanentError("encrypted PDF: a password is needed to read it")
+            raise PermanentError(NEEDS_PASSWORD)
     try:
         page_count = len(reader.pages)
     except Exception as exc:
-        raise PermanentError(f"corrupt PDF: {type(exc).__name__}: {exc}") from exc
+        raise _pdf_error(exc) from exc
     if page_count == 0:
         raise PermanentError("corrupt PDF: it has no pages")
     if page_count > max_pages:
@@ -247,14 +258,29 @@ def _parse_pdf(data: bytes, max_pages: int) -> ParseResult:
         page_lines = [_page_lines(page) for page in reader.pages]
         meta_title = (reader.metadata.title if reader.metadata else None) or ""
     except Exception as exc:
-        raise PermanentError(f"corrupt PDF: {type(exc).__name__}: {exc}") from exc
+        raise _pdf_error(exc) from exc
     if not any(line.text.strip() for lines in page_lines for line in lines):
         raise PermanentError("PDF has no extractable text (scanned pages need OCR)")
-    levels = _heading_levels([line for lines in page_lines for line in lines])
-    pages = [_page_markdown(lines, levels) for lines in page_lines]
+    every_line = [line for lines in page_lines for line in lines]
+    levels = _heading_levels(every_line)
+    full = _full_line_chars(every_line)
+    pages = [_page_markdown(lines, levels, full) for lines in page_lines]
     markdown = _clean("\n\n".join(f"{page_marker(n)}\n\n{text}" for n, text in enumerate(pages, 1)))
     title = str(meta_title).strip() or _first_heading(markdown)
     return ParseResult(markdown=markdown, page_count=page_count, title=title, pages=pages)
+
+
+NEEDS_PASSWORD = "encrypted PDF: a password is needed to read it"
+
+
+def _pdf_error(exc: Exception, what: str = "corrupt PDF") -> PermanentError:
+    """pypdf's error as the reason a document is refused: a password it needs, a decryption
+    it cannot do, or a broken file."""
+    if isinstance(exc, pypdf.errors.FileNotDecryptedError | pypdf.errors.WrongPasswordError):
+        return PermanentError(NEEDS_PASSWORD)
+    if isinstance(exc, pypdf.errors.DependencyError):  # AES without `cryptography` installed
+        return PermanentError(f"encrypted PDF: cannot decrypt it here: {exc}")
+    return PermanentError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def _page_lines(page: pypdf.PageObject) -> list[_Line]:
@@ -300,14 +326,36 @@ def _heading_levels(lines: list[_Line]) -> dict[float, int]:
     return {size: min(level, 6) for level, size in enumerate(bigger, 1)}
 
 
-def _page_markdown(lines: list[_Line], levels: dict[float, int]) -> str:
-    """Join a page's lines: headings as ATX, a wide vertical gap as a paragraph break."""
+def _full_line_chars(lines: list[_Line]) -> int:
+    """How many characters a line that runs to the margin holds (the 90th percentile)."""
+    lengths = sorted(len(line.text) for line in lines)
+    return lengths[int(len(lengths) * 0.9)] if lengths else 0
+
+
+def _page_markdown(lines: list[_Line], levels: dict[float, int], full: int = 0) -> str:
+    """Join a page's lines: headings as ATX, a wide vertical gap as a paragraph break.
+
+    A line in a heading's font size is a heading only when it is short: a line that runs to
+    the margin (at least 70% of a full line), or the next line of a paragraph in that size
+    (just below a line of the same size that was not a heading), is body text, so a paragraph
+    set in a larger font stays a paragraph."""
     gaps = [a.y - b.y for a, b in itertools.pairwise(lines) if 0 < a.y - b.y < 3 * b.size]
     usual = statistics.median(gaps) if gaps else 0.0
     out: list[str] = []
     previous: _Line | None = None
+    previous_body = False
     for line in lines:
         level = levels.get(line.size) if len(line.text) <= 150 else None
+        wrapped = bool(full) and len(line.text) >= 0.7 * full
+        continued = (
+            previous is not None
+            and previous_body
+            and previous.size == line.size
+            and 0 < previous.y - line.y <= 2 * line.size
+        )
+        if wrapped or continued:
+            level = None
+        previous_body = level is None
         if level is not None:
             out.append(f"\n{'#' * level} {line.text}\n")
         elif previous is not None and usual and previous.y - line.y > usual * 1.4:

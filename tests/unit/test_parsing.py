@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import re
 import time
 
+import pypdf
 import pytest
 from fpdf import FPDF
+from PIL import Image
 from pydantic import ValidationError
 
 from ragstream.errors import PermanentError
@@ -335,3 +338,105 @@ async def test_a_memory_bomb_stops_at_the_memory_limit() -> None:
 def test_child_limits_are_validated(key: str, value: int) -> None:
     with pytest.raises(ValidationError, match=key):
         ParseSettings(**{key: value})
+
+
+# -- a real-world PDF set: encrypted, image-only, odd metadata, wrapped paragraphs --------------
+
+
+def _rewritten(
+    data: bytes,
+    *,
+    algorithm: str | None = None,
+    user_password: str = "",
+    title: str | None = None,
+) -> bytes:
+    """The PDF through pypdf's writer: a title in its metadata, encrypted with `algorithm`."""
+    writer = pypdf.PdfWriter(clone_from=io.BytesIO(data))
+    if title is not None:
+        writer.add_metadata({"/Title": title})
+    if algorithm is not None:
+        writer.encrypt(user_password=user_password, owner_password="owner", algorithm=algorithm)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def _image_only_pdf() -> bytes:
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.image(Image.new("RGB", (200, 100), "gray"), x=20, y=20, w=100)
+    return bytes(pdf.output())
+
+
+TEXT = "Consumer groups spread partitions across their members."
+
+PDF_SET: dict[str, tuple[bytes, str | None]] = {
+    # name: (bytes, None when it parses, else the start of the reason it is refused)
+    "plain": (_pdf(TEXT), None),
+    "rc4-128, empty user password": (_rewritten(_pdf(TEXT), algorithm="RC4-128"), None),
+    "aes-128, empty user password": (_rewritten(_pdf(TEXT), algorithm="AES-128"), None),
+    "aes-256, empty user password": (_rewritten(_pdf(TEXT), algorithm="AES-256"), None),
+    "rc4-128, user password": (
+        _rewritten(_pdf(TEXT), algorithm="RC4-128", user_password="letmein"),
+        "encrypted PDF: a password is needed to read it",
+    ),
+    "aes-256, user password": (
+        _rewritten(_pdf(TEXT), algorithm="AES-256", user_password="letmein"),
+        "encrypted PDF: a password is needed to read it",
+    ),
+    "image only": (_image_only_pdf(), "PDF has no extractable text (scanned pages need OCR)"),
+    "NUL in the title": (_rewritten(_pdf(TEXT), title="Quarterly\x00 report"), None),
+    "aes-256, NUL in the title": (
+        _rewritten(_pdf(TEXT), algorithm="AES-256", title="Quarterly\x00 report"),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PDF_SET))
+async def test_real_world_pdf_set_parses_or_is_refused_with_its_reason(name: str) -> None:
+    data, refusal = PDF_SET[name]
+    parse = _parser().parse(data, filename=f"{name}.pdf", content_type="application/pdf")
+    if refusal is not None:
+        with pytest.raises(PermanentError) as caught:
+            await parse
+        assert str(caught.value).startswith(refusal), caught.value
+        return
+    result = await parse
+    assert TEXT in " ".join(result.markdown.split())
+    fields = [result.markdown, result.title or "", *result.pages]
+    assert not any("\x00" in f for f in fields)
+    if "title" in name:
+        assert result.title == "Quarterly report"
+
+
+def _wrapped_paragraphs_pdf() -> bytes:
+    """A title, an introduction set larger than the body (long lines that wrap), a section
+    heading, and body paragraphs."""
+    sentence = "Records of one key stay in order on one partition, and a group spreads them. "
+    pdf = FPDF()
+    pdf.add_page()
+
+    def heading(size: int, text: str) -> None:
+        pdf.set_font("Helvetica", size=size)
+        pdf.cell(0, size * 0.6, text, new_x="LMARGIN", new_y="NEXT")
+
+    heading(18, "Consumer groups")
+    pdf.set_font("Helvetica", size=12)
+    pdf.multi_cell(0, 6, "In short: " + sentence * 6)
+    pdf.ln(3)
+    heading(14, "Partitions")
+    pdf.set_font("Helvetica", size=10)
+    for i in range(3):
+        pdf.multi_cell(0, 5, f"Paragraph {i}. " + sentence * 5)
+        pdf.ln(3)
+    return bytes(pdf.output())
+
+
+async def test_wrapped_lines_in_a_larger_font_stay_a_paragraph() -> None:
+    result = await _parser().parse(
+        _wrapped_paragraphs_pdf(), filename="wrapped.pdf", content_type="application/pdf"
+    )
+    headings = [line for line in result.markdown.splitlines() if line.startswith("#")]
+    assert headings == ["# Consumer groups", "## Partitions"], result.markdown
+    assert "In short: Records of one key" in result.markdown
