@@ -576,3 +576,43 @@ async def test_the_report_names_the_window_that_throttles_and_prints_sub_cent_mo
     tables = await cli(settings)
     (row,) = [r for r in tables.output.splitlines() if "openai" in r and "(all)" in r]
     assert "$0.00002 / $0.00002" in row and "$0.00 " not in row
+
+
+async def quiet(server: OpenAIServer, seconds: float, within_s: float) -> None:
+    """Wait until the server has seen no new request for `seconds`."""
+    deadline = time.monotonic() + within_s
+    seen, since = len(server.calls), time.monotonic()
+    while time.monotonic() - since < seconds:
+        assert time.monotonic() < deadline, "the paid calls did not stop"
+        await asyncio.sleep(0.2)
+        if len(server.calls) != seen:
+            seen, since = len(server.calls), time.monotonic()
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [{"daily_usd": Decimal("0.012")}, {"hourly_requests": 5}],
+    ids=["daily-usd", "hourly-requests"],
+)
+async def test_one_process_at_concurrency_8_never_crosses_a_budget_a_few_calls_wide(
+    own_database: Settings, tmp_path: Path, budget: dict[str, object]
+) -> None:
+    with OpenAIServer(latency_s=0.4) as server:
+        settings = paid_settings(own_database, server, tmp_path, **budget)
+        await ensure_topics(settings)
+        async with (
+            stage_workers(settings, list(Stage), concurrency=8, accountant=True) as runners,
+            Uploader(settings) as up,
+        ):
+            for i in range(24):
+                await up.upload_bytes(text(i), f"c{i}.md", tenant_id="conc")
+            (embed_runner,) = [r for r in runners if r.stage is Stage.EMBED]
+            await wait_until(lambda: embed_runner.blocked is not None, 60, "embed held back")
+            await quiet(server, 4, 60)
+            billed = [c.tokens for c in server.ok_calls()]
+    cost = sum(billed) * PER_TOKEN
+    limit = Decimal(str(budget.get("daily_usd", "5.00")))
+    hourly = int(str(budget.get("hourly_requests", 100)))
+    print(f"\nconcurrency 8: {len(billed)} requests of {hourly}, ${cost} of ${limit}")
+    assert cost <= limit and len(billed) <= hourly
+    assert len(billed) >= (2 if "daily_usd" in budget else hourly)  # the budget is used
