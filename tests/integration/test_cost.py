@@ -616,3 +616,37 @@ async def test_one_process_at_concurrency_8_never_crosses_a_budget_a_few_calls_w
     print(f"\nconcurrency 8: {len(billed)} requests of {hourly}, ${cost} of ${limit}")
     assert cost <= limit and len(billed) <= hourly
     assert len(billed) >= (2 if "daily_usd" in budget else hourly)  # the budget is used
+
+
+async def test_three_processes_overspend_at_most_the_documented_bound(
+    own_database: Settings, tmp_path: Path
+) -> None:
+    """Three embed members, each with its own control follower and budget guard as separate
+    processes have, at concurrency 8 on an untouched budget: each spends at most the room it
+    saw, so together at most (3 - 1) x that room past the budget (README, Cost and budgets)."""
+    budget = Decimal("0.012")
+    with OpenAIServer(latency_s=0.4) as server:
+        settings = paid_settings(own_database, server, tmp_path, daily_usd=budget)
+        await ensure_topics(settings)
+        async with (
+            stage_workers(settings, list(Stage), concurrency=8, accountant=True) as runners,
+            stage_workers(settings, [Stage.EMBED], concurrency=8) as second,
+            stage_workers(settings, [Stage.EMBED], concurrency=8) as third,
+            Uploader(settings) as up,
+        ):
+            for i in range(36):
+                await up.upload_bytes(text(i), f"p{i}.md", tenant_id="procs")
+            embeds = [r for r in [*runners, *second, *third] if r.stage is Stage.EMBED]
+            assert len(embeds) == 3
+            await wait_until(
+                lambda: all(r.blocked is not None for r in embeds), 60, "every member held back"
+            )
+            await quiet(server, 4, 60)
+            billed = [c.tokens for c in server.ok_calls()]
+    cost = sum(billed) * PER_TOKEN
+    overshoot = max(Decimal(0), cost - budget)
+    print(
+        f"\nthree processes at concurrency 8: {len(billed)} requests, ${cost} of ${budget}, "
+        f"overshoot ${overshoot} (bound ${2 * budget})"
+    )
+    assert overshoot <= 2 * budget
