@@ -303,7 +303,7 @@ def test_json_and_tables_carry_everything() -> None:
         "dead letters: 3 in rs.dlq",
         "no usage yet",
         "WARNING (day",
-        "$4.1000 / $5.00 (82%)",
+        "$4.10 / $5.00 (82%)",
         "42 / 100",
         "tenants: acme THROTTLED",
         "open on 1 of 1 (a:1)",
