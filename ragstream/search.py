@@ -48,7 +48,16 @@ async def search(settings: Settings, question: str, tenant_id: str, k: int = 5) 
         for m in models:
             embedder = await embedder_for_model(settings, m.model, m.dimensions, stack)
             vector = await _embed_question(embedder, question, tenant_id)
-            ranked.append(await store.search(tenant_id, vector, m.model, m.dimensions, k))
+            hits = await store.search(
+                tenant_id,
+                vector,
+                m.model,
+                m.dimensions,
+                k,
+                ef_search=settings.search.ef_search,
+                exact_limit=settings.search.exact_limit,
+            )
+            ranked.append(hits)
         return SearchResult(merge_by_rank(ranked, k), models)
 
 

@@ -240,6 +240,16 @@ class EmbedSettings(_Section):
     share_cache_across_tenants: bool = False
 
 
+class SearchSettings(_Section):
+    """How `ragstream search` reads a tenant's vectors (README: Search, for what was measured).
+
+    A tenant with fewer than `exact_limit` embeddings of a model is searched exactly; a larger
+    one through the HNSW index, with `ef_search` candidates (at least 2k) and iterative scans."""
+
+    ef_search: int = Field(200, ge=1, le=1000)  # pgvector allows 1..1000
+    exact_limit: int = Field(2000, ge=0)
+
+
 class BudgetLimit(_Section):
     """A budget for one service or one tenant; a missing value falls back to the defaults."""
 
@@ -299,6 +309,7 @@ class Settings(BaseSettings):
     parse: ParseSettings = ParseSettings()
     chunk: ChunkSettings = ChunkSettings()
     embed: EmbedSettings = EmbedSettings()
+    search: SearchSettings = SearchSettings()
     budgets: BudgetSettings = BudgetSettings()
     retry: RetrySettings = RetrySettings()
     observability: ObservabilitySettings = ObservabilitySettings()

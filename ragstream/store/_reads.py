@@ -20,8 +20,11 @@ from ragstream.store.models import (
 
 MAX_K = 1000
 # A tenant with fewer candidate embeddings (for the model and dimensions) than this is searched
-# exactly: every vector measured, perfect recall, a few milliseconds. Above it, the HNSW index.
+# exactly: every vector measured, perfect recall. Above it, the HNSW index with this ef_search
+# (never below 2k). Defaults of `search.exact_limit` and `search.ef_search`: see the README for
+# what benchmarks/bench_search.py measured.
 EXACT_SEARCH_LIMIT = 2000
+EF_SEARCH = 200
 
 
 MIN_ID_PREFIX = 4
@@ -33,7 +36,15 @@ class ReadOperations(OnConnection):
 
     @translate_errors
     async def search(
-        self, tenant_id: str, vector: Sequence[float], model: str, dimensions: int, k: int = 5
+        self,
+        tenant_id: str,
+        vector: Sequence[float],
+        model: str,
+        dimensions: int,
+        k: int = 5,
+        *,
+        ef_search: int = EF_SEARCH,
+        exact_limit: int = EXACT_SEARCH_LIMIT,
     ) -> list[SearchHit]:
         """The k chunks nearest to `vector` among the tenant's documents, at their current
         chunker version and embedding model; nearest first.
@@ -41,7 +52,9 @@ class ReadOperations(OnConnection):
         A tenant with few embeddings is searched exactly; a larger one through the HNSW index of
         `dimensions`, with iterative scans, so rows filtered out (other tenants, old versions)
         do not leave it short of k results."""
-        rows = await self._search_rows(tenant_id, vector, model, dimensions, k, explain=None)
+        rows = await self._search_rows(
+            tenant_id, vector, model, dimensions, k, None, ef_search, exact_limit
+        )
         return [
             SearchHit(
                 score=float(r["score"]),
@@ -74,10 +87,14 @@ class ReadOperations(OnConnection):
         k: int = 5,
         *,
         analyze: bool = False,
+        ef_search: int = EF_SEARCH,
+        exact_limit: int = EXACT_SEARCH_LIMIT,
     ) -> str:
         """The plan PostgreSQL uses for exactly this search (for operators and tests)."""
         explain = "EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN "
-        rows = await self._search_rows(tenant_id, vector, model, dimensions, k, explain=explain)
+        rows = await self._search_rows(
+            tenant_id, vector, model, dimensions, k, explain, ef_search, exact_limit
+        )
         return "\n".join(r[0] for r in rows)
 
     async def _search_rows(
@@ -88,17 +105,19 @@ class ReadOperations(OnConnection):
         dimensions: int,
         k: int,
         explain: str | None,
+        ef_search: int,
+        exact_limit: int,
     ) -> list[Any]:
         query = check_vector(vector, check_dimensions(dimensions), "query")
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be 1..{MAX_K}, got {k}")
         async with self._conn() as conn, conn.transaction():
             candidates = await conn.fetchval(
-                sql.SEARCH_CANDIDATES, tenant_id, model, dimensions, EXACT_SEARCH_LIMIT
+                sql.SEARCH_CANDIDATES, tenant_id, model, dimensions, exact_limit
             )
-            exact = candidates < EXACT_SEARCH_LIMIT
+            exact = candidates < exact_limit
             if not exact:
-                await conn.execute(sql.ANN_SETTINGS, str(min(1000, max(40, 2 * k))))
+                await conn.execute(sql.ANN_SETTINGS, str(min(1000, max(ef_search, 2 * k))))
             statement = (explain or "") + sql.search_sql(dimensions, exact=exact)
             return list(await conn.fetch(statement, tenant_id, query, model, k))
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from click.testing import Result
@@ -25,6 +29,7 @@ from ragstream.store import Store
 from tests.integration.test_store import ingest
 from tests.servers.openai_server import OpenAIServer, vector_for
 
+ROOT = Path(__file__).resolve().parents[2]
 DIMS = 64
 OPENAI_MODEL = "text-embedding-3-small"
 
@@ -159,3 +164,58 @@ async def test_search_command_prints_json_with_full_ids_and_a_table_with_short_o
     assert short in table.output and doc not in table.output.replace(f"{doc}.md", "")
     journey = await asyncio.to_thread(invoke, "doc", short)
     assert journey.exit_code == 0 and f"document {doc}" in journey.output, journey.output
+
+
+async def test_search_settings_choose_between_exact_scan_and_the_index(
+    store: Store, settings: Settings
+) -> None:
+    tenant = f"t-search-{uuid.uuid4().hex[:10]}"
+    texts = [f"chunk {i} about partitions and offsets number {i}" for i in range(30)]
+    vectors = (await LocalEmbedder(512).embed(texts)).vectors
+    await ingest(store, f"d-{tenant}", tenant, texts, vectors, model=LOCAL_MODEL, dims=512)
+    query = vectors[7]
+
+    exact_plan = await store.explain_search(tenant, query, LOCAL_MODEL, 512, k=5)
+    assert "embeddings_hnsw" not in exact_plan, exact_plan
+    index_plan = await store.explain_search(
+        tenant, query, LOCAL_MODEL, 512, k=5, exact_limit=10, ef_search=100
+    )
+    assert "Index Scan using embeddings_hnsw_512" in index_plan, index_plan
+    tuned = settings.model_copy(
+        update={"search": settings.search.model_copy(update={"exact_limit": 10, "ef_search": 100})}
+    )
+    hits = (await search(tuned, texts[7], tenant, k=5)).hits
+    assert hits[0].text == texts[7]
+
+
+async def test_bench_search_reports_recall_and_latency_for_each_setting(
+    database_url: str, tmp_path: Path
+) -> None:
+    """benchmarks/bench_search.py end to end on a tiny corpus; no speed is asserted."""
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_search.py"),
+        "--chunks", "300", "--other-chunks", "100", "--queries", "10",
+        "--ef-search", "40", "100", "--exact-limit", "1000000",
+        "--database-url", database_url, "--json", str(out),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
+    done = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert (report["tenant_chunks"], report["queries"]) == (300, 10)
+    settings_seen = [row["setting"] for row in report["rows"]]
+    assert settings_seen == [
+        "300 chunks, hnsw ef=40",
+        "300 chunks, hnsw ef=100",
+        "300 chunks, exact scan",
+        "100 chunks, hnsw ef=40",
+        "100 chunks, hnsw ef=100",
+        "100 chunks, exact scan",
+    ]
+    for row in report["rows"]:
+        assert 0 <= row["recall_at_10"] <= 1 and 0 < row["p50_ms"] <= row["p95_ms"]
+        if "exact" in row["setting"]:
+            assert row["recall_at_10"] == 1.0
