@@ -75,6 +75,14 @@ def upload(
         bool, typer.Option(help="Follow the documents to 'embedded' and print a table.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600.0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object: published documents with full ids (and, with --wait, "
+            "their status), refused files with the reason. Progress goes to stderr.",
+        ),
+    ] = False,
 ) -> None:
     """Publish documents to the uploaded topic."""
     from producers.upload import upload_paths
@@ -84,6 +92,9 @@ def upload(
     receipts, rejected = run(
         upload_paths, settings, paths, tenant_id=tenant, metadata=meta, include=include, force=force
     )
+    if as_json:
+        _upload_json(settings, tenant, receipts, rejected, wait, timeout)
+        return
     for refusal in rejected:
         console.print(f"[yellow]refused[/] {refusal.reason}", highlight=False)
     console.print(f"published {len(receipts)} document(s) for tenant {tenant!r}")
@@ -98,6 +109,39 @@ def upload(
         for r in receipts:
             console.print(f"  {r.document_id}  {r.filename}", highlight=False)
     if rejected and not receipts:
+        raise typer.Exit(1)
+
+
+def _upload_json(
+    settings: Any, tenant: str, receipts: list[Any], rejected: list[Any], wait: bool, timeout: float
+) -> None:
+    from rich.console import Console
+
+    from producers.wait import wait_for_documents
+
+    results: dict[str, Any] = {}
+    if wait and receipts:
+        ids = [r.document_id for r in receipts]
+        results = run(wait_for_documents, settings, ids, timeout, console=Console(stderr=True))
+    published = []
+    for r in receipts:
+        entry: dict[str, Any] = {
+            "document_id": r.document_id,
+            "correlation_id": r.correlation_id,
+            "filename": r.filename,
+            "sha256": r.sha256,
+            "size_bytes": r.size_bytes,
+            "content_type": r.content_type,
+        }
+        if r.document_id in results:
+            res = results[r.document_id]
+            entry |= {"status": res.status, "reason": res.reason, "pages": res.pages,
+                      "chunks": res.chunks, "duplicate_of": res.duplicate_of}  # fmt: skip
+        published.append(entry)
+    refused = [{"path": x.path, "reason": x.reason} for x in rejected]
+    typer.echo(json.dumps({"tenant": tenant, "published": published, "refused": refused}))
+    unfinished = any(e.get("status") not in (None, "embedded", "duplicate") for e in published)
+    if unfinished or (rejected and not receipts):
         raise typer.Exit(1)
 
 

@@ -148,7 +148,7 @@ async def test_search_command_prints_json_with_full_ids_and_a_table_with_short_o
 
     as_json = await asyncio.to_thread(invoke, "search", SENTENCES[1], "-t", tenant, "--json")
     assert as_json.exit_code == 0, as_json.output
-    payload = json.loads(as_json.output)
+    payload = json.loads(as_json.stdout)
     assert payload["models"] == [
         {"provider": "openai", "model": OPENAI_MODEL, "dimensions": DIMS, "documents": 1}
     ]
@@ -219,3 +219,22 @@ async def test_bench_search_reports_recall_and_latency_for_each_setting(
         assert 0 <= row["recall_at_10"] <= 1 and 0 < row["p50_ms"] <= row["p95_ms"]
         if "exact" in row["setting"]:
             assert row["recall_at_10"] == 1.0
+
+
+async def test_upload_json_names_full_ids_and_refusals(
+    settings: Settings, server: OpenAIServer, topics: None, tmp_path: Path
+) -> None:
+    good, empty = tmp_path / "notes.md", tmp_path / "empty.txt"
+    good.write_text("# Notes\n\nPartitions keep one key's records in order.\n")
+    empty.write_text("")
+    env = cli_env(settings, server) | {"RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir)}
+    tenant = f"t-upload-{uuid.uuid4().hex[:10]}"
+    args = ["upload", str(good), str(empty), "--tenant", tenant, "--json"]
+    result = await asyncio.to_thread(CliRunner().invoke, app, args, env=env)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["tenant"] == tenant
+    [published] = payload["published"]
+    assert published["filename"] == "notes.md"
+    assert uuid.UUID(published["document_id"])  # the whole id, not its start
+    assert payload["refused"] == [{"path": str(empty), "reason": "empty.txt: file is empty"}]
