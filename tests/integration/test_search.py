@@ -13,19 +13,25 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from click.testing import Result
+from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from ragstream.admin import ensure_topics
 from ragstream.cli import app
+from ragstream.codec import Codec
+from ragstream.control import publish_control, throttle_key
 from ragstream.embedding import LOCAL_MODEL, LocalEmbedder
+from ragstream.errors import BudgetExceeded
+from ragstream.events import CostUsage, ThrottleEvent, ThrottleState
 from ragstream.search import search
 from ragstream.settings import Mode, Settings
 from ragstream.store import Store
+from ragstream.topology import Topology
 from tests.integration.test_store import ingest
 from tests.servers.openai_server import OpenAIServer, vector_for
 
@@ -238,3 +244,52 @@ async def test_upload_json_names_full_ids_and_refusals(
     assert published["filename"] == "notes.md"
     assert uuid.UUID(published["document_id"])  # the whole id, not its start
     assert payload["refused"] == [{"path": str(empty), "reason": "empty.txt: file is empty"}]
+
+
+async def test_search_is_metered_and_refused_while_the_service_is_throttled(
+    store: Store, settings: Settings, server: OpenAIServer, topics: None
+) -> None:
+    tenant = f"t-search-{uuid.uuid4().hex[:10]}"
+    await ingest_openai(store, tenant, f"d-{tenant}", SENTENCES)
+    real = real_mode(settings, server)
+
+    await search(real, SENTENCES[0], tenant)
+    usage = await read_usage(real, count=1)
+    assert (usage[0].stage, usage[0].tenant_id, usage[0].document_ids) == ("search", tenant, [])
+    assert usage[0].units == server.ok_calls()[0].tokens and usage[0].model == OPENAI_MODEL
+
+    # The accountant's word that the hourly request budget is used up (no end given: in force).
+    throttle = ThrottleEvent(
+        service="openai", state=ThrottleState.THROTTLED, reason="openai: 100 requests this hour",
+        window="hour", spent_usd=Decimal("0.01"), budget_usd=Decimal("5"), requests=100,
+        request_budget=100,
+    )  # fmt: skip
+    await publish_control(real, throttle_key("openai"), throttle)
+    with pytest.raises(BudgetExceeded):
+        await search(real, SENTENCES[1], tenant)
+    assert len(server.ok_calls()) == 1  # the refused search sent nothing
+
+
+async def read_usage(settings: Settings, count: int) -> list[CostUsage]:
+    """The first `count` usage events on the prefix's cost topic."""
+    codec = Codec()
+    consumer = AIOKafkaConsumer(
+        Topology(settings.kafka.topic_prefix).cost_usage,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        out: list[CostUsage] = []
+        async with asyncio.timeout(30):
+            while len(out) < count:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    for record in records:
+                        event = codec.decode(record.value)
+                        assert isinstance(event, CostUsage)
+                        out.append(event)
+        return out
+    finally:
+        await consumer.stop()
