@@ -232,7 +232,8 @@ def search(
     console.print(f"question embedded with {models}", highlight=False)
     table = Table(title=f"nearest chunks for {question!r} (tenant {tenant})")
     for col in ("score", "document", "file", "heading path", "page", "snippet"):
-        table.add_column(col, overflow="fold")
+        # Ids and file names whole on any terminal (people copy them); the rest wraps.
+        table.add_column(col, overflow="fold", no_wrap=col in ("score", "document", "file", "page"))
     for hit in result.hits:
         snippet = " ".join(hit.text.split())[:160]
         table.add_row(
