@@ -1,5 +1,11 @@
-"""Starting Kafka clients so that a failed start leaves nothing open behind it, and saying why
-one cannot get through when that is a setting's fault (a refused login, a failed TLS handshake)."""
+"""Kafka clients' life at its edges, in one place:
+
+    started(make)               a client started, or stopped again if its start fails
+    diagnose / unreachable      why a client cannot get through: a refused login or TLS
+                                handshake (a setting to fix) or a broker not answering
+    bounded / closing           shutdown steps that never wait long on an absent broker
+    java_client_properties      the same connection settings for Kafka's own tools
+"""
 
 from __future__ import annotations
 
