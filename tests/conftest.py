@@ -22,6 +22,7 @@ import pytest
 from ragstream.errors import InfrastructureError
 from ragstream.local.kafka import LocalKafka
 from ragstream.local.postgres import LocalPostgres
+from ragstream.local.secure import SecureSetup
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Store
 from ragstream.store.migrate import migrate
@@ -44,9 +45,9 @@ def classpath_cache_dir() -> Path:
     return Path(base) / "ragstream" / "kafka"
 
 
-def new_local_kafka(directory: Path) -> LocalKafka:
+def new_local_kafka(directory: Path, *, secure: SecureSetup | None = None) -> LocalKafka:
     """A broker of the tests' own in `directory` on free ports (not started yet), with the
-    configured version and heap and the tests' classpath cache."""
+    configured version and heap and the tests' classpath cache; `secure`: SASL_SSL + ACLs."""
     local = load_settings().local
     return LocalKafka(
         directory,
@@ -56,7 +57,19 @@ def new_local_kafka(directory: Path) -> LocalKafka:
         heap=local.kafka_heap,
         start_timeout_s=local.start_timeout_s,
         classpath_cache_dir=classpath_cache_dir(),
+        secure=secure,
     )
+
+
+def running_kafka(kafka: LocalKafka, what: str) -> Iterator[LocalKafka]:
+    """Start `kafka` (the test fails with its log if it cannot), yield it, stop it."""
+    try:
+        kafka.start()
+    except InfrastructureError as exc:
+        kafka.stop()
+        pytest.fail(f"{what} did not start: {exc}", pytrace=False)
+    yield kafka
+    kafka.stop()
 
 
 def new_local_postgres(directory: Path) -> LocalPostgres:
@@ -90,14 +103,7 @@ def local_kafka(services_dir: Path) -> Iterator[LocalKafka | None]:
     if os.environ.get("RAGSTREAM_KAFKA_BOOTSTRAP"):
         yield None
         return
-    kafka = new_local_kafka(services_dir)
-    try:
-        kafka.start()
-    except InfrastructureError as exc:
-        kafka.stop()
-        pytest.fail(f"the test Kafka broker did not start: {exc}", pytrace=False)
-    yield kafka
-    kafka.stop()
+    yield from running_kafka(new_local_kafka(services_dir), "the test Kafka broker")
 
 
 @pytest.fixture(scope="session")

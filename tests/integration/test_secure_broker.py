@@ -19,13 +19,12 @@ from typer.testing import CliRunner
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cli import app
-from ragstream.errors import InfrastructureError
 from ragstream.local.kafka import LocalKafka
 from ragstream.local.secure import ADMIN, PUBLISHER, WORKER, SecureSetup
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Store
 from ragstream.topology import Stage, Topology
-from tests.conftest import classpath_cache_dir, free_port
+from tests.conftest import new_local_kafka, running_kafka
 from tests.integration.pipeline_helpers import (
     make_corpus,
     wait_for_statuses,
@@ -39,20 +38,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     home = Path(tmp_path_factory.mktemp("secure-broker"))
-    kafka = LocalKafka(
-        home,
-        port=free_port(),
-        controller_port=free_port(),
-        classpath_cache_dir=classpath_cache_dir(),
-        secure=SecureSetup.ensure(home),
-    )
-    try:
-        kafka.start()
-    except InfrastructureError as exc:
-        kafka.stop()
-        pytest.fail(f"the secure Kafka broker did not start: {exc}", pytrace=False)
-    yield kafka
-    kafka.stop()
+    broker = new_local_kafka(home, secure=SecureSetup.ensure(home))
+    yield from running_kafka(broker, "the secure Kafka broker")
 
 
 def _as(settings: Settings, kafka: LocalKafka, user: str) -> Settings:
