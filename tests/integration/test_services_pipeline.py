@@ -28,11 +28,17 @@ def real_openai(settings: Settings, server: OpenAIServer) -> Settings:
     return settings.model_copy(update={"services": services})
 
 
-async def embed_step(store: Store, document_id: str) -> dict[str, object]:
-    journey = await store.journey(document_id)
-    assert journey is not None
-    (step,) = [s for s in journey.steps if s.stage == "embed" and s.outcome == "ok"]
-    return step.detail
+async def embed_step(store: Store, document_id: str, within_s: float = 15.0) -> dict[str, object]:
+    """The document's embed step (written just after its status says embedded)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        journey = await store.journey(document_id)
+        assert journey is not None
+        steps = [s for s in journey.steps if s.stage == "embed" and s.outcome == "ok"]
+        if steps or time.monotonic() > deadline:
+            (step,) = steps
+            return step.detail
+        await asyncio.sleep(0.1)
 
 
 async def test_real_mode_stores_what_the_api_returned_then_switches_to_local(
