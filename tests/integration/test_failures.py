@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -45,6 +45,7 @@ from ragstream.topology import (
     Stage,
     Topology,
 )
+from tests.integration.pipeline_helpers import wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -178,10 +179,16 @@ async def test_fails_twice_then_succeeds_without_the_dlq(settings: Settings) -> 
                 await wait_status(store, receipt.document_id, {"embedded", "dead-lettered"})
                 == "embedded"
             )
-            journey = await store.journey(receipt.document_id)
-    assert journey is not None
-    embed_steps = [(s.attempt, s.outcome) for s in journey.steps if s.stage == "embed"]
-    assert embed_steps == [(1, "retry"), (2, "retry"), (3, "ok")]
+
+            async def embed_steps() -> list[tuple[int, str]]:
+                journey = await store.journey(receipt.document_id)
+                assert journey is not None
+                return [(s.attempt, s.outcome) for s in journey.steps if s.stage == "embed"]
+
+            # The last step is written just after the status says embedded.
+            await wait_until(lambda: _ends_ok(embed_steps()), 15, "the embed step")
+            steps = await embed_steps()
+    assert steps == [(1, "retry"), (2, "retry"), (3, "ok")]
     assert await dlq_depth(settings) == 0
 
 
@@ -407,3 +414,8 @@ async def test_bad_operator_input_gets_a_message_not_a_traceback(settings: Setti
         assert result.exit_code == code, (args, result.output)
         assert text in result.output.lower() or text in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+async def _ends_ok(steps: Awaitable[list[tuple[int, str]]]) -> bool:
+    found = await steps
+    return bool(found) and found[-1][1] == "ok"
