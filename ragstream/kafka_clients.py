@@ -1,10 +1,10 @@
 """Kafka clients' life at its edges, in one place:
 
-    started(make)               a client started, or stopped again if its start fails
-    diagnose / unreachable      why a client cannot get through: a refused login or TLS
-                                handshake (a setting to fix) or a broker not answering
-    bounded / closing           shutdown steps that never wait long on an absent broker
-    java_client_properties      the same connection settings for Kafka's own tools
+started(make)               a client started, or stopped again if its start fails
+diagnose / unreachable      why a client cannot get through: a refused login or TLS
+                            handshake (a setting to fix) or a broker not answering
+bounded / closing           shutdown steps that never wait long on an absent broker
+java_client_properties      the same connection settings for Kafka's own tools
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ async def started(make: Callable[[], C]) -> C:
 async def diagnose(kafka: KafkaSettings, timeout_s: float = 10.0) -> RagstreamError | None:
     """Why clients cannot get through to the broker, when it is our settings' fault: a refused
     login, a failed TLS handshake. None when the broker is simply not answering (wait for it)."""
-    host, _, port = kafka.bootstrap_servers.split(",")[0].strip().rpartition(":")
     opts = kafka.client_options()
     try:
+        host, port = _first_broker(kafka.bootstrap_servers)
         async with asyncio.timeout(timeout_s):
             conn = await create_conn(
-                host or "localhost",
-                int(port),
+                host,
+                port,
                 client_id=opts["client_id"],
                 ssl_context=opts.get("ssl_context"),
                 security_protocol=opts["security_protocol"],
@@ -149,10 +149,10 @@ def _pem_value(path: Path) -> str:
 
 
 async def _accepts_tcp(bootstrap: str, timeout_s: float = 2.0) -> bool:
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     try:
+        host, port = _first_broker(bootstrap)
         async with asyncio.timeout(timeout_s):
-            _, writer = await asyncio.open_connection(host or "localhost", int(port))
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError, ValueError):
         return False
     writer.close()
@@ -186,3 +186,9 @@ def closing(close: Callable[[], Awaitable[object]], what: str) -> Callable[[], A
         await bounded(close(), what)
 
     return closer
+
+
+def _first_broker(bootstrap: str) -> tuple[str, int]:
+    """Host and port of the first address in a bootstrap list (ValueError if malformed)."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return host or "localhost", int(port)

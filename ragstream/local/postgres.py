@@ -36,6 +36,7 @@ from urllib.parse import quote
 import structlog
 
 from ragstream.errors import InfrastructureError
+from ragstream.local.files import write_file
 
 if TYPE_CHECKING:
     from ragstream.settings import Settings
@@ -202,9 +203,7 @@ class LocalPostgres:
         )
         if done.returncode != 0:
             raise InfrastructureError(f"could not set the superuser's password: {done.stdout}")
-        fd = os.open(self.password_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(password + "\n")
+        write_file(self.password_path, password + "\n", private=True)
         hba.write_text(_HBA)
         done = self.psql("postgres", "SELECT pg_reload_conf();\n")
         if done.returncode != 0:

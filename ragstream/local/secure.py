@@ -28,7 +28,6 @@ every client listener is SASL_SSL, so a PLAINTEXT client is refused.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shlex
 import tomllib
@@ -41,6 +40,7 @@ from pydantic import SecretStr
 
 from ragstream.errors import InfrastructureError
 from ragstream.kafka_clients import java_client_properties
+from ragstream.local.files import write_file
 from ragstream.local.tls import Certificates, ensure_certificates
 from ragstream.resources import config_dir
 
@@ -112,12 +112,12 @@ class SecureSetup:
             raise InfrastructureError(f"{store} is not valid JSON: {exc}") from exc
         if set(USERS) - set(passwords):
             passwords = {u: passwords.get(u) or secrets.token_urlsafe(24) for u in USERS}
-            _write_private(store, json.dumps(passwords, indent=2) + "\n")
+            write_file(store, json.dumps(passwords, indent=2) + "\n", private=True)
         setup = cls(directory, certs, passwords)
         for user in USERS:
-            _write_private(directory / f"{user}.properties", setup.tool_properties(user))
+            write_file(directory / f"{user}.properties", setup.tool_properties(user), private=True)
         (data_dir / "secure.toml").write_text(setup.client_toml(ADMIN))
-        _write_private(data_dir / "secure.env", setup.env_file(data_dir / "secure.toml"))
+        write_file(data_dir / "secure.env", setup.env_file(data_dir / "secure.toml"), private=True)
         return setup
 
     # -- the broker ------------------------------------------------------------------------
@@ -211,11 +211,3 @@ class SecureSetup:
             f"#   publisher (other systems; writes {'<prefix>'}.documents.uploaded only): "
             f"{self.passwords[PUBLISHER]}\n"
         )
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    tmp.replace(path)

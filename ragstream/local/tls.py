@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ragstream.local.files import write_file
 
 CA_DAYS = 3650
 BROKER_DAYS = 825
@@ -73,8 +74,8 @@ def ensure_certificates(directory: Path, hosts: Sequence[str] = DEFAULT_HOSTS) -
             )
             .sign(key, hashes.SHA256())
         )
-        _write(certs.ca_key, _private_pem(key), private=True)
-        _write(certs.ca_cert, ca.public_bytes(serialization.Encoding.PEM))
+        write_file(certs.ca_key, _private_pem(key), private=True)
+        write_file(certs.ca_cert, ca.public_bytes(serialization.Encoding.PEM))
         certs.broker_keystore.unlink(missing_ok=True)  # signed by the old CA, if any
     if _broker_needs_renewal(certs.broker_keystore, hosts):
         _sign_broker(certs, hosts)
@@ -125,7 +126,7 @@ def _sign_broker(certs: Certificates, hosts: Sequence[str]) -> None:
     chain = cert.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(
         serialization.Encoding.PEM
     )
-    _write(certs.broker_keystore, _private_pem(key) + chain, private=True)
+    write_file(certs.broker_keystore, _private_pem(key) + chain, private=True)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -134,11 +135,3 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    tmp.replace(path)
