@@ -48,10 +48,11 @@ headers saying where it came from and why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -78,7 +79,7 @@ from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
 from ragstream.dlq import MESSAGE_LIMIT, dead_letter_headers, failure_headers, header
-from ragstream.errors import KAFKA, DecodeError
+from ragstream.errors import KAFKA, POSTGRES, DecodeError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
 from ragstream.kafka_clients import bounded, started
 from ragstream.metrics import Metrics, observe_lag
@@ -131,6 +132,15 @@ class StepRecorder(Protocol):
     ) -> None: ...
 
 
+class BatchScope(Protocol):
+    """One transaction around a batch of records (`Store.batch()`); a record's own writes run in
+    a savepoint, so one record failing does not undo the others."""
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]: ...
+
+
+Batching = Callable[[], AbstractAsyncContextManager[BatchScope]]
+
 COMMIT_TIMEOUT_S: Final = 2.0
 
 
@@ -150,12 +160,45 @@ class _Released(BaseException):
 
 
 @dataclass
+class _Tried:
+    """A record's try inside a batch: its outcome, or the error to handle it alone with."""
+
+    record: ConsumerRecord[bytes, bytes]
+    event: Event
+    ctx: RecordContext
+    started: datetime
+    t0: float
+    outcome: Outcome | None = None
+    error: Exception | None = None
+
+
+def batches(
+    records: Sequence[ConsumerRecord[bytes, bytes]], size: int
+) -> Iterator[list[ConsumerRecord[bytes, bytes]]]:
+    """A partition's records in runs of at most `size`, a key (document) at most once in each,
+    in offset order: a record handled alone after its batch never overtakes its document's
+    next record."""
+    run: list[ConsumerRecord[bytes, bytes]] = []
+    keys: set[bytes | None] = set()
+    for record in records:
+        if len(run) >= size or record.key in keys:
+            yield run
+            run, keys = [], set()
+        run.append(record)
+        keys.add(record.key)
+    if run:
+        yield run
+
+
+@dataclass
 class RunnerStats:
     processed: int = 0
     retried: int = 0
     dead_lettered: int = 0
     poison: int = 0
     held_for_infrastructure: int = 0
+    batches: int = 0  # micro-batches written (each one transaction)
+    largest_batch: int = 0
     by_partition: dict[int, int] = field(default_factory=dict)
 
 
@@ -182,6 +225,7 @@ class StageRunner:
         accepts: type[Event] = DocumentEvent,
         watch: InfrastructureWatch | None = None,
         max_poll_records: int = 200,
+        batching: Batching | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
@@ -194,6 +238,11 @@ class StageRunner:
         self.metrics = metrics or Metrics(process_metrics=False)
         self.watch = watch or InfrastructureWatch(metrics=self.metrics)
         self.max_poll_records = max_poll_records
+        # With `batching` and concurrency 1, a partition's records run as micro-batches: one
+        # transaction, one flush of the producer and one commit for up to
+        # `kafka.batch_records` records.
+        self.batching = batching if self.concurrency == 1 else None
+        self.batch_size = settings.kafka.batch_records
         self.scrub = Scrubber.from_settings(settings)  # error text leaves this process scrubbed
         self.joined = False  # holds group membership (readiness), with or without partitions
         self.topology = Topology(settings.kafka.topic_prefix)
@@ -363,20 +412,43 @@ class StageRunner:
     ) -> None:
         if tp.topic == self.retry_topic or self.concurrency == 1:
             async with self._gate:
+                if tp.topic != self.retry_topic and self.batching is not None:
+                    await self._run_batches(tp, records)
+                    return
                 for record in records:
                     if tp in self._stopping:
                         return  # revoked or shutting down: the rest go back uncommitted
                     if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
                         return
-                    handled = await self._handle_record(record)
-                    if handled is Handled.RELEASED:
+                    if not self._settle(tp, record, await self._handle_record(record)):
                         return
-                    if handled is Handled.HOLD:
-                        self._hold(tp, record)
-                        return
-                    self._pending[tp] = record.offset + 1
             return
         await self._run_by_key(tp, records)
+
+    async def _run_batches(
+        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> None:
+        """Run a partition's records as micro-batches (see `_handle_batch`); the committed offset
+        is the end of the finished prefix, as record by record."""
+        for run in batches(records, self.batch_size):
+            if tp in self._stopping:
+                return  # revoked or shutting down: the rest go back uncommitted
+            for record, handled in zip(run, await self._handle_batch(run), strict=True):
+                if not self._settle(tp, record, handled):
+                    return
+
+    def _settle(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], handled: Handled
+    ) -> bool:
+        """Move the partition's commit past a finished record; False when the partition stops
+        at it (handed back, or held by the budget)."""
+        if handled is Handled.RELEASED:
+            return False
+        if handled is Handled.HOLD:
+            self._hold(tp, record)
+            return False
+        self._pending[tp] = record.offset + 1
+        return True
 
     async def _run_by_key(
         self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
@@ -460,14 +532,26 @@ class StageRunner:
         self.consumer.pause(tp)
         self._waiting[tp] = _now_ms() + int(Hold().recheck_s * 1000)
 
-    async def _handle_record(self, record: ConsumerRecord[bytes, bytes]) -> Handled:
+    async def _handle_record(
+        self, record: ConsumerRecord[bytes, bytes], first: Exception | None = None
+    ) -> Handled:
+        """Handle one record to its end; `first` is the error its try in a batch ended with
+        (handled as the first attempt's, without calling the stage again)."""
         with self.metrics.inflight(self.name):
             try:
-                return await self._handle_one(record)
+                return await self._handle_one(record, first)
             except _Released:
                 return Handled.RELEASED
 
-    async def _handle_one(self, record: ConsumerRecord[bytes, bytes]) -> Handled:
+    def _decode(self, record: ConsumerRecord[bytes, bytes]) -> Event:
+        event = self.codec.decode(record.value or b"")
+        if not isinstance(event, self.accepts):
+            raise DecodeError(f"{type(event).__name__} is not a {self.accepts.__name__} event")
+        return event
+
+    @contextmanager
+    def _bound(self, record: ConsumerRecord[bytes, bytes]) -> Iterator[None]:
+        """The record's place (and correlation id) on every log line of its handling."""
         corr = (header(record.headers, H_CORRELATION_ID) or b"").decode(errors="replace") or None
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
@@ -476,12 +560,22 @@ class StageRunner:
             stage=self.name,
             correlation_id=corr,
         ):
+            yield
+
+    @staticmethod
+    def _ids(event: Event) -> dict[str, object]:
+        return {
+            k: getattr(event, k)
+            for k in ("document_id", "tenant_id", "correlation_id")
+            if getattr(event, k, None) is not None
+        }
+
+    async def _handle_one(
+        self, record: ConsumerRecord[bytes, bytes], first: Exception | None
+    ) -> Handled:
+        with self._bound(record):
             try:
-                event = self.codec.decode(record.value or b"")
-                if not isinstance(event, self.accepts):
-                    raise DecodeError(
-                        f"{type(event).__name__} is not a {self.accepts.__name__} event"
-                    )
+                event = self._decode(record)
             except DecodeError as exc:
                 self.stats.poison += 1
                 log.error("undecodable record dead-lettered", error=str(exc))
@@ -492,13 +586,118 @@ class StageRunner:
                 )
                 self.metrics.record_handled(self.name, "poison", 0.0)
                 return Handled.DONE
-            ids = {
-                k: getattr(event, k)
-                for k in ("document_id", "tenant_id", "correlation_id")
-                if getattr(event, k, None) is not None
-            }
-            with structlog.contextvars.bound_contextvars(**ids):
-                return await self._attempt(record, event)
+            with structlog.contextvars.bound_contextvars(**self._ids(event)):
+                return await self._attempt(record, event, first)
+
+    # -- micro-batches -----------------------------------------------------------------------
+
+    async def _handle_batch(self, records: list[ConsumerRecord[bytes, bytes]]) -> list[Handled]:
+        """Handle records of distinct documents as one batch: each record's stage work in a
+        savepoint of one transaction, with its journey step; the transaction committed once;
+        the outputs sent together and flushed once. A record whose try failed (or that cannot
+        be decoded) is then handled alone from that error (its retry, dead letter or wait), so
+        it never fails its neighbours. When the batch itself cannot be written (PostgreSQL
+        away) it waits and runs again; any other failure of the batch as a whole runs its
+        records one at a time."""
+        items: list[tuple[ConsumerRecord[bytes, bytes], Event]] = []
+        for record in records:
+            with contextlib.suppress(DecodeError):  # a poison pill: dead-lettered alone below
+                items.append((record, self._decode(record)))
+        if len(items) < 2:
+            return [await self._handle_record(record) for record in records]
+        was_up = 0
+        while True:
+            try:
+                with self.metrics.inflight(self.name):
+                    tried = {t.record.offset: t for t in await self._try_batch(items)}
+                break
+            except Exception as exc:
+                action = decide(exc, 1, self.settings.retry)
+                if isinstance(action, WaitForInfrastructure) and was_up < WAS_UP_LIMIT:
+                    try:
+                        waited = await self._wait_for(records[0], action.dependency, exc)
+                    except _Released:
+                        return [Handled.RELEASED] * len(records)
+                    was_up = was_up + 1 if waited is Waited.WAS_UP else 0
+                    continue
+                log.warning(
+                    "batch failed; handling its records one at a time",
+                    stage=self.name,
+                    records=len(records),
+                    error_class=type(exc).__name__,
+                    error=str(exc)[:MESSAGE_LIMIT],
+                )
+                return [await self._handle_record(record) for record in records]
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(records))
+        self.metrics.record_batch(self.name, len(records))
+        published = await asyncio.gather(
+            *(self._publish_tried(t) for t in tried.values()), return_exceptions=True
+        )
+        results = dict(zip(tried, published, strict=True))
+        handled: list[Handled] = []
+        for record in records:
+            t, result = tried.get(record.offset), results.get(record.offset)
+            if handled and handled[-1] is not Handled.DONE:
+                handled.append(Handled.RELEASED)  # after a held record: handed back
+            elif isinstance(result, _Released):
+                handled.append(Handled.RELEASED)
+            elif isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            elif t is not None and t.outcome is not None and result is None:
+                with (
+                    self._bound(record),
+                    structlog.contextvars.bound_contextvars(**self._ids(t.event)),
+                ):
+                    self._finished(t.event, t.outcome, t.ctx, t.t0)
+                handled.append(Handled.DONE)
+            else:  # undecodable, or its try failed: alone, from that error
+                error = t.error or result if t is not None else None
+                assert error is None or isinstance(error, Exception)
+                handled.append(await self._handle_record(record, error))
+        return handled
+
+    async def _try_batch(
+        self, items: list[tuple[ConsumerRecord[bytes, bytes], Event]]
+    ) -> list[_Tried]:
+        """Each record's stage work and journey step in one transaction (see _handle_batch)."""
+        assert self.batching is not None
+        tried: list[_Tried] = []
+        async with self.batching() as scope:
+            for record, event in items:
+                t = _Tried(
+                    record, event, self._context(record), datetime.now(UTC), time.perf_counter()
+                )
+                tried.append(t)
+                with (
+                    self._bound(record),
+                    structlog.contextvars.bound_contextvars(**self._ids(event)),
+                ):
+                    try:
+                        async with scope.savepoint():
+                            with self._call_context(event):
+                                t.outcome = await self.handler(event, t.ctx)
+                    except Exception as exc:
+                        action = decide(exc, t.ctx.attempt, self.settings.retry)
+                        if (
+                            isinstance(action, WaitForInfrastructure)
+                            and action.dependency == POSTGRES
+                        ):
+                            raise  # the batch's connection: the batch waits as a whole
+                        t.error = exc
+                        continue
+                    if self.recorder is not None and isinstance(event, DocumentEvent):
+                        await self.recorder.step_done(
+                            event, self.name, t.outcome, t.ctx, t.started, datetime.now(UTC)
+                        )
+        return tried
+
+    async def _publish_tried(self, t: _Tried) -> None:
+        """Publish a batch record's output (waiting for Kafka as long as it is away)."""
+        if t.error is not None or t.outcome is None or t.outcome.output is None:
+            return
+        output = t.outcome.output
+        await self._steadily(t.record, lambda: self._publish(output))
 
     @contextmanager
     def _call_context(self, event: Event) -> Iterator[None]:
@@ -519,21 +718,30 @@ class StageRunner:
         finally:
             current_call.reset(token)
 
-    async def _attempt(self, record: ConsumerRecord[bytes, bytes], event: Event) -> Handled:
-        attempt = int((header(record.headers, H_ATTEMPT) or b"1").decode() or 1)
-        ctx = RecordContext(
+    @staticmethod
+    def _context(record: ConsumerRecord[bytes, bytes]) -> RecordContext:
+        return RecordContext(
             record.topic,
             record.partition,
             record.offset,
-            attempt,
+            int((header(record.headers, H_ATTEMPT) or b"1").decode() or 1),
             replay=header(record.headers, H_REPLAY) is not None,
             key=record.key,
         )
+
+    async def _attempt(
+        self, record: ConsumerRecord[bytes, bytes], event: Event, first: Exception | None = None
+    ) -> Handled:
+        ctx = self._context(record)
+        attempt = ctx.attempt
         was_up = 0
         while True:
             started = datetime.now(UTC)
             t0 = time.perf_counter()
             try:
+                if first is not None:  # the record's try in a batch ended so: take it from there
+                    error, first = first, None
+                    raise error
                 with self._call_context(event):
                     outcome = await self.handler(event, ctx)
                 if outcome.output is not None:
@@ -557,21 +765,22 @@ class StageRunner:
                 ),
                 what="journey step",
             )
+        self._finished(event, outcome, ctx, t0)
+        return Handled.DONE
+
+    def _finished(self, event: Event, outcome: Outcome, ctx: RecordContext, t0: float) -> None:
         seconds = time.perf_counter() - t0
         self.stats.processed += 1
-        self.stats.by_partition[record.partition] = (
-            self.stats.by_partition.get(record.partition, 0) + 1
-        )
+        self.stats.by_partition[ctx.partition] = self.stats.by_partition.get(ctx.partition, 0) + 1
         self.metrics.record_handled(self.name, outcome.status, seconds)
         if isinstance(outcome.output, DocumentEmbedded):
             self.metrics.record_embedded(outcome.output)
         log.info(
             "record handled",
             outcome=outcome.status,
-            attempt=attempt,
+            attempt=ctx.attempt,
             duration_ms=round(seconds * 1000, 1),
         )
-        return Handled.DONE
 
     async def _carry_out(
         self,

@@ -476,6 +476,7 @@ async def run_workers(
                 metrics=metrics,
                 gate=control.gate(stage) if control is not None else None,
                 watch=watch,
+                batching=store.batch,
             )
             for stage in stages
         ]

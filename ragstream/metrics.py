@@ -153,6 +153,13 @@ class Metrics:
             buckets=PIPELINE_BUCKETS,
             registry=r,
         )
+        self.batch_records = Histogram(
+            "ragstream_batch_records",
+            "Records a stage handled in one micro-batch (one transaction and one commit).",
+            ["stage"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
         self.inflight_records = Gauge(
             "ragstream_inflight_records",
             "Records a stage is handling right now.",
@@ -267,6 +274,9 @@ class Metrics:
         failed / poison."""
         self.records.labels(stage, outcome).inc()
         self.stage_duration.labels(stage).observe(max(0.0, seconds))
+
+    def record_batch(self, stage: str, records: int) -> None:
+        self.batch_records.labels(stage).observe(records)
 
     def record_pipeline_latency(self, seconds: float) -> None:
         self.pipeline_latency.observe(max(0.0, seconds))

@@ -60,6 +60,10 @@ class KafkaSettings(_Section):
     metadata_max_age_ms: int = Field(30_000, ge=1_000)
     # On SIGTERM or a rebalance, in-flight records get this long to finish before being handed back.
     shutdown_grace_s: float = Field(10.0, ge=0)
+    # With concurrency 1, a stage handles a partition's records in micro-batches of up to this
+    # many (one transaction, one producer flush, one commit each); 1 handles them one by one.
+    # Each record is a subtransaction: above 64, PostgreSQL's per-backend cache overflows.
+    batch_records: int = Field(50, ge=1, le=1_000)
 
     @field_validator("sasl_mechanism", mode="before")
     @classmethod

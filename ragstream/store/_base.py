@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 from pgvector import Vector
@@ -49,3 +49,12 @@ class OnConnection:
 
     def _conn(self) -> AbstractAsyncContextManager[Any]:
         raise NotImplementedError
+
+    def _may_rerun(self) -> bool:
+        return self._can_rerun
+
+
+def atomic(conn: Any) -> AbstractAsyncContextManager[Any]:
+    """A transaction for a call's statements, unless the connection is in one already (a
+    caller's transaction or batch, which is then the unit: no savepoint round trips)."""
+    return nullcontext() if conn.is_in_transaction() else conn.transaction()

@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from ragstream.events import CostUsage
-from ragstream.store._base import OnConnection
+from ragstream.store._base import OnConnection, atomic
 from ragstream.store._errors import translate_errors
 
 _SEP = "\x1f"  # unnest cannot take a ragged text[][]: each row's documents travel joined
@@ -165,7 +165,7 @@ class CostOperations(OnConnection):
         set_daily = clear_daily or daily_usd is not None
         set_hourly = clear_hourly or hourly_requests is not None
         key = (service, tenant_id or "")
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn() as conn, atomic(conn):
             if set_daily or set_hourly:
                 await conn.execute(
                     """

@@ -122,8 +122,8 @@ def translating() -> Iterator[None]:
 def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Decorate a store method: translate errors; run it again once after a unique violation.
 
-    The method's owner says whether it may be re-run through `_can_rerun` (False inside a
-    caller's transaction: that transaction is aborted, so the violation becomes retryable).
+    The method's owner says whether it may be re-run through `_may_rerun()` (False inside a
+    caller's transaction or batch: that transaction is aborted, so the violation becomes retryable).
     """
 
     @functools.wraps(fn)
@@ -134,7 +134,8 @@ def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
                 with translating():
                     return await fn(*args, **kwargs)
             except UniqueViolation:
-                if attempt == 2 or not getattr(owner, "_can_rerun", False):
+                may_rerun = getattr(owner, "_may_rerun", None)
+                if attempt == 2 or may_rerun is None or not may_rerun():
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -7,7 +7,13 @@ from typing import Any
 
 from ragstream.errors import ConfigError
 from ragstream.store import _sql as sql
-from ragstream.store._base import OnConnection, check_dimensions, check_vector, document_from_row
+from ragstream.store._base import (
+    OnConnection,
+    atomic,
+    check_dimensions,
+    check_vector,
+    document_from_row,
+)
 from ragstream.store._errors import translate_errors
 from ragstream.store.models import (
     Document,
@@ -111,7 +117,7 @@ class ReadOperations(OnConnection):
         query = check_vector(vector, check_dimensions(dimensions), "query")
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be 1..{MAX_K}, got {k}")
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn() as conn, atomic(conn):
             candidates = await conn.fetchval(
                 sql.SEARCH_CANDIDATES, tenant_id, model, dimensions, exact_limit
             )

@@ -12,6 +12,7 @@ from ragstream.errors import PermanentError, TenantConflict
 from ragstream.store import _sql as sql
 from ragstream.store._base import (
     OnConnection,
+    atomic,
     check_dimensions,
     check_vector,
     json_dumps,
@@ -81,7 +82,7 @@ class WriteOperations(OnConnection):
             **{f"metadata key {k!r}": k for k in metadata or {}},
             **{f"metadata[{k!r}]": v for k, v in (metadata or {}).items() if isinstance(v, str)},
         )
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn() as conn, atomic(conn):
             await conn.execute(sql.LOCK_CONTENT, tenant_id, sha256)
             existing = await conn.fetchrow(sql.EXISTING_UPLOAD, document_id)
             if existing is None:
@@ -278,7 +279,7 @@ class WriteOperations(OnConnection):
         """
         if not chunks:
             return 0
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn() as conn, atomic(conn):
             await check_tenant(conn, document_id, tenant_id)
             if parse_sha256 is not None:
                 state = await conn.fetchrow(sql.CHUNK_SET, document_id, chunker_version)
@@ -373,7 +374,7 @@ class WriteOperations(OnConnection):
         shas = [str(r[1]) for r in rows]
         vectors = [check_vector(r[2], dimensions, f"chunk {r[0]}") for r in rows]
         scope = tenant_id if cache_scope is None else cache_scope
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn() as conn, atomic(conn):
             await check_tenant(conn, document_id, tenant_id)
             status = await conn.execute(
                 sql.INSERT_EMBEDDINGS,

@@ -6,6 +6,9 @@
     async with store.transaction() as tx:       # several writes, one transaction
         await tx.save_chunks(...)
         await tx.advance_status(...)
+    async with store.batch() as batch:          # every call of `store` in this task on one
+        async with batch.savepoint():           # connection, in one transaction; a savepoint
+            await store.save_chunks(...)        # per unit that may fail alone
 
 Every write is an idempotent upsert keyed by what makes the row unique, so redelivery and replay
 leave no duplicates. The store takes plain values, never event objects. asyncpg's errors are
@@ -18,6 +21,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, cast
 
 import asyncpg
@@ -46,6 +50,11 @@ async def _init_connection(conn: Any) -> None:
             raise
 
 
+@asynccontextmanager
+async def _on(conn: Any) -> AsyncIterator[Any]:
+    yield conn
+
+
 class StoreTx(WriteOperations, ReadOperations):
     """The store's operations inside one transaction, on one connection (see Store.transaction)."""
 
@@ -54,12 +63,41 @@ class StoreTx(WriteOperations, ReadOperations):
     def __init__(self, conn: Any) -> None:
         self._connection = conn
 
-    @asynccontextmanager
-    async def _one(self) -> AsyncIterator[Any]:
-        yield self._connection
-
     def _conn(self) -> AbstractAsyncContextManager[Any]:
-        return self._one()
+        return _on(self._connection)
+
+
+# The connection a `Store.batch()` holds for the task inside it (and the store it belongs to).
+_pinned: ContextVar[tuple[object, Any] | None] = ContextVar("ragstream_store_batch", default=None)
+
+
+class Batch:
+    """One connection in one transaction, which every call of its store inside
+    `Store.batch()` uses; a unit that may fail alone runs in `savepoint()`."""
+
+    def __init__(self, conn: Any) -> None:
+        self._connection = conn
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A unit of the batch that fails alone. When the block raises, what it wrote stays
+        if the transaction is still good (as each call, committed on its own, would have
+        stayed), and is rolled back if a statement of the block failed."""
+        conn = self._connection
+        with translating():
+            await conn.execute("SAVEPOINT ragstream_unit")
+        try:
+            yield
+        except Exception:
+            with translating():
+                try:
+                    await conn.execute("RELEASE SAVEPOINT ragstream_unit")
+                except asyncpg.InFailedSQLTransactionError:
+                    await conn.execute("ROLLBACK TO SAVEPOINT ragstream_unit")
+                    await conn.execute("RELEASE SAVEPOINT ragstream_unit")
+            raise
+        with translating():
+            await conn.execute("RELEASE SAVEPOINT ragstream_unit")
 
 
 class Store(WriteOperations, ReadOperations, DlqOperations, CostOperations):
@@ -112,7 +150,29 @@ class Store(WriteOperations, ReadOperations, DlqOperations, CostOperations):
         await self.close()
 
     def _conn(self) -> AbstractAsyncContextManager[Any]:
+        pinned = _pinned.get()
+        if pinned is not None and pinned[0] is self:
+            return _on(pinned[1])
         return cast(AbstractAsyncContextManager[Any], self._pool.acquire())
+
+    def _may_rerun(self) -> bool:
+        return _pinned.get() is None  # inside a batch, its transaction is the unit
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[Batch]:
+        """`async with store.batch() as batch:` — every call of this store in the block (in
+        this task) runs on one pooled connection, in one transaction, committed at the end of
+        the block (rolled back if it raises): one connection and one commit for many records
+        instead of one per call. A unit that may fail without failing the others runs in
+        `batch.savepoint()`. Calls in tasks the block starts share the connection: do not
+        make them at once."""
+        with translating():
+            async with self._pool.acquire() as conn, conn.transaction():
+                token = _pinned.set((self, conn))
+                try:
+                    yield Batch(conn)
+                finally:
+                    _pinned.reset(token)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTx]:

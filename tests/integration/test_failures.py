@@ -15,6 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from typer.testing import CliRunner
 
+from consumers.runtime import StageRunner
 from consumers.worker import Providers, run_workers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
@@ -103,10 +104,23 @@ class FlakyEmbedder:
 
 
 @asynccontextmanager
-async def pipeline(settings: Settings, providers: Providers | None = None) -> AsyncIterator[None]:
+async def pipeline(
+    settings: Settings,
+    providers: Providers | None = None,
+    stages: list[Stage] | None = None,
+    started: Callable[[list[StageRunner]], None] | None = None,
+) -> AsyncIterator[None]:
     await ensure_topics(settings)
     stop = asyncio.Event()
-    task = asyncio.create_task(run_workers(settings, list(Stage), stop=stop, providers=providers))
+    task = asyncio.create_task(
+        run_workers(
+            settings,
+            stages or list(Stage),
+            stop=stop,
+            providers=providers,
+            started=started,
+        )
+    )
     try:
         yield
     finally:
@@ -306,6 +320,56 @@ async def test_poison_pills_are_dead_lettered_and_the_partition_goes_on(settings
         in {k: v.decode() for k, v in dlq[1].headers}[H_ERR_MESSAGE]
         + {k: v.decode() for k, v in dlq[0].headers}[H_ERR_MESSAGE]
     )
+
+
+async def test_a_failing_record_and_a_poison_pill_inside_a_batch_fail_alone(
+    settings: Settings,
+) -> None:
+    """The embed stage finds ten records waiting on its one partition: one batch. One document
+    cannot be embedded and one record cannot be decoded: both are dead-lettered, and the other
+    eight are embedded in that batch, their stage call made once."""
+    settings = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"partitions": 1})}
+    )
+    topology = Topology(settings.kafka.topic_prefix)
+    marker = f"unembeddable-{uuid.uuid4().hex[:8]}"
+    flaky = FlakyEmbedder(
+        settings.embed.dimensions, marker, 99, lambda: PermanentError("the text cannot be embedded")
+    )
+    async with pipeline(settings, stages=[Stage.PARSE, Stage.CHUNK]), Uploader(settings) as up:
+        receipts = [
+            await up.upload_bytes(
+                f"# Batch {i}\n\n{marker if i == 4 else 'Nothing wrong here.'}".encode(),
+                f"batch{i}.md",
+                tenant_id="t1",
+            )
+            for i in range(9)
+        ]
+        assert len(await read_all(settings, topology.chunked, 9)) == 9
+    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topology.chunked, b"\x00not an event", key=b"junk")
+    finally:
+        await producer.stop()
+    poison = receipts[4].document_id
+    runners: list[StageRunner] = []
+    async with (
+        pipeline(settings, Providers(embedder=flaky), stages=[Stage.EMBED], started=runners.extend),
+        await Store.connect(settings.postgres.dsn()) as store,
+    ):
+        for r in receipts:
+            want = "dead-lettered" if r.document_id == poison else "embedded"
+            assert await wait_status(store, r.document_id, {want}) == want
+        (runner,) = runners
+        await wait_until(lambda: runner.stats.dead_lettered == 2, 30, "two dead letters")
+    assert runner.stats.largest_batch == 10, runner.stats
+    assert runner.stats.processed == 8
+    assert flaky.calls == 1  # its try in the batch failed; handled from that error, not again
+    dlq = {dict(r.headers)[H_ERR_KIND]: r for r in await read_all(settings, topology.dlq, 2)}
+    assert set(dlq) == {b"permanent", b"poison"}
+    assert dict(dlq[b"permanent"].headers)[H_ERR_DOCUMENT] == poison.encode()
+    assert dlq[b"poison"].value == b"\x00not an event"
 
 
 async def test_a_record_in_retry_does_not_hold_up_its_partition(settings: Settings) -> None:

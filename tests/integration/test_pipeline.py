@@ -135,7 +135,10 @@ async def test_embed_worker_killed_mid_run_and_restarted_loses_and_duplicates_no
     await ensure_topics(settings)
     topology = Topology(settings.kafka.topic_prefix)
     paths = make_corpus(tmp_path / "docs", 80, seed=2)
-    first = WorkerProcess(settings, "embed", tmp_path / "embed-1.log")
+    # Small batches: many moments between a batch's publish and its commit to catch.
+    first = WorkerProcess(
+        settings, "embed", tmp_path / "embed-1.log", env={"RAGSTREAM_KAFKA__BATCH_RECORDS": "3"}
+    )
     second = WorkerProcess(settings, "embed", tmp_path / "embed-2.log")
     async with workers(settings, [Stage.PARSE, Stage.CHUNK]):
         receipts, _ = await upload_paths(settings, paths, tenant_id=tenant)
@@ -341,7 +344,7 @@ async def test_corrupt_pdf_and_textless_html_fail_clearly_and_the_partition_goes
 
     async with (
         await Store.connect(one.postgres.dsn(), min_size=1, max_size=4) as store,
-        workers(one, concurrency=1),  # one record at a time: the valid one waits its turn
+        workers(one, concurrency=1),  # in one batch, or one at a time: the valid one goes on
     ):
         receipts, rejected = await upload_paths(one, [corrupt, blank, good], tenant_id=tenant)
         assert rejected == []
@@ -368,8 +371,6 @@ async def test_corrupt_pdf_and_textless_html_fail_clearly_and_the_partition_goes
         assert expected[doc.document_id] in step.detail["error"]
     assert valid.status == "embedded"
     assert [s.stage for s in steps[valid.document_id]] == ["parse", "chunk", "embed"]
-    failed_at = max(steps[d.document_id][0].finished_at for d in (bad_pdf, bad_html))
-    assert steps[valid.document_id][0].started_at >= failed_at
     parsed = await read_topic(one, topology.parsed, at_least=1)
     assert [d.document_id for d in parsed] == [valid.document_id]
 

@@ -239,4 +239,3 @@ def _load_with(config: Path) -> Settings:
             os.environ.pop("RAGSTREAM_CONFIG", None)
         else:
             os.environ["RAGSTREAM_CONFIG"] = old
-

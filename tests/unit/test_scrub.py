@@ -60,4 +60,3 @@ def test_the_settings_secrets_are_collected() -> None:
     values = secret_values(settings)
     assert CONFIGURED in values and "s3cr3t-pw" in values
     assert CONFIGURED not in Scrubber.from_settings(settings)(f"x {CONFIGURED} y")
-
