@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from ragstream.errors import InfrastructureError
-from ragstream.metrics import CONTENT_TYPE, Metrics
+from ragstream.metrics import CONTENT_TYPE
 
 log = structlog.get_logger(__name__)
 
@@ -38,12 +38,18 @@ _MAX_HEADER_BYTES: Final = 16 * 1024
 _MAX_HEADER_LINES: Final = 100
 
 
+class Exposes(Protocol):
+    """What /metrics serves: a `Metrics`, or anything with an exposition (sync or async)."""
+
+    def exposition(self) -> bytes | Awaitable[bytes]: ...
+
+
 class HealthServer:
     """Serves /metrics, /healthz and /ready until `stop()` (or the end of `async with`)."""
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: Exposes,
         host: str,
         port: int,
         ready: Readiness,
@@ -138,7 +144,10 @@ class HealthServer:
 
     async def _route(self, path: str) -> tuple[HTTPStatus, str, bytes]:
         if path == "/metrics":
-            return HTTPStatus.OK, CONTENT_TYPE, self.metrics.exposition()
+            exposition = self.metrics.exposition()
+            if inspect.isawaitable(exposition):
+                exposition = await exposition
+            return HTTPStatus.OK, CONTENT_TYPE, exposition
         if path == "/healthz":
             return HTTPStatus.OK, JSON, b'{"status":"ok"}\n'
         if path == "/ready":

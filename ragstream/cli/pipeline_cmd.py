@@ -30,14 +30,30 @@ def worker(
             "(one document's records stay in order).",
         ),
     ] = 1,
+    one_process: Annotated[
+        bool,
+        typer.Option(
+            "--one-process",
+            help="With `all`: every stage and the accountant in this one process "
+            "(less memory, one core) instead of a process each.",
+        ),
+    ] = False,
 ) -> None:
     """Run a stage worker (a member of the stage's consumer group) until SIGTERM/SIGINT.
-    `cost` runs the cost accountant; `all` runs every stage and the accountant."""
+    `cost` runs the cost accountant; `all` runs every stage and the accountant, each in a
+    process of its own, supervised (see --one-process)."""
     if stage not in STAGE_CHOICES:
         raise fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
     from consumers.worker import run_workers
 
     settings = settings_or_exit(quiet=False)
+    if stage == "all" and not one_process:
+        from consumers.processes import run_processes
+
+        code = run(run_processes, settings, concurrency=concurrency)
+        if code:
+            raise typer.Exit(code)
+        return
     stages = list(Stage) if stage == "all" else [] if stage == "cost" else [Stage(stage)]
     run(
         run_workers,
