@@ -53,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ragstream.health import HealthServer
-from ragstream.settings import Settings
+from ragstream.settings import Mode, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +63,22 @@ RESTART_BASE_S: Final = 1.0
 RESTART_CAP_S: Final = 30.0
 KILL_AFTER_GRACE_S: Final = 5.0
 _PR_SET_PDEATHSIG: Final = 1
+REMOTE_EMBED_CONCURRENCY: Final = 8
+MAX_CONCURRENCY: Final = 64
+
+
+def sized_concurrency(settings: Settings, stage: str) -> int:
+    """A stage's `--concurrency` when none is given. 1 when its service runs here: records go
+    in micro-batches and the CPU work in the stage's pools (`parse.workers`, `chunk.workers`).
+    A stage whose service is remote (`real` or `hybrid` in the settings at start) waits on the
+    network instead, so it handles as many records at once as it may have calls in flight:
+    `services.llamaparse.max_jobs_in_flight` for parse, 8 for embed."""
+    services = settings.services
+    if stage == "parse" and services.llamaparse.mode is not Mode.LOCAL:
+        return min(MAX_CONCURRENCY, services.llamaparse.max_jobs_in_flight)
+    if stage == "embed" and services.openai.mode is not Mode.LOCAL:
+        return REMOTE_EMBED_CONCURRENCY
+    return 1
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -142,7 +158,11 @@ class Supervisor:
     """Runs the children until `stop`; see the module docstring."""
 
     def __init__(
-        self, settings: Settings, *, concurrency: int = 1, workers: Sequence[str] = WORKERS
+        self,
+        settings: Settings,
+        *,
+        concurrency: int | None = None,
+        workers: Sequence[str] = WORKERS,
     ) -> None:
         self.settings = settings
         obs = settings.observability
@@ -153,7 +173,11 @@ class Supervisor:
                 name,
                 port,
                 [sys.executable, "-m", "ragstream", "worker", name]
-                + (["--concurrency", str(concurrency)] if name != "cost" else []),
+                + (
+                    ["--concurrency", str(concurrency or sized_concurrency(settings, name))]
+                    if name != "cost"
+                    else []
+                ),
                 {**base_env, "RAGSTREAM_OBSERVABILITY__METRICS_PORT": str(port)},
             )
             for name, port in zip(workers, ports, strict=True)
@@ -292,7 +316,7 @@ class _Exposing:
 
 
 async def run_processes(
-    settings: Settings, *, concurrency: int = 1, stop: asyncio.Event | None = None
+    settings: Settings, *, concurrency: int | None = None, stop: asyncio.Event | None = None
 ) -> int:
     """Run `worker all` as processes until SIGTERM/SIGINT (or `stop`); the exit code."""
     stop = stop or asyncio.Event()

@@ -22,14 +22,16 @@ def worker(
         str, typer.Argument(help="parse | chunk | embed | cost (the accountant) | all")
     ],
     concurrency: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             max=64,
             help="Records handled at once, across partitions and documents "
-            "(one document's records stay in order).",
+            "(one document's records stay in order). Default: 1 (micro-batches) for a "
+            "stage whose service runs locally; for a remote one, its calls in flight "
+            "(parse: services.llamaparse.max_jobs_in_flight, embed: 8).",
         ),
-    ] = 1,
+    ] = None,
     one_process: Annotated[
         bool,
         typer.Option(
@@ -44,12 +46,11 @@ def worker(
     process of its own, supervised (see --one-process)."""
     if stage not in STAGE_CHOICES:
         raise fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
+    from consumers.processes import run_processes, sized_concurrency
     from consumers.worker import run_workers
 
     settings = settings_or_exit(quiet=False)
     if stage == "all" and not one_process:
-        from consumers.processes import run_processes
-
         code = run(run_processes, settings, concurrency=concurrency)
         if code:
             raise typer.Exit(code)
@@ -59,7 +60,7 @@ def worker(
         run_workers,
         settings,
         stages,
-        concurrency=concurrency,
+        concurrency=concurrency or (sized_concurrency(settings, stage) if len(stages) == 1 else 1),
         handle_signals=True,
         accountant=stage in ("cost", "all"),
     )

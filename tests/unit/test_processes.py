@@ -7,7 +7,13 @@ import re
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.processes import free_ports, merge_expositions
+from consumers.processes import (
+    REMOTE_EMBED_CONCURRENCY,
+    free_ports,
+    merge_expositions,
+    sized_concurrency,
+)
+from ragstream.settings import load_settings
 
 
 def _child(handled: int, seconds: float) -> str:
@@ -43,3 +49,21 @@ def test_a_child_that_does_not_answer_is_left_out() -> None:
 def test_free_ports_are_distinct() -> None:
     ports = free_ports(4, "127.0.0.1")
     assert len(set(ports)) == 4 and all(p > 0 for p in ports)
+
+
+def test_concurrency_is_sized_to_where_each_stage_works() -> None:
+    local = load_settings()
+    assert {s: sized_concurrency(local, s) for s in ("parse", "chunk", "embed")} == {
+        "parse": 1,
+        "chunk": 1,
+        "embed": 1,
+    }  # micro-batches; the CPU work is in the stages' pools
+    remote = load_settings(
+        services={
+            "llamaparse": {"mode": "real", "max_jobs_in_flight": 12},
+            "openai": {"mode": "hybrid"},
+        },
+    )
+    assert sized_concurrency(remote, "parse") == 12  # a job in flight per record
+    assert sized_concurrency(remote, "embed") == REMOTE_EMBED_CONCURRENCY
+    assert sized_concurrency(remote, "chunk") == 1
