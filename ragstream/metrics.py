@@ -21,6 +21,7 @@ runtime calls the methods; `ragstream.health.HealthServer` serves `exposition()`
     ragstream_budget_spent_usd{service,window}                     gauge
     ragstream_assigned_partitions{stage}                           gauge
     ragstream_worker_up{stage}                                     gauge  1 while a group member
+    ragstream_batch_records{stage}                                 histogram  records per micro-batch
     ragstream_build_info{version}                                  gauge  always 1
 
 plus the `process_*` and `python_info` series of prometheus_client's own collectors.

@@ -6,6 +6,8 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgvector import Vector
@@ -52,6 +54,32 @@ class OnConnection:
 
     def _may_rerun(self) -> bool:
         return self._can_rerun
+
+
+@dataclass
+class Pinned:
+    """The connection a `Store.batch()` holds for the task inside it, the store it belongs
+    to, and the documents' tenants read on it in this transaction."""
+
+    store: object
+    conn: Any
+    tenants: dict[str, str] = field(default_factory=dict)
+
+
+pinned: ContextVar[Pinned | None] = ContextVar("ragstream_store_batch", default=None)
+
+
+def known_tenant(conn: Any, document_id: str) -> str | None:
+    """The tenant `document_id` was seen to belong to in this batch's transaction (a
+    document's tenant never changes), else None."""
+    batch = pinned.get()
+    return batch.tenants.get(document_id) if batch is not None and batch.conn is conn else None
+
+
+def remember_tenant(conn: Any, document_id: str, tenant_id: str) -> None:
+    batch = pinned.get()
+    if batch is not None and batch.conn is conn:
+        batch.tenants[document_id] = tenant_id
 
 
 def atomic(conn: Any) -> AbstractAsyncContextManager[Any]:

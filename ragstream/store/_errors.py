@@ -135,7 +135,10 @@ def translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]
                     return await fn(*args, **kwargs)
             except UniqueViolation:
                 may_rerun = getattr(owner, "_may_rerun", None)
-                if attempt == 2 or may_rerun is None or not may_rerun():
+                allowed = (
+                    may_rerun() if callable(may_rerun) else getattr(owner, "_can_rerun", False)
+                )
+                if attempt == 2 or not allowed:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -13,6 +13,7 @@ from ragstream.store._base import (
     check_dimensions,
     check_vector,
     document_from_row,
+    remember_tenant,
 )
 from ragstream.store._errors import translate_errors
 from ragstream.store.models import (
@@ -131,6 +132,8 @@ class ReadOperations(OnConnection):
     async def get_document(self, document_id: str) -> Document | None:
         async with self._conn() as conn:
             row = await conn.fetchrow(sql.GET_DOCUMENT, document_id)
+            if row is not None:
+                remember_tenant(conn, document_id, row["tenant_id"])
         return None if row is None else document_from_row(row)
 
     @translate_errors

@@ -16,6 +16,8 @@ from ragstream.store._base import (
     check_dimensions,
     check_vector,
     json_dumps,
+    known_tenant,
+    remember_tenant,
 )
 from ragstream.store._errors import translate_errors
 from ragstream.store.models import (
@@ -36,10 +38,13 @@ log = structlog.get_logger(__name__)
 async def check_tenant(conn: Any, document_id: str, tenant_id: str) -> None:
     """Refuse a write for a document that belongs to another tenant (TenantConflict, naming
     neither the owner nor anything of its). A document not registered yet belongs to no one.
-    A document's tenant never changes, so the check needs no lock."""
-    owner = await conn.fetchval(sql.DOCUMENT_TENANT, document_id)
+    A document's tenant never changes, so the check needs no lock, and within a batch's
+    transaction a tenant seen once is not read again."""
+    owner = known_tenant(conn, document_id) or await conn.fetchval(sql.DOCUMENT_TENANT, document_id)
     if owner is not None and owner != tenant_id:
         raise TenantConflict(document_id, tenant_id)
+    if owner is not None:
+        remember_tenant(conn, document_id, owner)
 
 
 class WriteOperations(OnConnection):

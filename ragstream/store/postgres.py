@@ -21,14 +21,13 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from contextvars import ContextVar
 from typing import Any, cast
 
 import asyncpg
 from pgvector.asyncpg import register_vector
 
 from ragstream.settings import PostgresSettings
-from ragstream.store._base import json_dumps
+from ragstream.store._base import Pinned, json_dumps, pinned
 from ragstream.store._cost import CostOperations
 from ragstream.store._dlq import DlqOperations
 from ragstream.store._errors import connecting, translating
@@ -65,10 +64,6 @@ class StoreTx(WriteOperations, ReadOperations):
 
     def _conn(self) -> AbstractAsyncContextManager[Any]:
         return _on(self._connection)
-
-
-# The connection a `Store.batch()` holds for the task inside it (and the store it belongs to).
-_pinned: ContextVar[tuple[object, Any] | None] = ContextVar("ragstream_store_batch", default=None)
 
 
 class Batch:
@@ -150,13 +145,13 @@ class Store(WriteOperations, ReadOperations, DlqOperations, CostOperations):
         await self.close()
 
     def _conn(self) -> AbstractAsyncContextManager[Any]:
-        pinned = _pinned.get()
-        if pinned is not None and pinned[0] is self:
-            return _on(pinned[1])
+        batch = pinned.get()
+        if batch is not None and batch.store is self:
+            return _on(batch.conn)
         return cast(AbstractAsyncContextManager[Any], self._pool.acquire())
 
     def _may_rerun(self) -> bool:
-        return _pinned.get() is None  # inside a batch, its transaction is the unit
+        return pinned.get() is None  # inside a batch, its transaction is the unit
 
     @asynccontextmanager
     async def batch(self) -> AsyncIterator[Batch]:
@@ -168,11 +163,11 @@ class Store(WriteOperations, ReadOperations, DlqOperations, CostOperations):
         make them at once."""
         with translating():
             async with self._pool.acquire() as conn, conn.transaction():
-                token = _pinned.set((self, conn))
+                token = pinned.set(Pinned(self, conn))
                 try:
                     yield Batch(conn)
                 finally:
-                    _pinned.reset(token)
+                    pinned.reset(token)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTx]:

@@ -50,6 +50,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "ragstream_dependency_up": ("gauge", {"dependency"}),
     "ragstream_consumer_restarts": ("counter", {"stage"}),
     "ragstream_stage_paused": ("gauge", {"stage"}),
+    "ragstream_batch_records": ("histogram", {"stage"}),
 }
 
 
@@ -60,6 +61,7 @@ def exercise(metrics: Metrics) -> None:
     metrics.set_dependency_up("postgres", False)
     metrics.record_restart("embed")
     metrics.record_handled("embed", "ok", 0.25)
+    metrics.record_batch("embed", 7)
     metrics.record_handled("embed", "ok", 0.5)
     metrics.record_handled("parse", "dead-lettered", 3.0)
     uploaded = utc_now()
@@ -179,6 +181,8 @@ def test_values_after_every_method() -> None:
     assert get("ragstream_budget_spent_usd", service="openai", window="daily") == pytest.approx(4.1)
     assert get("ragstream_assigned_partitions", stage="embed") == 2
     assert get("ragstream_worker_up", stage="embed") == 1
+    assert get("ragstream_batch_records_bucket", stage="embed", le="10.0") == 1
+    assert get("ragstream_batch_records_bucket", stage="embed", le="5.0") == 0
 
 
 def test_inflight_counts_while_inside_even_when_it_raises() -> None:
