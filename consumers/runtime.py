@@ -598,7 +598,8 @@ class StageRunner:
         be decoded) is then handled alone from that error (its retry, dead letter or wait), so
         it never fails its neighbours. When the batch itself cannot be written (PostgreSQL
         away) it waits and runs again; any other failure of the batch as a whole runs its
-        records one at a time."""
+        records one at a time. On shutdown or revocation the batch starts no more records:
+        those done are written and committed, the rest are handed back."""
         items: list[tuple[ConsumerRecord[bytes, bytes], Event]] = []
         for record in records:
             with contextlib.suppress(DecodeError):  # a poison pill: dead-lettered alone below
@@ -636,10 +637,13 @@ class StageRunner:
         )
         results = dict(zip(tried, published, strict=True))
         handled: list[Handled] = []
+        decoded = {record.offset for record, _ in items}
         for record in records:
             t, result = tried.get(record.offset), results.get(record.offset)
             if handled and handled[-1] is not Handled.DONE:
                 handled.append(Handled.RELEASED)  # after a held record: handed back
+            elif t is None and record.offset in decoded:
+                handled.append(Handled.RELEASED)  # not tried: the batch stopped before it
             elif isinstance(result, _Released):
                 handled.append(Handled.RELEASED)
             elif isinstance(result, BaseException) and not isinstance(result, Exception):
@@ -665,6 +669,8 @@ class StageRunner:
         tried: list[_Tried] = []
         async with self.batching() as scope:
             for record, event in items:
+                if tried and self._released(record):
+                    break  # revoked or shutting down: what is done commits, the rest goes back
                 t = _Tried(
                     record, event, self._context(record), datetime.now(UTC), time.perf_counter()
                 )

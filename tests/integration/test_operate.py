@@ -273,7 +273,15 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
             RAGSTREAM_KAFKA__SESSION_TIMEOUT_MS="45000",
         )
         a, b = (
-            WorkerProcess(settings, EMBED, tmp_path / f"{c}.log", client_id=c, env=env)
+            # One batch at a time (the remote service would size it to 8): mid-batch, slowly.
+            WorkerProcess(
+                settings,
+                EMBED,
+                tmp_path / f"{c}.log",
+                client_id=c,
+                env=env,
+                args=("--concurrency", "1"),
+            )
             for c in ("embed-a", "embed-b")
         )
 
