@@ -318,7 +318,9 @@ class Pipeline:
     rss: PeakRss | None = None
 
     @classmethod
-    async def start(cls, bootstrap: str, server_dsn: str, work: Path) -> Pipeline:
+    async def start(
+        cls, bootstrap: str, server_dsn: str, work: Path, env: dict[str, str] | None = None
+    ) -> Pipeline:
         prefix = f"bench{uuid4().hex[:8]}"
         dsn = await create_database(server_dsn, prefix)
         settings = load_settings(
@@ -332,8 +334,8 @@ class Pipeline:
             # what `stack up` does before it starts the workers
             await ensure_topics(settings)
             await migrate(dsn, dimensions=settings.embed.dimensions)
-            env = {"RAGSTREAM_POSTGRES__URL": dsn, "RAGSTREAM_OBSERVABILITY__METRICS_PORT": "0"}
-            with environ(**env):
+            more = {"RAGSTREAM_POSTGRES__URL": dsn, "RAGSTREAM_OBSERVABILITY__METRICS_PORT": "0"}
+            with environ(**more, **(env or {})):
                 pid, _ = await asyncio.to_thread(start_workers, settings, 120.0)
             pipeline.rss = PeakRss(pid)
             await pipeline.wait_assigned()
