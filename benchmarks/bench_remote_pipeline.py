@@ -66,8 +66,9 @@ def assignments(log: Path) -> dict[str, int]:
     return counts
 
 
-async def parse_rate(dsn: str) -> tuple[float, int]:
-    """Parse jobs/s while the backlog lasted, and the documents counted in it."""
+async def parse_rate(dsn: str) -> tuple[float, int, float, float]:
+    """Parse jobs/s while the backlog lasted, the documents counted in it, the mean parse step
+    (s) and the mean number of parse steps under way in that window."""
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
@@ -80,7 +81,10 @@ async def parse_rate(dsn: str) -> tuple[float, int]:
     first_done = min(r["f"] for r in rows)
     last_start = max(r["s"] for r in rows)
     done = sum(first_done < r["f"] <= last_start for r in rows)
-    return done / (last_start - first_done), done
+    window = last_start - first_done
+    busy = sum(max(0.0, min(r["f"], last_start) - max(r["s"], first_done)) for r in rows)
+    mean_step = sum(r["f"] - r["s"] for r in rows) / len(rows)
+    return done / window, done, mean_step, busy / window
 
 
 async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work: Path) -> None:
@@ -118,7 +122,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
             with progress:
                 feed = upload_all(pipeline.settings, paths, TENANT)
                 await pipeline.run(feed, count, progress, "remote pipeline")
-            rate, counted = await parse_rate(pipeline.settings.postgres.dsn())
+            rate, counted, step_s, under_way = await parse_rate(pipeline.settings.postgres.dsn())
             assigned = assignments(pipeline.settings.local.data_dir / "workers.log")
         finally:
             await pipeline.stop()
@@ -138,7 +142,10 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
     table.add_row(str(cap), f"{rate:.2f}", f"{ceiling:.2f}", f"{ratio:.2f}", f"{TARGET:.2f}")
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
-    console.print(f"documents in the measured window: {counted}")
+    console.print(
+        f"documents in the measured window: {counted}; parse step {step_s:.2f} s on average, "
+        f"{under_way:.1f} steps under way on average"
+    )
     console.print(
         "partitions assigned per consumer (1: no rebalance after the start): "
         + ", ".join(f"{stage} {n}" for stage, n in sorted(assigned.items()))

@@ -71,11 +71,14 @@ def sized_concurrency(settings: Settings, stage: str) -> int:
     """A stage's `--concurrency` when none is given. 1 when its service runs here: records go
     in micro-batches and the CPU work in the stage's pools (`parse.workers`, `chunk.workers`).
     A stage whose service is remote (`real` or `hybrid` in the settings at start) waits on the
-    network instead, so it handles as many records at once as it may have calls in flight:
-    `services.llamaparse.max_jobs_in_flight` for parse, 8 for embed."""
+    network instead, so it handles many records at once: for parse, half as many again as
+    `services.llamaparse.max_jobs_in_flight` (the parser keeps at most that many jobs in
+    flight; the other records do their reads and writes meanwhile, so no job slot waits for
+    them), for embed 8."""
     services = settings.services
     if stage == "parse" and services.llamaparse.mode is not Mode.LOCAL:
-        return min(MAX_CONCURRENCY, services.llamaparse.max_jobs_in_flight)
+        jobs = services.llamaparse.max_jobs_in_flight
+        return min(MAX_CONCURRENCY, jobs + max(1, jobs // 2))
     if stage == "embed" and services.openai.mode is not Mode.LOCAL:
         return REMOTE_EMBED_CONCURRENCY
     return 1

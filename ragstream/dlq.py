@@ -164,7 +164,7 @@ class InvalidInput(ConfigError):
 _AGE = re.compile(r"(?:\d+[smhdw])+")
 _AGE_PART = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_POSITION = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
+POSITION = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
 
 
 def parse_time(text: str, *, option: str = "time", now: datetime | None = None) -> datetime:
@@ -195,7 +195,7 @@ def parse_stage(text: str, *, option: str = "--stage") -> Stage:
 
 def parse_position(text: str, *, option: str = "position") -> tuple[int, int]:
     """`PARTITION:OFFSET` → (partition, offset)."""
-    match = _POSITION.fullmatch(text)
+    match = POSITION.fullmatch(text)
     if match is None:
         raise InvalidInput(f"{option} {text!r}: expected PARTITION:OFFSET, for example 0:42")
     return int(match[1]), int(match[2])
@@ -205,7 +205,7 @@ def parse_positions(text: str, *, option: str = "--up-to") -> dict[int, int]:
     """`P:O[,P:O...]` → {partition: offset}, each partition at most once."""
     out: dict[int, int] = {}
     for item in text.split(","):
-        match = _POSITION.fullmatch(item)
+        match = POSITION.fullmatch(item)
         if match is None:
             raise InvalidInput(
                 f"{option} {text!r}: expected PARTITION:OFFSET[,PARTITION:OFFSET...], "
@@ -604,6 +604,29 @@ async def list_records(
         total = dlq.total
     found.sort(key=lambda r: (r.timestamp_ms, r.partition, r.offset))
     return Listing(found[:limit] if limit is not None else found, len(found), total)
+
+
+async def newest_of_document(settings: Settings, document: str) -> tuple[int, int]:
+    """The position of the newest dead letter of the document whose id is `document` or
+    starts with it; InvalidInput when no dead letter is of such a document, or several
+    documents' ids start with it."""
+    listing = await list_records(settings)
+    exact = [r for r in listing.records if r.document == document]
+    found = exact or [r for r in listing.records if (r.document or "").startswith(document)]
+    documents = sorted({r.document or "" for r in found})
+    if not found:
+        raise InvalidInput(
+            f"no dead letter of a document {document!r}: give a PARTITION:OFFSET (for example "
+            "0:42) or a document id, as `dlq list` shows them"
+        )
+    if len(documents) > 1:
+        shown = ", ".join(documents[:5]) + (", ..." if len(documents) > 5 else "")
+        raise InvalidInput(
+            f"{document!r} is the start of several dead-lettered documents' ids ({shown}): "
+            "give more of it"
+        )
+    newest = found[-1]  # the listing is oldest first
+    return newest.partition, newest.offset
 
 
 @dataclass(frozen=True, slots=True)

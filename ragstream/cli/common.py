@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO, TypeVar
 
 import typer
@@ -82,3 +82,15 @@ def run(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+async def full_document_ids(settings: Settings, keys: Sequence[str]) -> list[str]:
+    """Each key as a whole document id: itself, or the one id it is the start of (4
+    characters or more, as the tables show ids). An ambiguous start is a ConfigError naming
+    the candidates; a key that is no document's is kept as it is."""
+    from ragstream.store import Store
+
+    if not keys:
+        return []
+    async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=1) as store:
+        return [await store.document_id(key) or key for key in keys]

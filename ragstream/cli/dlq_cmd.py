@@ -21,6 +21,7 @@ from rich.table import Table
 
 from ragstream.cli.common import EXIT_FAILURE, console, err_console, fail, run, settings_or_exit
 from ragstream.dlq import (
+    POSITION,
     DlqFilter,
     DlqRecord,
     DlqStats,
@@ -31,6 +32,7 @@ from ragstream.dlq import (
     dlq_stats,
     format_ms,
     list_records,
+    newest_of_document,
     parse_position,
     parse_positions,
     parse_time,
@@ -39,6 +41,7 @@ from ragstream.dlq import (
     redrive,
     show_record,
 )
+from ragstream.errors import RagstreamError
 from ragstream.settings import Settings
 from ragstream.topology import (
     H_ERR_FIRST_FAILURE,
@@ -118,11 +121,12 @@ def list_cmd(
     """List dead letters, oldest first."""
     settings = _settings()
 
-    async def load() -> Listing:
+    async def load() -> tuple[Listing, dict[str, str]]:
         flt = _filter(stage, error_class, tenant, since, until)
-        return await list_records(settings, flt, limit)
+        listing = await list_records(settings, flt, limit)
+        return listing, await _filenames(settings, listing.records)
 
-    listing = run(load)
+    listing, filenames = run(load)
     if as_json:
         _echo_json([r.summary() for r in listing.records])
         if listing.total == 0:
@@ -135,7 +139,8 @@ def list_cmd(
         console.print(f"no DLQ record matches ({listing.total} in the DLQ)")
         return
     table = Table(title=f"dead letters ({listing.matched} matching of {listing.total})")
-    for col in ("at", "time", "stage", "error class", "kind", "tries", "document", "message"):
+    columns = ("at", "time", "stage", "error class", "kind", "tries", "tenant", "document", "file")
+    for col in (*columns, "message"):
         table.add_column(col, justify="right" if col == "tries" else "left", overflow="fold")
     for r in listing.records:
         table.add_row(
@@ -145,7 +150,9 @@ def list_cmd(
             r.error_class or "",
             r.kind or "",
             "" if r.attempts is None else str(r.attempts),
+            escape(r.tenant or ""),
             escape(r.document or ""),
+            escape(filenames.get(r.document or "", "")),
             escape(_snippet(r.message)),
         )
     console.print(table)
@@ -153,6 +160,22 @@ def list_cmd(
         console.print(
             f"showing {len(listing.records)} of {listing.matched}; raise --limit for more"
         )
+
+
+async def _filenames(settings: Settings, records: list[DlqRecord]) -> dict[str, str]:
+    """The file names of the records' documents, from PostgreSQL (none when it is away: the
+    listing is the DLQ's, and shows without them)."""
+    from ragstream.store import Store
+
+    ids = sorted({r.document for r in records if r.document})
+    if not ids:
+        return {}
+    try:
+        async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=1) as store:
+            documents = await store.get_documents(ids)
+    except RagstreamError:
+        return {}
+    return {d: doc.filename for d, doc in documents.items() if doc.filename}
 
 
 # -- show --------------------------------------------------------------------------------------
@@ -221,14 +244,23 @@ def _shown_json(shown: ShownRecord) -> dict[str, Any]:
 
 @app.command("show")
 def show_cmd(
-    position: Annotated[str, typer.Argument(help="PARTITION:OFFSET, as `dlq list` shows it.")],
+    position: Annotated[
+        str,
+        typer.Argument(
+            help="PARTITION:OFFSET, as `dlq list` shows it; or a document's id, or the start "
+            "of it: that document's newest dead letter."
+        ),
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """One dead letter: every header and the decoded payload (or a hex preview)."""
     settings = _settings()
 
     async def load() -> ShownRecord:
-        partition, offset = parse_position(position)
+        if POSITION.fullmatch(position):
+            partition, offset = parse_position(position)
+        else:
+            partition, offset = await newest_of_document(settings, position)
         return await show_record(settings, partition, offset)
 
     shown = run(load)

@@ -15,7 +15,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ragstream.cli.common import console, err_console, run, settings_or_exit
+from ragstream.cli.common import (
+    console,
+    err_console,
+    full_document_ids,
+    run,
+    settings_or_exit,
+)
 from ragstream.replay import (
     ReplayPlan,
     ReplayReport,
@@ -74,7 +80,12 @@ TenantOpt = Annotated[
     list[str], typer.Option("--tenant", "-t", help="--live: only this tenant (repeatable).")
 ]
 DocumentOpt = Annotated[
-    list[str], typer.Option("--document", "-d", help="--live: only this document (repeatable).")
+    list[str],
+    typer.Option(
+        "--document",
+        "-d",
+        help="--live: only this document (repeatable): its id, or the start of it the tables show.",
+    ),
 ]
 CorrelationOpt = Annotated[
     list[str],
@@ -119,7 +130,7 @@ def replay(
             offsets=offsets,
             until=until,
             tenants=tenant,
-            documents=document,
+            documents=await full_document_ids(settings, document),
             correlation_ids=correlation_id,
         )
         return await plan_replay(settings, request)

@@ -38,6 +38,21 @@ MIN_ID_PREFIX = 4
 AMBIGUOUS_SHOWN = 5
 
 
+async def _by_id_prefix(conn: Any, key: str) -> Any:
+    """The one document row whose id starts with `key` (None if none or `key` is too short);
+    ConfigError listing the candidates when several do."""
+    if len(key) < MIN_ID_PREFIX:
+        return None
+    found = await conn.fetch(sql.DOCUMENTS_BY_ID_PREFIX, key, AMBIGUOUS_SHOWN + 1)
+    if len(found) > 1:
+        shown = ", ".join(f["document_id"] for f in found[:AMBIGUOUS_SHOWN])
+        more = ", ..." if len(found) > AMBIGUOUS_SHOWN else ""
+        raise ConfigError(
+            f"{key!r} is the start of several document ids ({shown}{more}): give more of it"
+        )
+    return found[0] if found else None
+
+
 class ReadOperations(OnConnection):
     """Nearest chunks for a query vector, a document's journey, counts."""
 
@@ -155,21 +170,24 @@ class ReadOperations(OnConnection):
             row = await conn.fetchrow(sql.GET_DOCUMENT, key)
             if row is None:
                 row = await conn.fetchrow(sql.DOCUMENT_BY_CORRELATION, key)
-            if row is None and len(key) >= MIN_ID_PREFIX:
-                found = await conn.fetch(sql.DOCUMENTS_BY_ID_PREFIX, key, AMBIGUOUS_SHOWN + 1)
-                if len(found) > 1:
-                    shown = ", ".join(f["document_id"] for f in found[:AMBIGUOUS_SHOWN])
-                    more = ", ..." if len(found) > AMBIGUOUS_SHOWN else ""
-                    raise ConfigError(
-                        f"{key!r} is the start of several document ids ({shown}{more}): "
-                        "give more of it"
-                    )
-                row = found[0] if found else None
+            if row is None:
+                row = await _by_id_prefix(conn, key)
             if row is None:
                 return None
             # Only the owner's steps: a record of another tenant naming this id never shows.
             steps = await conn.fetch(sql.STEPS, row["document_id"], row["tenant_id"])
         return Journey(document=document_from_row(row), steps=[Step(**dict(s)) for s in steps])
+
+    @translate_errors
+    async def document_id(self, key: str) -> str | None:
+        """The id of the document whose id is `key`, or starts with it (at least 4
+        characters, as the tables show ids) and is the only one that does; None if none.
+        An ambiguous start is a ConfigError naming the candidates."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.GET_DOCUMENT, key)
+            if row is None:
+                row = await _by_id_prefix(conn, key)
+        return None if row is None else str(row["document_id"])
 
     @translate_errors
     async def summary(self, tenant_id: str | None = None) -> Summary:

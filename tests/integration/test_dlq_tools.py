@@ -40,6 +40,7 @@ from ragstream.events import (
 )
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Store
+from ragstream.store.migrate import migrate
 from ragstream.topology import (
     H_ERR_ATTEMPTS,
     H_ERR_CLASS,
@@ -530,7 +531,7 @@ def test_purge_before_a_time_and_up_to_offsets(own: Dlq) -> None:
         (["list", "--since", "yesterday"], "--since 'yesterday': expected an ISO 8601 time"),
         (["redrive", "--until", "2x"], "--until '2x': expected an ISO 8601 time"),
         (["list", "--since", "1h", "--until", "2h"], "is not before --until"),
-        (["show", "0-4"], "position '0-4': expected PARTITION:OFFSET"),
+        (["show", "0-4"], "no dead letter of a document '0-4': give a PARTITION:OFFSET"),
         (["show", "7:0"], "has partitions 0..2, not 7"),
         (["show", "2:99"], "no record at 2:99: partition 2 holds offsets 0..0"),
         (["purge"], "give one of --before TIME or --up-to"),
@@ -594,3 +595,35 @@ def test_missing_topics_and_unreachable_services_are_one_line(
     assert result.output.startswith(
         f"error: cannot reach PostgreSQL at postgresql://postgres@{dead}/x"
     ), result.output
+
+
+async def _register_doc_3(settings: Settings) -> None:
+    await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
+    async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=1) as store:
+        await store.register_upload(
+            "doc-3", "acme", "quarterly-report.md", "text/markdown", 5, "c" * 64,
+            None, None, "corr-3", None,
+        )  # fmt: skip
+
+
+def test_list_names_tenant_and_file_and_show_takes_a_document_id(own_database: Settings) -> None:
+    dlq = Dlq(own_database, asyncio.run(seed(own_database)))
+    asyncio.run(_register_doc_3(own_database))
+    listed = dlq_cli(dlq.env(), "list")
+    assert listed.exit_code == 0, listed.output
+    row = next(line for line in listed.output.splitlines() if "doc-3" in line)
+    assert "acme" in row and "quarterly-report.md" in row  # the file name from PostgreSQL
+
+    chunk = dlq.records["chunk"]  # doc-3's dead letter
+    by_id = dlq_cli(dlq.env(), "show", "doc-3", "--json")
+    assert by_id.exit_code == 0, by_id.output
+    assert json.loads(by_id.stdout)["position"] == chunk.position
+    ambiguous = dlq_cli(dlq.env(), "show", "doc-")
+    assert ambiguous.exit_code == 2
+    assert "'doc-' is the start of several dead-lettered documents' ids (doc-1, doc-2" in flat(
+        ambiguous
+    )
+    missing = dlq_cli(dlq.env(), "show", "no-such-document")
+    assert missing.exit_code == 2 and "no dead letter of a document 'no-such-document'" in flat(
+        missing
+    )

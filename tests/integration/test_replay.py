@@ -276,6 +276,12 @@ async def test_a_live_replay_of_one_tenant_reprocesses_it_and_leaves_the_others_
         assert "would republish 3 of 6 record(s)" in dry.flat, dry.out
         assert "left out 3: not taken by the filter" in dry.flat
         assert await end_offsets(settings, topology.uploaded) == ends, "a dry run writes nothing"
+        # A document as the tables show it: the start of its id.
+        one = await replay_cli(
+            settings, "parse", "--live", "--earliest", "--document", ids(b)[0][:8], "--dry-run"
+        )
+        assert one.code == 0, one
+        assert "would republish 1 of 6 record(s)" in one.flat, one.out
 
         ran = await replay_cli(settings, "parse", "--live", "--earliest", "--tenant", mine)
         assert ran.code == 0, ran

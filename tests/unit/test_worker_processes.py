@@ -64,6 +64,6 @@ def test_concurrency_is_sized_to_where_each_stage_works() -> None:
             "openai": {"mode": "hybrid"},
         },
     )
-    assert sized_concurrency(remote, "parse") == 12  # a job in flight per record
+    assert sized_concurrency(remote, "parse") == 18  # every job slot busy, and records between
     assert sized_concurrency(remote, "embed") == REMOTE_EMBED_CONCURRENCY
     assert sized_concurrency(remote, "chunk") == 1
