@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -50,6 +51,7 @@ class StackInfo:
     workers_pid: int | None = None
     workers_log: str | None = None
     metrics_url: str | None = None
+    worker_processes: dict[str, int] = field(default_factory=dict)  # worker name -> pid
     prometheus_url: str | None = None
     secure_env: str | None = None  # secure mode: the file to `source` for admin access
 
@@ -97,8 +99,8 @@ async def stack_up(
         info.workers_log = str(_workers_log(settings))
         if fresh:
             started.append("workers")
-        obs = settings.observability
-        info.metrics_url = f"http://{obs.metrics_host}:{obs.metrics_port}/metrics"
+        info.worker_processes = worker_processes(pid)
+        info.metrics_url = served_metrics_url(settings)
     if prometheus:
         port, fresh = start_prometheus(settings)
         info.prometheus_url = f"http://127.0.0.1:{port}"
@@ -131,14 +133,13 @@ def start_prometheus(settings: Settings) -> tuple[int, bool]:
             "prometheus is not installed (Debian: apt-get install prometheus)"
         )
     home.mkdir(parents=True, exist_ok=True)
-    obs = settings.observability
     rules = (config_dir() / "prometheus" / "alerts.yml").resolve()
     config = home / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 5s\n  evaluation_interval: 15s\n"
         f"rule_files:\n  - {rules}\n"
         "scrape_configs:\n  - job_name: ragstream-workers\n    static_configs:\n"
-        f"      - targets: ['{obs.metrics_host}:{obs.metrics_port}']\n"
+        f"      - targets: ['{urlsplit(served_metrics_url(settings)).netloc}']\n"
     )
     with (home / "prometheus.log").open("ab") as out:
         proc = subprocess.Popen(
@@ -236,6 +237,33 @@ def start_workers(
         time.sleep(0.2)
     log.info("workers.started", pid=proc.pid, log=str(logfile))
     return proc.pid, True
+
+
+def worker_processes(pid: int) -> dict[str, int]:
+    """The `ragstream worker <name>` processes `worker all` (pid) runs, by name."""
+    found: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                if b"worker" in argv[:-1]:
+                    found[argv[argv.index(b"worker") + 1].decode()] = int(child)
+    return found
+
+
+def served_metrics_url(settings: Settings) -> str:
+    """Where the stack's `worker all` serves /metrics: the address its log says it bound (the
+    port the OS picked when `observability.metrics_port` is 0), else the configured one."""
+    obs = settings.observability
+    url = f"http://{obs.metrics_host}:{obs.metrics_port}/metrics"
+    log_path = _workers_log(settings)
+    if not log_path.exists():
+        return url
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"serving metrics and health"' in line and '"workers"' in line:
+            with contextlib.suppress(ValueError, AttributeError):
+                url = str(json.loads(line)["url"])
+    return url
 
 
 def _consuming(log_text: str) -> set[str]:

@@ -30,9 +30,10 @@ def where_table(info: StackInfo) -> Table:
     table.add_row("postgresql + pgvector", info.postgres_dsn)
     table.add_row("data directory", info.data_dir)
     if info.workers_pid:
-        table.add_row(
-            "workers (parse, chunk, embed)", f"pid {info.workers_pid}, log {info.workers_log}"
-        )
+        table.add_row("worker all (supervisor)", f"pid {info.workers_pid}, log {info.workers_log}")
+        for name, pid in sorted(info.worker_processes.items()):
+            what = "cost accountant" if name == "cost" else f"{name} stage"
+            table.add_row(f"  worker {name} ({what})", f"pid {pid}")
     if info.metrics_url:
         table.add_row("worker metrics / readiness", f"{info.metrics_url}  (/ready, /healthz)")
     if info.prometheus_url:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,7 +107,16 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
     assert up.returncode == 0, up.stdout + up.stderr
     bootstrap = stack_env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
     assert bootstrap in up.stdout
-    assert "workers (parse, chunk, embed)" in up.stdout
+    # worker all and its four processes, each named, and where the metrics really are
+    assert "worker all (supervisor)" in up.stdout
+    for row in ("worker parse (parse stage)", "worker chunk (chunk stage)"):
+        assert row in up.stdout, up.stdout
+    assert "worker embed (embed stage)" in up.stdout
+    assert "worker cost (cost accountant)" in up.stdout
+    metrics_url = f"http://127.0.0.1:{stack_env['RAGSTREAM_OBSERVABILITY__METRICS_PORT']}/metrics"
+    assert metrics_url in up.stdout
+    with urllib.request.urlopen(metrics_url, timeout=10) as page:
+        assert 'worker="embed"' in page.read().decode()
 
     # kcat, a third-party client, sees every topic with its partition count.
     listing = subprocess.run(
