@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ragstream.admin import ensure_topics
 from ragstream.settings import Settings
+from ragstream.stack import worker_processes
 from ragstream.store import Store
 from tests.conftest import free_port
 from tests.integration.pipeline_helpers import (
@@ -28,17 +28,6 @@ from tests.integration.test_worker_health import _get, _until
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MiB = 1024 * 1024
-
-
-def _children(pid: int) -> dict[str, int]:
-    """The `ragstream worker <name>` processes under `pid`, by name."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    found = {}
-    for child in out.split():
-        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        if b"worker" in argv:
-            found[argv[argv.index(b"worker") + 1].decode()] = int(child)
-    return found
 
 
 def _samples(text: str, name: str) -> dict[str, float]:
@@ -67,7 +56,7 @@ async def test_worker_all_runs_a_supervised_process_per_stage_behind_one_metrics
     base = f"http://127.0.0.1:{port}"
     try:
         await _until(f"{base}/ready", 200, within_s=90)
-        children = _children(proc.proc.pid)
+        children = worker_processes(proc.proc.pid)
         assert set(children) == {"parse", "chunk", "embed", "cost"}, children
 
         ids = await _upload(settings, make_corpus(tmp_path / "in", 6), tenant)
@@ -89,11 +78,11 @@ async def test_worker_all_runs_a_supervised_process_per_stage_behind_one_metrics
         os.kill(children["embed"], signal.SIGKILL)
 
         def restarted() -> bool:
-            now = _children(proc.proc.pid) if proc.proc else {}
+            now = worker_processes(proc.proc.pid) if proc.proc else {}
             return "embed" in now and now["embed"] != children["embed"]
 
         await wait_until(restarted, 30, "the embed process started again", explain=proc.tail)
-        assert _children(proc.proc.pid)["parse"] == children["parse"]
+        assert worker_processes(proc.proc.pid)["parse"] == children["parse"]
         more = await _upload(settings, make_corpus(tmp_path / "more", 3, seed=9), tenant)
         await wait_for_statuses(store, more, 90, running=[proc])
         text = await asyncio.to_thread(_get, f"{base}/metrics")
@@ -101,5 +90,5 @@ async def test_worker_all_runs_a_supervised_process_per_stage_behind_one_metrics
     finally:
         code = await proc.stop()
     assert code == 0, proc.tail()
-    assert not _children(proc.proc.pid)
+    assert not worker_processes(proc.proc.pid)
     assert "worker process exited; starting it again" in proc.log_path.read_text()
