@@ -41,9 +41,12 @@ def worker(
         ),
     ] = False,
 ) -> None:
-    """Run a stage worker (a member of the stage's consumer group) until SIGTERM/SIGINT.
-    `cost` runs the cost accountant; `all` runs every stage and the accountant, each in a
-    process of its own, supervised (see --one-process)."""
+    """Run a stage worker until SIGTERM/SIGINT: parse, chunk, embed, cost (the accountant),
+    or all (each in a supervised process of its own).
+
+    A worker is a member of its stage's consumer group: run more to scale the group, up to
+    the partition count. `all --one-process` runs every stage and the accountant in one
+    process."""
     if stage not in STAGE_CHOICES:
         raise fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
     from consumers.processes import run_processes, sized_concurrency
