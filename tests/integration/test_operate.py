@@ -142,6 +142,7 @@ async def test_three_embed_processes_share_a_backlog_and_status_shows_the_spread
                 tmp_path / f"embed-{n}.log",
                 client_id=f"embed-{n}",
                 env=paid_embeddings(server),
+                args=("--concurrency", "1"),  # a known pace: a backlog is left to share
             )
             for n in (1, 2, 3)
         ]
