@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import os
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -59,6 +60,11 @@ class Rejection:
     reason: str
 
 
+def printable(path: Path) -> str:
+    """A path as text to print: bytes of a name that are not UTF-8 shown as U+FFFD."""
+    return os.fsencode(path).decode("utf-8", errors="replace")
+
+
 def collect_files(
     paths: Iterable[Path], include: Iterable[str] = ()
 ) -> tuple[list[Path], list[Rejection]]:
@@ -76,7 +82,7 @@ def collect_files(
         elif path.is_file():
             files.append(path)
         else:
-            missing.append(Rejection(str(path), f"{path}: no such file or directory"))
+            missing.append(Rejection(printable(path), f"{printable(path)}: no such file or directory"))
     return files, missing
 
 
@@ -221,11 +227,18 @@ class Uploader:
 
     async def upload_file(self, path: Path, **kwargs: object) -> UploadReceipt:
         try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UploadRejected(
+                f"{printable(path)}: the file name is not valid UTF-8 (a document's filename is "
+                "text): rename the file"
+            ) from None
+        try:
             data = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
-            raise UploadRejected(f"{path}: no such file") from None
+            raise UploadRejected(f"{printable(path)}: no such file") from None
         except OSError as exc:
-            raise UploadRejected(f"{path}: cannot read: {exc.strerror}") from None
+            raise UploadRejected(f"{printable(path)}: cannot read: {exc.strerror}") from None
         return await self.upload_bytes(data, path.name, **kwargs)  # type: ignore[arg-type]
 
 
@@ -250,8 +263,8 @@ async def upload_paths(
                     )
                 )
             except UploadRejected as exc:
-                log.warning("upload refused", path=str(path), reason=str(exc))
-                rejected.append(Rejection(str(path), str(exc)))
+                log.warning("upload refused", path=printable(path), reason=str(exc))
+                rejected.append(Rejection(printable(path), str(exc)))
         failed = await uploader.flush()
     lost = {r.document_id for r, _ in failed}
     rejected += [Rejection(r.filename, f"not published: {exc}") for r, exc in failed]

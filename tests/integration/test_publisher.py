@@ -4,6 +4,7 @@ ones the broker did not take reported by name; `--wait` follows documents in one
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,27 @@ async def test_waiting_reads_every_document_in_one_query(
     assert calls == 1
     assert results["never-uploaded"].status == "published"
     assert set(results) == {*ids, "never-uploaded"}
+
+
+def _mixed_folder(folder: Path) -> Path:
+    """Three files; the middle one's name is Latin-1 bytes, not UTF-8."""
+    folder.mkdir()
+    (folder / "a-first.md").write_text("# First\n\nBefore the odd name.\n")
+    Path(os.fsdecode(bytes(folder) + b"/b-caf\xe9-latin1.md")).write_text("# Odd\n\nLatin-1.\n")
+    (folder / "c-last.md").write_text("# Last\n\nAfter the odd name.\n")
+    return folder
+
+
+async def test_a_directory_upload_reports_a_name_it_cannot_send_and_sends_the_rest(
+    settings: Settings, tenant: str, tmp_path: Path
+) -> None:
+    await ensure_topics(settings)
+    folder = _mixed_folder(tmp_path / "mixed")
+    receipts, rejected = await upload_paths(settings, [folder], tenant_id=tenant)
+    assert sorted(r.filename for r in receipts) == ["a-first.md", "c-last.md"]
+    (refused,) = rejected
+    assert refused.path.endswith("b-caf\ufffd-latin1.md")  # printable
+    assert "the file name is not valid UTF-8" in refused.reason
+    refused.reason.encode("utf-8")  # fit for any terminal
+    landed = await read_topic(settings, Topology(settings.kafka.topic_prefix).uploaded, at_least=2)
+    assert sorted(d.document_id for d in landed) == sorted(r.document_id for r in receipts)
