@@ -79,6 +79,7 @@ app.add_typer(pipeline_cmd.db_app, name="db")
 app.add_typer(dlq_cmd.app, name="dlq")
 app.command("replay")(replay_cmd.replay)
 app.command("status")(status_cmd.status)
+app.command("exporter")(status_cmd.exporter)
 app.add_typer(cost_cmd.app, name="cost")
 
 

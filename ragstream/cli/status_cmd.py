@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from typing import Annotated
 
@@ -215,3 +216,14 @@ def _services_table(services: tuple[ServiceStatus, ...]) -> Table:
             state += "; tenants: " + ", ".join(f"{t.tenant_id} {t.state.value}" for t in s.tenants)
         table.add_row(s.service, s.mode, s.circuit.describe(), state, spend, requests)
     return table
+
+
+def exporter() -> None:
+    """Serve every consumer group's lag, committed offsets and members, and the DLQ's depth,
+    read from outside the groups, for Prometheus (observability.exporter_port) until
+    SIGTERM/SIGINT."""
+    from ragstream.exporter import run_exporter
+
+    settings = settings_or_exit(quiet=False)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its errors reach us as one line
+    run(run_exporter, settings)

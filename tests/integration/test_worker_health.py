@@ -16,10 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.worker import run_workers
 from ragstream.admin import ensure_topics
+from ragstream.exporter import GroupExporter
 from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import Settings
 from ragstream.topology import Stage
 from tests.conftest import free_port
+from tests.integration.pipeline_helpers import wait_until
 from tests.integration.test_observability import (
     METRIC_NAME,
     alert_expressions,
@@ -82,6 +84,16 @@ async def test_readiness_follows_the_database_and_live_metrics_cover_the_dashboa
         await ensure_topics(settings)
         stop = asyncio.Event()
         task = asyncio.create_task(run_workers(settings, list(Stage), stop=stop))
+        exporter = GroupExporter(
+            settings.model_copy(
+                update={
+                    "observability": settings.observability.model_copy(
+                        update={"exporter_port": 0}
+                    )
+                }
+            )
+        )
+        exporting = asyncio.create_task(exporter.run(stop, interval_s=0.5))
         try:
             ready = f"http://127.0.0.1:{port}/ready"
             await _until(ready, 200)
@@ -93,9 +105,12 @@ async def test_readiness_follows_the_database_and_live_metrics_cover_the_dashboa
             await _until(ready, 200)
 
             text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+            await wait_until(lambda: exporter.reading, 30, "the exporter's first read")
+            text += await asyncio.to_thread(_get, f"http://127.0.0.1:{exporter.port}/metrics")
         finally:
             stop.set()
             await asyncio.wait_for(task, 60)
+            await asyncio.wait_for(exporting, 30)
     finally:
         postgres.stop()
 
