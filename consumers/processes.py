@@ -4,7 +4,8 @@
       ├─ ragstream worker parse   each serves its own on a free port the parent picked
       ├─ ragstream worker chunk
       ├─ ragstream worker embed
-      └─ ragstream worker cost
+      ├─ ragstream worker cost
+      └─ ragstream exporter       the groups seen from outside (ragstream.exporter)
 
 Why processes: the stages' Python work no longer shares one interpreter lock, so on a 2-core
 machine parse, chunk and embed run side by side; a crash or a leak stays in its process.
@@ -57,7 +58,7 @@ from ragstream.settings import Mode, Settings
 
 log = structlog.get_logger(__name__)
 
-WORKERS: Final = ("parse", "chunk", "embed", "cost")
+WORKERS: Final = ("parse", "chunk", "embed", "cost", "exporter")
 EXIT_CONFIG: Final = 2
 RESTART_BASE_S: Final = 1.0
 RESTART_CAP_S: Final = 30.0
@@ -157,6 +158,22 @@ def merge_expositions(texts: dict[str, str]) -> bytes:
     return generate_latest(registry)
 
 
+def _command(settings: Settings, name: str, concurrency: int | None) -> list[str]:
+    """The child's command line: `ragstream worker <stage>` or `ragstream exporter`."""
+    ragstream = [sys.executable, "-m", "ragstream"]
+    if name == "exporter":
+        return [*ragstream, "exporter"]
+    if name == "cost":
+        return [*ragstream, "worker", "cost"]
+    sized = concurrency or sized_concurrency(settings, name)
+    return [*ragstream, "worker", name, "--concurrency", str(sized)]
+
+
+def _port(name: str, port: int) -> dict[str, str]:
+    key = "EXPORTER_PORT" if name == "exporter" else "METRICS_PORT"
+    return {f"RAGSTREAM_OBSERVABILITY__{key}": str(port)}
+
+
 class Supervisor:
     """Runs the children until `stop`; see the module docstring."""
 
@@ -173,15 +190,7 @@ class Supervisor:
         base_env = {**os.environ, "RAGSTREAM_OBSERVABILITY__METRICS_HOST": "127.0.0.1"}
         self.children = [
             Child(
-                name,
-                port,
-                [sys.executable, "-m", "ragstream", "worker", name]
-                + (
-                    ["--concurrency", str(concurrency or sized_concurrency(settings, name))]
-                    if name != "cost"
-                    else []
-                ),
-                {**base_env, "RAGSTREAM_OBSERVABILITY__METRICS_PORT": str(port)},
+                name, port, _command(settings, name, concurrency), {**base_env, **_port(name, port)}
             )
             for name, port in zip(workers, ports, strict=True)
         ]

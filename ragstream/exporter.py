@@ -29,7 +29,7 @@ import time
 
 import structlog
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
 
 from ragstream.errors import RagstreamError
 from ragstream.health import HealthServer
@@ -48,6 +48,7 @@ class GroupExporter:
         self.topology = Topology(settings.kafka.topic_prefix)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # its own memory and CPU, as every worker shows
         where = ["group", "topic", "partition"]
         self.lag = Gauge(
             "ragstream_group_lag", "Records after the group's committed offset.", where, registry=r

@@ -292,7 +292,7 @@ class ObservabilitySettings(_Section):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535)  # 0: pick a free port
     # `ragstream exporter`: the groups' health from outside them (ragstream.exporter)
-    exporter_port: int = Field(9465, ge=0, le=65535)
+    exporter_port: int = Field(9308, ge=0, le=65535)  # kafka_exporter's port
     exporter_interval_s: float = Field(5.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"

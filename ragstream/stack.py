@@ -248,6 +248,8 @@ def worker_processes(pid: int) -> dict[str, int]:
                 argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
                 if b"worker" in argv[:-1]:
                     found[argv[argv.index(b"worker") + 1].decode()] = int(child)
+                elif b"exporter" in argv:
+                    found["exporter"] = int(child)
     return found
 
 

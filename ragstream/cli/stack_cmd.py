@@ -32,6 +32,9 @@ def where_table(info: StackInfo) -> Table:
     if info.workers_pid:
         table.add_row("worker all (supervisor)", f"pid {info.workers_pid}, log {info.workers_log}")
         for name, pid in sorted(info.worker_processes.items()):
+            if name == "exporter":
+                table.add_row("  exporter (the groups from outside)", f"pid {pid}")
+                continue
             what = "cost accountant" if name == "cost" else f"{name} stage"
             table.add_row(f"  worker {name} ({what})", f"pid {pid}")
     if info.metrics_url:

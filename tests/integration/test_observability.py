@@ -28,9 +28,12 @@ from aiokafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragstream.admin import admin_client
+from ragstream.events import utc_now
+from ragstream.exporter import GroupExporter
 from ragstream.health import HealthServer, database_ready, readiness
 from ragstream.metrics import Metrics, observe_lag
-from ragstream.settings import Settings
+from ragstream.settings import Settings, load_settings
+from ragstream.status import GroupStatus, PartitionStatus, Status
 from ragstream.store import Store
 from tests.unit.test_metrics import exercise
 
@@ -69,10 +72,17 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def exported_sample_names() -> set[str]:
-    """Every sample name a Metrics instance exposes once every method has been called."""
+    """Every sample name a Metrics instance exposes once every method has been called, and
+    every one `ragstream exporter` exposes once it has read the groups."""
     metrics = Metrics()
     exercise(metrics)
-    text = metrics.exposition().decode()
+    exporter = GroupExporter(load_settings())
+    partition = PartitionStatus("p.documents.uploaded", 0, 0, 5, 3, 2, None, None)
+    group = GroupStatus(
+        "parse", "p-parse", ("p.documents.uploaded",), "Stable", (), (partition,), None
+    )
+    exporter.observe(Status(utc_now(), "b:9092", "p", None, (group,), "p.dlq", 1))
+    text = (metrics.exposition() + exporter.exposition()).decode()
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
 
@@ -99,7 +109,7 @@ def test_scrape_configs_are_valid(config: str) -> None:
 
 def test_alert_rules_are_valid() -> None:
     assert (
-        "SUCCESS: 9 rules found"
+        "SUCCESS: 13 rules found"
         in promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml")).stdout
     )
 
@@ -295,7 +305,7 @@ async def test_prometheus_scrapes_records_lag_and_latency(
 
     rules = await asyncio.to_thread(http_json, f"{prometheus.base}/api/v1/rules")
     loaded = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
-    assert len(loaded) == 9 and "RagstreamDeadLetters" in loaded
+    assert len(loaded) == 13 and {"RagstreamDeadLetters", "RagstreamGroupStuck"} <= set(loaded)
     scraped = await prometheus.wait_for('scrape_samples_scraped{job="ragstream-workers"}')
     print(
         f"scrape: {len(metrics.exposition())} bytes, {scraped[0]['value'][1]} samples",

@@ -57,7 +57,7 @@ async def test_worker_all_runs_a_supervised_process_per_stage_behind_one_metrics
     try:
         await _until(f"{base}/ready", 200, within_s=90)
         children = worker_processes(proc.proc.pid)
-        assert set(children) == {"parse", "chunk", "embed", "cost"}, children
+        assert set(children) == {"parse", "chunk", "embed", "cost", "exporter"}, children
 
         ids = await _upload(settings, make_corpus(tmp_path / "in", 6), tenant)
         await wait_for_statuses(store, ids, 90, running=[proc])
@@ -65,14 +65,18 @@ async def test_worker_all_runs_a_supervised_process_per_stage_behind_one_metrics
         handled = _samples(text, "ragstream_records_total")
         assert {w for w, n in handled.items() if n >= len(ids)} >= {"parse", "chunk", "embed"}
         rss = _samples(text, "process_resident_memory_bytes")
-        assert set(rss) >= {"parse", "chunk", "embed", "cost"}, rss
+        assert set(rss) >= {"parse", "chunk", "embed", "cost", "exporter"}, rss
         assert all(v < 150 * MiB for v in rss.values()), rss
         assert _samples(text, "ragstream_worker_process_up") == {
             "parse": 1.0,
             "chunk": 1.0,
             "embed": 1.0,
             "cost": 1.0,
+            "exporter": 1.0,
         }
+        # The groups from outside, through the same endpoint: every stage drained.
+        lag = _samples(text, "ragstream_group_lag")
+        assert lag.get("exporter") == 0, lag
 
         # A stage process that dies is started again; the others go on.
         os.kill(children["embed"], signal.SIGKILL)

@@ -113,6 +113,7 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
         assert row in up.stdout, up.stdout
     assert "worker embed (embed stage)" in up.stdout
     assert "worker cost (cost accountant)" in up.stdout
+    assert "exporter (the groups from outside)" in up.stdout
     metrics_url = f"http://127.0.0.1:{stack_env['RAGSTREAM_OBSERVABILITY__METRICS_PORT']}/metrics"
     assert metrics_url in up.stdout
     with urllib.request.urlopen(metrics_url, timeout=10) as page:

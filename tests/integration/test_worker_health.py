@@ -87,9 +87,7 @@ async def test_readiness_follows_the_database_and_live_metrics_cover_the_dashboa
         exporter = GroupExporter(
             settings.model_copy(
                 update={
-                    "observability": settings.observability.model_copy(
-                        update={"exporter_port": 0}
-                    )
+                    "observability": settings.observability.model_copy(update={"exporter_port": 0})
                 }
             )
         )
