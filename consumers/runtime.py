@@ -142,6 +142,7 @@ class BatchScope(Protocol):
 Batching = Callable[[], AbstractAsyncContextManager[BatchScope]]
 
 COMMIT_TIMEOUT_S: Final = 2.0
+FETCH_MAX_WAIT_MS: Final = 100
 
 
 def _now_ms() -> int:
@@ -292,6 +293,9 @@ class StageRunner:
                 session_timeout_ms=kafka.session_timeout_ms,
                 heartbeat_interval_ms=min(3000, kafka.session_timeout_ms // 3),
                 max_poll_records=self.max_poll_records,
+                # A partition resumed after its batch is fetched with the next request; a
+                # long poll in flight for the other partitions holds that back at most this.
+                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             )
             consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
             return consumer
@@ -604,7 +608,7 @@ class StageRunner:
         for record in records:
             with contextlib.suppress(DecodeError):  # a poison pill: dead-lettered alone below
                 items.append((record, self._decode(record)))
-        if len(items) < 2:
+        if not items:  # a batch of one is still one transaction instead of one per write
             return [await self._handle_record(record) for record in records]
         was_up = 0
         while True:

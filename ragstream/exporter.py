@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import structlog
 from aiokafka.errors import KafkaError
@@ -38,6 +40,7 @@ from ragstream.status import Status, StatusReader, flow_groups
 from ragstream.topology import Topology
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class GroupExporter:
@@ -120,8 +123,10 @@ class GroupExporter:
                 try:
                     async with StatusReader(self.settings, groups) as reader:
                         while not stop.is_set():
-                            status, _ = await reader.snapshot()
-                            self.observe(status)
+                            read = await _unless_stopped(stop, reader.snapshot())
+                            if read is None:
+                                break  # stopping: a read waiting on an absent broker is dropped
+                            self.observe(read[0])
                             await _pause(stop, interval)
                 except (RagstreamError, KafkaError) as exc:
                     self.reading = False
@@ -130,6 +135,22 @@ class GroupExporter:
                     await _pause(stop, interval)
         finally:
             await server.stop()
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None (and `work` cancelled) if `stop` is set first."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

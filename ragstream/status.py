@@ -39,6 +39,7 @@ from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState
 from ragstream.errors import ConfigError, DecodeError, RetryableError
 from ragstream.events import CircuitStateChanged, ThrottleEvent, ThrottleState, utc_now
+from ragstream.kafka_clients import closing
 from ragstream.settings import Settings
 from ragstream.topology import COST as COST_GROUP
 from ragstream.topology import Stage, Topology
@@ -309,7 +310,7 @@ class StatusReader:
             consumer = AIOKafkaConsumer(
                 **self.settings.kafka.client_options(), group_id=None, enable_auto_commit=False
             )
-            self._stack.push_async_callback(consumer.stop)
+            self._stack.push_async_callback(closing(consumer.stop, "stop the status consumer"))
             await consumer.start()
             self._consumer = consumer
             existing = set(await admin.list_topics())
