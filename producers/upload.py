@@ -82,7 +82,9 @@ def collect_files(
         elif path.is_file():
             files.append(path)
         else:
-            missing.append(Rejection(printable(path), f"{printable(path)}: no such file or directory"))
+            missing.append(
+                Rejection(printable(path), f"{printable(path)}: no such file or directory")
+            )
     return files, missing
 
 
