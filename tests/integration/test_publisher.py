@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError
+from aiokafka.partitioner import DefaultPartitioner
 
 from producers.upload import Uploader, upload_paths
 from producers.wait import poll_documents
@@ -18,6 +21,7 @@ from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import Topology
 from tests.integration.pipeline_helpers import make_corpus, read_topic
+from tests.integration.test_failures import read_all
 
 pytestmark = [pytest.mark.integration]
 
@@ -113,3 +117,29 @@ async def test_a_directory_upload_reports_a_name_it_cannot_send_and_sends_the_re
     refused.reason.encode("utf-8")  # fit for any terminal
     landed = await read_topic(settings, Topology(settings.kafka.topic_prefix).uploaded, at_least=2)
     assert sorted(d.document_id for d in landed) == sorted(r.document_id for r in receipts)
+
+
+async def test_kcat_with_the_murmur2_partitioner_puts_a_key_where_ragstream_does(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """schemas/README's note for librdkafka publishers: with `-X partitioner=murmur2_random`
+    kcat lands every key on the partition ragstream's own producer picks."""
+    kcat = shutil.which("kcat")
+    assert kcat, "kcat is not installed (make test installs Debian's kcat)"
+    topic = Topology(settings.kafka.topic_prefix).uploaded
+    await ensure_topics(settings)
+    partitions = list(range(settings.kafka.partitions))
+    keys = [f"doc-{n:04d}" for n in range(40)]
+    lines = tmp_path / "records.txt"
+    lines.write_text("".join(f"{k}\t{k}\n" for k in keys))
+    produced = await asyncio.to_thread(
+        subprocess.run,
+        [kcat, "-P", "-b", settings.kafka.bootstrap_servers, "-t", topic, "-K", "\t",
+         "-X", "partitioner=murmur2_random", "-l", str(lines)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert produced.returncode == 0, produced.stderr
+    landed = await read_all(settings, topic, len(keys))
+    where = {r.key.decode(): r.partition for r in landed if r.key}
+    ours = DefaultPartitioner()
+    assert where == {k: ours(k.encode(), partitions, partitions) for k in keys}
