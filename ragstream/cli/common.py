@@ -6,10 +6,12 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TextIO, TypeVar
+from pathlib import Path
+from typing import Any, TextIO, TypeVar, get_args
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperOption
 
 from ragstream.errors import ConfigError, RagstreamError
 from ragstream.logs import configure_logging
@@ -94,3 +96,28 @@ async def full_document_ids(settings: Settings, keys: Sequence[str]) -> list[str
         return []
     async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=1) as store:
         return [await store.document_id(key) or key for key in keys]
+
+
+# -- option placeholders ------------------------------------------------------------------------
+
+_PLACEHOLDERS: dict[object, str] = {str: "TEXT", int: "N", float: "NUMBER", Path: "PATH"}
+
+
+def _plain_placeholder(self: TyperOption | TyperArgument, ctx: Any) -> str | None:
+    """A parameter's placeholder in --help as operators read them (TEXT, N, PATH; none for a
+    flag; a choice's values), instead of the Python type (`<list[str]>`, `<bool>`)."""
+    if self.metavar is not None:
+        return str(self.metavar)
+    if getattr(self, "is_flag", False):
+        return None
+    desc = self.type_descriptor
+    if desc.is_choice:
+        return "|".join(str(getattr(c, "value", c)) for c in desc.choices or ())
+    annotation: object = get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+    if annotation not in _PLACEHOLDERS:
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
+    return _PLACEHOLDERS.get(annotation, "VALUE")
+
+
+TyperOption.display_type_rich = _plain_placeholder  # type: ignore[method-assign]
+TyperArgument.display_type_rich = _plain_placeholder  # type: ignore[method-assign,assignment]
