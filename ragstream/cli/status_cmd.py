@@ -49,21 +49,26 @@ def status(
         ),
     ] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="JSON (one object per refresh).")] = False,
+    partitions: Annotated[
+        bool, typer.Option("--partitions", help="Also a row per partition (its offsets and lag).")
+    ] = False,
 ) -> None:
     """Per consumer group: members and their partitions, lag, records/s; the DLQ's depth; per
     paid service: mode, circuit, throttle state and spend against budget."""
     settings = settings_or_exit()
     if watch:
-        run(_watch, settings, group, interval, as_json)
+        run(_watch, settings, group, interval, as_json, partitions)
         return
     result = run(read_status, settings, group, sample_s=sample)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        console.print(render(result))
+        console.print(render(result, partitions=partitions))
 
 
-async def _watch(settings: Settings, names: list[str], interval: float, as_json: bool) -> None:
+async def _watch(
+    settings: Settings, names: list[str], interval: float, as_json: bool, partitions: bool
+) -> None:
     specs: list[GroupSpec] = resolve_groups(Topology(settings.kafka.topic_prefix), names)
     async with StatusReader(settings, specs) as reader:
         previous = await reader.sample()
@@ -75,17 +80,20 @@ async def _watch(settings: Settings, names: list[str], interval: float, as_json:
                 await asyncio.sleep(interval)
                 current, previous = await reader.snapshot(previous)
         else:
-            with Live(render(current), console=console, refresh_per_second=4) as live:
+            shown = render(current, partitions=partitions)
+            with Live(shown, console=console, refresh_per_second=4) as live:
                 while True:
                     await asyncio.sleep(interval)
                     current, previous = await reader.snapshot(previous)
-                    live.update(render(current))
+                    live.update(render(current, partitions=partitions))
 
 
 # -- rendering ---------------------------------------------------------------------------------
 
 
-def render(status: Status) -> Group:
+def render(status: Status, *, partitions: bool = False) -> Group:
+    """The status as tables: groups, members, the DLQ, paid services; with `partitions`, a row
+    per partition too."""
     rate_note = (
         f"records/s over {status.sample_s:.1f}s" if status.sample_s else "records/s not sampled"
     )
@@ -98,12 +106,10 @@ def render(status: Status) -> Group:
         if status.dlq_depth is not None
         else f"dead letters: no topic {status.dlq_topic}"
     )
-    parts: list[Table | str] = [
-        _groups_table(status, title),
-        _members_table(status),
-        _partitions_table(status),
-        dlq,
-    ]
+    parts: list[Table | str] = [_groups_table(status, title), _members_table(status)]
+    if partitions:
+        parts.append(_partitions_table(status))
+    parts.append(dlq)
     if status.services:
         parts.append(_services_table(status.services))
     return Group(*parts)
@@ -122,7 +128,7 @@ def _groups_table(status: Status, title: str) -> Table:
             g.group_id,
             "no such group" if g.state == "Dead" else g.state,
             str(len(g.members)),
-            str(len(g.partitions)),
+            str(sum(p.topic == g.topics[0] for p in g.partitions)),  # its input topic's
             f"{g.lag:,}",
             _rate(g.records_per_s),
         )

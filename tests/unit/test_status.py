@@ -296,6 +296,10 @@ def test_json_and_tables_carry_everything() -> None:
     console = Console(record=True, width=200)
     console.print(render(status))
     text = console.export_text()
+    assert "partitions" in text and "log end" not in text  # compact: no row per partition
+    wide = Console(record=True, width=200)
+    wide.print(render(status, partitions=True))
+    assert "log end" in wide.export_text()
     for expected in (
         "rs-embed",
         "embed-1",
