@@ -379,7 +379,9 @@ def redrive_cmd(
     include_poison: Annotated[
         bool, typer.Option(help="Also send undecodable (poison) records back.")
     ] = False,
-    dry_run: Annotated[bool, typer.Option(help="Show what would move; send nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would move; send nothing.")
+    ] = False,
 ) -> None:
     """Send dead letters back to their original topic, each at most once."""
     settings = _settings()
@@ -445,7 +447,7 @@ def purge_cmd(
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     dry_run: Annotated[
-        bool, typer.Option(help="Show counts per partition; delete nothing.")
+        bool, typer.Option("--dry-run", help="Show counts per partition; delete nothing.")
     ] = False,
 ) -> None:
     """Delete dead letters before a time or offsets (Kafka's DeleteRecords: for good)."""

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ragstream.cli.common import console, fail, run, settings_or_exit
+from ragstream.cli.common import EXIT_CONFIG, console, fail, run, settings_or_exit
 from ragstream.topology import Stage
 
 db_app = typer.Typer(help="The PostgreSQL store.", no_args_is_help=True)
@@ -48,7 +48,9 @@ def worker(
     the partition count. `all --one-process` runs every stage and the accountant in one
     process."""
     if stage not in STAGE_CHOICES:
-        raise fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
+        raise fail(
+            f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}", EXIT_CONFIG
+        )
     from consumers.processes import run_processes, sized_concurrency
     from consumers.worker import run_workers
 

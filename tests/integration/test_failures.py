@@ -471,7 +471,7 @@ async def test_bad_operator_input_gets_a_message_not_a_traceback(settings: Setti
         (["dlq", "list", "--stage", "index"], 2, "stage"),
         (["dlq", "list", "--since", "yesterday-ish"], 2, "since"),
         (["dlq", "stats"], 0, "the DLQ is empty"),
-        (["worker", "index"], 1, "unknown stage"),
+        (["worker", "index"], 2, "unknown stage"),  # a usage error, as the others
         (["services", "mode", "openai", "mock"], 2, "unknown mode"),
     ):
         result = await asyncio.to_thread(runner.invoke, app, args, env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,14 @@ def test_version_is_printed() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"ragstream {version('ragstream')}"
+
+
+def test_config_show_is_toml_that_reads_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAGSTREAM_BUDGETS__TENANTS", '{"acme corp": {"daily_usd": "2.5"}}')
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    shown = tomllib.loads(result.output)  # valid TOML, whole
+    assert shown["kafka"]["partitions"] == 12 and shown["kafka"]["batch_records"] == 50
+    assert "sasl_username" not in shown["kafka"]  # unset: a comment line, not a value
+    assert "# sasl_username = (unset)" in result.output
+    assert shown["budgets"]["tenants"]["acme corp"]["daily_usd"] == "2.5"  # a key quoted
