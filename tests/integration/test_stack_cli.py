@@ -338,3 +338,46 @@ def test_stack_up_secure_authenticates_every_client(stack_env: dict[str, str]) -
     assert refused.returncode != 0
     assert "Traceback" not in refused.stderr
     assert refused.stderr.startswith("error: cannot reach Kafka"), refused.stderr
+
+
+def _running_it_block() -> list[str]:
+    """The commands of the README's "Running it" block, one per line, comments dropped."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Running it", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, "no sh block under 'Running it'"
+    return [line.split("  #")[0].strip() for line in block[1].splitlines() if line.strip()]
+
+
+def test_the_readme_running_it_block_runs_as_written(stack_env: dict[str, str]) -> None:
+    """Each command as the README shows it (`.venv/bin/ragstream` is this interpreter's, run
+    from the checkout; `<document-id ...>` is an id the upload printed, as the table shows it)."""
+    root = Path(__file__).resolve().parents[2]
+    commands = _running_it_block()
+    assert [c.split()[1:3] for c in commands] == [
+        ["stack", "up"],
+        ["upload", "ragstream/samples/docs/"],
+        ["search", '"how'],
+        ["doc", "<document-id"],
+        ["stack", "down"],
+    ], commands
+    shown_id = ""
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == ".venv/bin/ragstream", command
+        if argv[1] == "doc":
+            argv = [argv[0], "doc", shown_id]
+        done = subprocess.run(
+            [sys.executable, "-m", "ragstream", *argv[1:]],
+            env=stack_env, cwd=root, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-3000:])
+        if argv[1] == "upload":
+            assert "embedded" in done.stdout, done.stdout
+            found = re.search(r"│\s*([0-9a-f]{8})\S*\s*│", done.stdout)
+            assert found, done.stdout
+            shown_id = found[1]
+        if argv[1] == "search":
+            assert "consumer" in done.stdout.lower(), done.stdout
+        if argv[1] == "doc":
+            assert "embed" in done.stdout, done.stdout
