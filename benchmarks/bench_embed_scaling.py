@@ -24,9 +24,11 @@ import argparse
 import asyncio
 import os
 import shutil
+import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack, ExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from uuid import uuid4
@@ -62,6 +64,24 @@ def local_services(stack: ExitStack, directory: Path) -> tuple[str, str]:
     stack.callback(postgres.stop)
     postgres.start()
     return kafka.bootstrap, postgres.ensure_database("ragstream_bench")
+
+
+@contextmanager
+def bench_services(
+    bootstrap: str | None = None, database_url: str | None = None
+) -> Iterator[tuple[str, str, Path]]:
+    """(bootstrap, database url, a scratch directory) for one benchmark run: the broker and
+    PostgreSQL given, else ones of the run's own; all removed at the end."""
+    directory = Path(tempfile.mkdtemp(prefix="ragstream-bench-"))
+    directory.chmod(0o711)  # PostgreSQL's system user passes through
+    try:
+        with ExitStack() as stack:
+            if not (bootstrap and database_url):
+                print("starting a Kafka broker and PostgreSQL for this run", file=sys.stderr)
+                bootstrap, database_url = local_services(stack, directory)
+            yield bootstrap, database_url, directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _seconds(line: dict[str, object]) -> float:
@@ -159,18 +179,9 @@ def main() -> None:
     parser.add_argument("--processes", default="1,3", help="process counts, the first the base")
     args = parser.parse_args()
     configure_logging("WARNING", "console")  # the table, not every record handled
-    directory = Path(tempfile.mkdtemp(prefix="ragstream-bench-"))
-    directory.chmod(0o711)  # PostgreSQL's system user passes through
-    try:
-        with ExitStack() as stack:
-            bootstrap = os.environ.get("RAGSTREAM_KAFKA_BOOTSTRAP")
-            database = os.environ.get("RAGSTREAM_DATABASE_URL")
-            if not (bootstrap and database):
-                print("starting a Kafka broker and PostgreSQL for this run", flush=True)
-                bootstrap, database = local_services(stack, directory)
-            asyncio.run(bench(args, bootstrap, database, directory / "data"))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    given = os.environ.get("RAGSTREAM_KAFKA_BOOTSTRAP"), os.environ.get("RAGSTREAM_DATABASE_URL")
+    with bench_services(*given) as (bootstrap, database, directory):
+        asyncio.run(bench(args, bootstrap, database, directory / "data"))
 
 
 if __name__ == "__main__":

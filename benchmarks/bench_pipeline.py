@@ -37,13 +37,10 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +53,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from benchmarks import ceiling
-from benchmarks.bench_embed_scaling import local_services
+from benchmarks.bench_embed_scaling import bench_services
 from benchmarks.ceiling import StageTimes
 from producers.upload import Uploader, upload_paths
 from ragstream.admin import admin_client, describe_group, ensure_topics
@@ -763,17 +760,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here, as JSON")
     args = parser.parse_args()
     configure_logging("WARNING", "console")  # the tables, not every record
-    directory = Path(tempfile.mkdtemp(prefix="ragstream-bench-"))
-    directory.chmod(0o711)  # PostgreSQL's system user passes through
-    try:
-        with ExitStack() as stack:
-            bootstrap, server_dsn = args.bootstrap, args.database_url
-            if not (bootstrap and server_dsn):
-                print("starting a Kafka broker and PostgreSQL for this run", file=sys.stderr)
-                bootstrap, server_dsn = local_services(stack, directory)
-            report = asyncio.run(bench(args, bootstrap, server_dsn, directory))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with bench_services(args.bootstrap, args.database_url) as (bootstrap, server_dsn, directory):
+        report = asyncio.run(bench(args, bootstrap, server_dsn, directory))
     report.print(Console(width=None if sys.stdout.isatty() else 120))
     if args.json:
         args.json.write_text(json.dumps(report.as_json(), indent=2))

@@ -22,10 +22,7 @@ import asyncio
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
-from contextlib import ExitStack
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks.bench_embed_scaling import local_services
+from benchmarks.bench_embed_scaling import bench_services
 from benchmarks.bench_pipeline import Pipeline, upload_all, write_corpus
 from ragstream.logs import configure_logging
 from ragstream.settings import LlamaParseSettings
@@ -163,17 +160,8 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get("RAGSTREAM_DATABASE_URL"))
     args = parser.parse_args()
     configure_logging("WARNING", "console")
-    directory = Path(tempfile.mkdtemp(prefix="ragstream-bench-"))
-    directory.chmod(0o711)  # PostgreSQL's system user passes through
-    try:
-        with ExitStack() as stack:
-            bootstrap, server_dsn = args.bootstrap, args.database_url
-            if not (bootstrap and server_dsn):
-                print("starting a Kafka broker and PostgreSQL for this run", file=sys.stderr)
-                bootstrap, server_dsn = local_services(stack, directory)
-            asyncio.run(bench(args, bootstrap, server_dsn, directory))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with bench_services(args.bootstrap, args.database_url) as (bootstrap, server_dsn, directory):
+        asyncio.run(bench(args, bootstrap, server_dsn, directory))
 
 
 if __name__ == "__main__":
