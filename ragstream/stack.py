@@ -259,8 +259,8 @@ def served_metrics_url(settings: Settings) -> str:
     obs = settings.observability
     url = f"http://{obs.metrics_host}:{obs.metrics_port}/metrics"
     log_path = _workers_log(settings)
-    if not log_path.exists():
-        return url
+    if obs.metrics_port or not log_path.exists():
+        return url  # a configured port is the one bound: no need to read the log
     for line in log_path.read_text(errors="replace").splitlines():
         if '"serving metrics and health"' in line and '"workers"' in line:
             with contextlib.suppress(ValueError, AttributeError):
