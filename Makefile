@@ -44,4 +44,5 @@ down: $(BIN)/.installed
 
 clean:
 	-$(BIN)/ragstream stack down
-	rm -rf .ragstream
+	d="$$($(BIN)/python -c 'from ragstream.settings import load_settings; print(load_settings().local.data_dir)')" && \
+	  [ -n "$$d" ] && echo "removing $$d" && rm -rf "$$d"

@@ -134,10 +134,29 @@ class PostgresSettings(_Section):
         return f"postgresql://{auth}@{self.host}:{self.port}/{self.database}"
 
 
+def default_data_dir() -> Path:
+    """The local stack's data directory when `local.data_dir` is not set: `$XDG_DATA_HOME/ragstream`,
+    else `/var/lib/ragstream` for root (PostgreSQL runs as a system user, which cannot enter
+    root's home), else `~/.local/share/ragstream`. Never relative: every command, wherever it
+    runs, finds the same blobs, password and pid files."""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "ragstream"
+    if os.geteuid() == 0:
+        return Path("/var/lib/ragstream")
+    return Path.home() / ".local" / "share" / "ragstream"
+
+
+def _absolute(path: Path | None) -> Path | None:
+    """A configured path as an absolute one (`~` expanded; a relative one is taken from the
+    working directory here, or from its file's directory in `_TomlSource`)."""
+    return None if path is None else Path(os.path.abspath(path.expanduser()))
+
+
 class LocalStackSettings(_Section):
     """The no-Docker local stack: a Kafka broker from Maven Central jars and pgserver's PostgreSQL."""
 
-    data_dir: Path = Path(".ragstream")
+    data_dir: Path = Field(default_factory=default_data_dir)
     # kafka_port and postgres_port default to the ports in kafka.bootstrap_servers and
     # postgres.port, so clients and the local servers agree unless told otherwise.
     kafka_version: str = Field("4.3.1", pattern=r"^4\.\d+\.\d+$")
@@ -148,6 +167,8 @@ class LocalStackSettings(_Section):
     postgres_system_user: str = "ragstream-pg"
     prometheus_port: int = Field(9090, ge=1, le=65535)  # `ragstream stack up --prometheus`
     start_timeout_s: float = Field(90.0, gt=0)
+
+    _absolute_data_dir = field_validator("data_dir")(_absolute)
 
 
 class BlobSettings(_Section):
@@ -162,6 +183,8 @@ class BlobSettings(_Section):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     allowed_roots: list[Path] = Field(default_factory=list)
     tenant_roots: dict[str, list[Path]] = Field(default_factory=dict)
+
+    _absolute_root = field_validator("root")(_absolute)
 
 
 class _ServiceSection(_Section):
@@ -399,6 +422,15 @@ def _check_no_secrets(data: dict[str, Any], path: Path) -> None:
             )
 
 
+def _paths_from(data: dict[str, Any], directory: Path) -> None:
+    """A config file's relative `local.data_dir` and `blobs.root` are relative to that file's
+    directory, not to wherever a command happens to run."""
+    for section, key in (("local", "data_dir"), ("blobs", "root")):
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
+            data[section][key] = str(directory.absolute() / value)
+
+
 class _TomlSource(PydanticBaseSettingsSource):
     """Bundled defaults, then the file named by RAGSTREAM_CONFIG, then the shortcut variables."""
 
@@ -415,6 +447,7 @@ class _TomlSource(PydanticBaseSettingsSource):
         if extra:
             extra_data = _read_toml(Path(extra))
             _check_no_secrets(extra_data, Path(extra))
+            _paths_from(extra_data, Path(extra).parent)
             data = _deep_merge(data, extra_data)
         for env, (section, key) in _SHORTCUTS.items():
             if os.environ.get(env):

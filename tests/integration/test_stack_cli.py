@@ -51,12 +51,14 @@ def _listening(port: int) -> bool:
 @pytest.fixture
 def stack_env() -> Iterator[dict[str, str]]:
     """A stack of its own: own data directory and ports, so it coexists with the suite's."""
-    data = Path(tempfile.mkdtemp(prefix="ragstream-stack-test-"))
-    data.chmod(0o711)  # PostgreSQL's system user passes through
+    base = Path(tempfile.mkdtemp(prefix="ragstream-stack-test-"))
+    base.chmod(0o711)  # PostgreSQL's system user passes through
+    data = base / "ragstream"  # the default data directory under XDG_DATA_HOME=base
     kafka_port, pg_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
     env.update(
         RAGSTREAM_LOCAL__DATA_DIR=str(data),
+        XDG_DATA_HOME=str(base),
         RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka_port}",
         RAGSTREAM_LOCAL__KAFKA_CONTROLLER_PORT=str(_free_port()),
         RAGSTREAM_POSTGRES__PORT=str(pg_port),
@@ -66,15 +68,16 @@ def stack_env() -> Iterator[dict[str, str]]:
     )
     yield env
     subprocess.run([sys.executable, "-m", "ragstream", "stack", "down"], env=env, timeout=120)
-    shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def ragstream(
-    env: dict[str, str], *args: str, timeout: float = 240
+    env: dict[str, str], *args: str, timeout: float = 240, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ragstream", *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -98,7 +101,7 @@ def _psql(env: dict[str, str], sql: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
-    stack_env: dict[str, str],
+    stack_env: dict[str, str], tmp_path: Path
 ) -> None:
     kcat = shutil.which("kcat")
     assert kcat, "kcat is not installed (make test installs Debian's kcat)"
@@ -155,6 +158,24 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
     )
     assert found.returncode == 0, found.stderr
     assert "espresso-at-home.md" in found.stdout
+
+    # From another directory, with the data directory left to its default: a file over the
+    # inline limit goes to the stack's blob store (not one under the working directory) and
+    # the workers read it there.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    big = elsewhere / "long-espresso-notes.md"
+    big.write_text("# Long notes\n\n" + doc.read_text() * (80 * 1024 // len(doc.read_text()) + 1))
+    assert big.stat().st_size > 64 * 1024
+    default_env = {k: v for k, v in stack_env.items() if k != "RAGSTREAM_LOCAL__DATA_DIR"}
+    uploaded = ragstream(
+        default_env, "upload", big.name, "--tenant", "stack-test", "--wait", "--timeout", "120",
+        cwd=elsewhere,
+    )  # fmt: skip
+    assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+    assert re.search(r"long-espresso-notes\.md.*\bembedded\b", uploaded.stdout), uploaded.stdout
+    assert not (elsewhere / ".ragstream").exists()
+    assert any((Path(stack_env["XDG_DATA_HOME"]) / "ragstream" / "blobs").rglob("*"))
 
     # Kafka's own tools, same version as the broker, see the stage groups.
     groups = ragstream(stack_env, "stack", "kafka-tool", "consumer-groups", "--list")

@@ -142,3 +142,41 @@ def test_config_show_is_toml_that_reads_back(monkeypatch: pytest.MonkeyPatch) ->
     assert "sasl_username" not in shown["kafka"]  # unset: a comment line, not a value
     assert "# sasl_username = (unset)" in result.output
     assert shown["budgets"]["tenants"]["acme corp"]["daily_usd"] == "2.5"  # a key quoted
+
+
+def test_the_data_directory_is_absolute_and_does_not_depend_on_where_a_command_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import os
+
+    from ragstream.settings import default_data_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    s = load_settings()
+    assert s.local.data_dir == tmp_path / "xdg" / "ragstream"
+    assert s.blob_root() == tmp_path / "xdg" / "ragstream" / "blobs"
+
+    # Without XDG_DATA_HOME: root's is /var/lib (PostgreSQL's system user cannot enter
+    # root's home), anyone else's is under their home.
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_data_dir() == Path("/var/lib/ragstream")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "ragstream"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/is/ignored")  # as the XDG spec says
+    assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "ragstream"
+
+    # A relative path in a config file is the file's; in the environment, the caller's.
+    conf = tmp_path / "conf" / "ragstream.toml"
+    conf.parent.mkdir()
+    conf.write_text('[local]\ndata_dir = "state"\n[blobs]\nroot = "~/blobs"\n')
+    monkeypatch.setenv("RAGSTREAM_CONFIG", str(conf))
+    s = load_settings()
+    assert s.local.data_dir == tmp_path / "conf" / "state"
+    assert s.blob_root() == tmp_path / "home" / "blobs"
+    monkeypatch.setenv("RAGSTREAM_LOCAL__DATA_DIR", "here")
+    assert load_settings().local.data_dir == elsewhere / "here"
