@@ -9,14 +9,20 @@ Every `observability.exporter_interval_s` it reads, with an admin client and a p
     ragstream_group_committed_offset{group,topic,partition}  -1 while the group has committed none
     ragstream_group_members{group}                           members now (0: nobody reads)
     ragstream_log_end_offset{topic,partition}                the next offset to be written
+    ragstream_group_oldest_record_age_seconds{group,topic,partition}
+                                                             age of the oldest record not yet
+                                                             committed (0: nothing waits)
     ragstream_dlq_depth                                      records on the dead-letter topic
+    ragstream_dlq_oldest_age_seconds                         age of its oldest record (0: empty)
     ragstream_exporter_up                                    1 when the last read succeeded
     ragstream_exporter_last_read_timestamp_seconds           when it last succeeded
 
 `group` is parse, chunk, embed or cost (the accountant's); a group's topics are its input and its
 retry topic. Lag is the log end minus the committed offset (the whole retained log while nothing
 is committed), whatever the group's members do, so it grows while a stage has no worker and
-while a worker holds records it does not finish. Kafka away, or the topics not created yet: the
+while a worker holds records it does not finish. A record's age is now minus its timestamp
+(the time its publisher gave it): the exporter reads the one record at each lagging partition's
+committed offset, and the first of each dead-letter partition. Kafka away, or the topics not created yet: the
 figures keep their last values, `ragstream_exporter_up` is 0, one log line says why, and it
 tries again at the next interval.
 """
@@ -26,15 +32,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
 import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
 
 from ragstream.errors import RagstreamError
 from ragstream.health import HealthServer
+from ragstream.kafka_clients import closing
 from ragstream.settings import Settings
 from ragstream.status import Status, StatusReader, flow_groups
 from ragstream.topology import Topology
@@ -71,8 +79,19 @@ class GroupExporter:
             ["topic", "partition"],
             registry=r,
         )
+        self.oldest_age = Gauge(
+            "ragstream_group_oldest_record_age_seconds",
+            "Age of the oldest record the group has not committed (0: nothing waits).",
+            where,
+            registry=r,
+        )
         self.dlq_depth = Gauge(
             "ragstream_dlq_depth", "Records on the dead-letter topic.", registry=r
+        )
+        self.dlq_oldest_age = Gauge(
+            "ragstream_dlq_oldest_age_seconds",
+            "Age of the oldest record on the dead-letter topic (0: empty).",
+            registry=r,
         )
         self.up = Gauge(
             "ragstream_exporter_up",
@@ -91,8 +110,17 @@ class GroupExporter:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def observe(self, status: Status) -> None:
-        """Set the gauges from one status snapshot."""
+    def observe(
+        self, status: Status, stamps: Mapping[tuple[str, int, int], int] | None = None
+    ) -> None:
+        """Set the gauges from one status snapshot and the timestamps (ms) of the records at
+        the offsets `oldest_offsets` named, keyed by (topic, partition, offset)."""
+        now_ms = time.time() * 1000
+
+        def age(topic: str, partition: int, offset: int) -> float:
+            stamp = (stamps or {}).get((topic, partition, offset))
+            return 0.0 if stamp is None else max(0.0, (now_ms - stamp) / 1000)
+
         for group in status.groups:
             self.members.labels(group.name).set(len(group.members))
             for p in group.partitions:
@@ -100,8 +128,13 @@ class GroupExporter:
                 self.lag.labels(*labels).set(p.lag)
                 self.committed.labels(*labels).set(-1 if p.committed is None else p.committed)
                 self.log_end.labels(p.topic, str(p.partition)).set(p.log_end)
+                waiting = _first_waiting(p.committed, p.log_start, p.log_end)
+                at = 0.0 if waiting is None else age(p.topic, p.partition, waiting)
+                self.oldest_age.labels(*labels).set(at)
         if status.dlq_depth is not None:
             self.dlq_depth.set(status.dlq_depth)
+            ages = [age(status.dlq_topic, p, start) for p, start, end in status.dlq_offsets]
+            self.dlq_oldest_age.set(max(ages, default=0.0))
         self.reading = True
         self.up.set(1)
         self.last_read.set(time.time())
@@ -121,12 +154,15 @@ class GroupExporter:
         try:
             while not stop.is_set():
                 try:
-                    async with StatusReader(self.settings, groups) as reader:
+                    async with (
+                        StatusReader(self.settings, groups) as reader,
+                        RecordPeek(self.settings) as peek,
+                    ):
                         while not stop.is_set():
-                            read = await _unless_stopped(stop, reader.snapshot())
+                            read = await _unless_stopped(stop, self._read(reader, peek))
                             if read is None:
                                 break  # stopping: a read waiting on an absent broker is dropped
-                            self.observe(read[0])
+                            self.observe(*read)
                             await _pause(stop, interval)
                 except (RagstreamError, KafkaError) as exc:
                     self.reading = False
@@ -135,6 +171,90 @@ class GroupExporter:
                     await _pause(stop, interval)
         finally:
             await server.stop()
+
+    @staticmethod
+    async def _read(
+        reader: StatusReader, peek: RecordPeek
+    ) -> tuple[Status, dict[tuple[str, int, int], int]]:
+        status, _ = await reader.snapshot()
+        return status, await peek.timestamps(oldest_offsets(status))
+
+
+def _first_waiting(committed: int | None, log_start: int, log_end: int) -> int | None:
+    """The offset of the oldest record a group has not committed, None when nothing waits
+    (the log start when it has committed none, or when retention deleted what it had not read)."""
+    first = log_start if committed is None else max(committed, log_start)
+    return first if first < log_end else None
+
+
+def oldest_offsets(status: Status) -> set[tuple[str, int, int]]:
+    """(topic, partition, offset) of every record whose age the gauges show: each lagging
+    partition's oldest uncommitted record, and each dead-letter partition's first."""
+    wanted = set()
+    for group in status.groups:
+        for p in group.partitions:
+            waiting = _first_waiting(p.committed, p.log_start, p.log_end)
+            if waiting is not None:
+                wanted.add((p.topic, p.partition, waiting))
+    for partition, start, end in status.dlq_offsets:
+        if start < end:
+            wanted.add((status.dlq_topic, partition, start))
+    return wanted
+
+
+class RecordPeek:
+    """Reads single records by position, with a consumer of no group (nothing committed) and
+    small fetches: only a record's timestamp is wanted."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 3.0) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def __aenter__(self) -> RecordPeek:
+        consumer = AIOKafkaConsumer(
+            **self.settings.kafka.client_options(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a position retention deleted: its first record
+            max_partition_fetch_bytes=16 * 1024,
+            fetch_max_bytes=1024 * 1024,
+        )
+        try:
+            await consumer.start()
+        except BaseException:
+            await closing(consumer.stop, "stop the exporter's peek consumer")()
+            raise
+        self._consumer = consumer
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._consumer is not None:
+            await closing(self._consumer.stop, "stop the exporter's peek consumer")()
+
+    async def timestamps(
+        self, wanted: set[tuple[str, int, int]]
+    ) -> dict[tuple[str, int, int], int]:
+        """The timestamp (ms) of the first record at or after each (topic, partition, offset);
+        what is not read within the timeout is left out (its age reads 0 this time)."""
+        consumer = self._consumer
+        assert consumer is not None
+        at = {TopicPartition(t, p): offset for t, p, offset in wanted}
+        if not at:
+            return {}
+        consumer.assign(list(at))
+        for tp, offset in at.items():
+            consumer.seek(tp, offset)
+        found: dict[tuple[str, int, int], int] = {}
+        deadline = time.monotonic() + self.timeout_s
+        pending = set(at)
+        while pending and time.monotonic() < deadline:
+            fetched = await consumer.getmany(*pending, timeout_ms=200)
+            for tp, records in fetched.items():
+                if records and tp in pending:
+                    found[(tp.topic, tp.partition, at[tp])] = records[0].timestamp
+                    pending.discard(tp)
+        return found
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:

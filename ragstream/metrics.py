@@ -26,7 +26,7 @@ runtime calls the methods; `ragstream.health.HealthServer` serves `exposition()`
 
 plus the `process_*` and `python_info` series of prometheus_client's own collectors.
 
-Every label is bounded: stages (3), outcomes (ok, duplicate, skipped, failed, poison), exception
+Every label is bounded: stages (3), outcomes (`OUTCOMES` below), exception
 class names, services, operations, units, budget windows, and topic/partition (bounded by the
 topology). Never a document, tenant or correlation id.
 """

@@ -157,6 +157,7 @@ class Status:
     dlq_topic: str
     dlq_depth: int | None  # None: no DLQ topic
     services: tuple[ServiceStatus, ...] = field(default=())
+    dlq_offsets: tuple[tuple[int, int, int], ...] = ()  # (partition, log start, log end)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = _plain(
@@ -392,6 +393,7 @@ class StatusReader:
             dlq_topic=self.topology.dlq,
             dlq_depth=depth,
             services=service_statuses(state, circuits, now),
+            dlq_offsets=tuple((tp.partition, starts[tp], ends[tp]) for tp in sorted(dlq)),
         )
         return status, current
 

@@ -4,6 +4,7 @@ they tell the truth while a stage has no worker; and the DLQ's depth, whatever r
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -30,6 +31,16 @@ def _by_group(text: str, name: str, topic: str | None = None) -> dict[str, float
             if s.name == name and topic in (None, s.labels.get("topic")):
                 key = s.labels.get("group", "")
                 out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def _maxima(text: str, name: str) -> dict[str, float]:
+    """The largest sample of `name` per `group` label."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[s.labels["group"]] = max(out.get(s.labels["group"], 0.0), s.value)
     return out
 
 
@@ -64,6 +75,14 @@ async def test_lag_shows_while_no_worker_runs_then_drains_and_the_dlq_depth_is_r
         # No member in the parse group, five records waiting: the exporter says so.
         await wait_until(waiting_unread, 30, "parse lag 5 with no member")
 
+        async def waited(seconds: float) -> bool:
+            text = await asyncio.to_thread(_get, url)
+            ages = _maxima(text, "ragstream_group_oldest_record_age_seconds")
+            return ages.get("parse", 0) >= seconds and ages.get("chunk") == 0
+
+        # The oldest waiting record ages from its timestamp, while nothing reads it.
+        await wait_until(lambda: waited(2.0), 30, "the parse group's oldest record 2 s old")
+
         worker_stop = asyncio.Event()
         workers = asyncio.create_task(run_workers(settings, list(Stage), stop=worker_stop))
         try:
@@ -78,6 +97,9 @@ async def test_lag_shows_while_no_worker_runs_then_drains_and_the_dlq_depth_is_r
                 )
 
             await wait_until(drained, 60, "every stage's lag back to 0 with a member")
+            text = await asyncio.to_thread(_get, url)
+            ages = _maxima(text, "ragstream_group_oldest_record_age_seconds")
+            assert ages == {"parse": 0, "chunk": 0, "embed": 0, "cost": 0}, ages
         finally:
             worker_stop.set()
             await asyncio.wait_for(workers, 60)
@@ -85,7 +107,10 @@ async def test_lag_shows_while_no_worker_runs_then_drains_and_the_dlq_depth_is_r
         producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
         await producer.start()
         try:
-            await producer.send_and_wait(topology.dlq, b"a dead letter", key=b"k")
+            an_hour_ago = int((time.time() - 3600) * 1000)
+            await producer.send_and_wait(
+                topology.dlq, b"a dead letter", key=b"k", timestamp_ms=an_hour_ago
+            )
         finally:
             await producer.stop()
 
@@ -96,6 +121,9 @@ async def test_lag_shows_while_no_worker_runs_then_drains_and_the_dlq_depth_is_r
         await wait_until(one_dead_letter, 30, "the DLQ depth to read 1")
         text = await asyncio.to_thread(_get, url)
         assert _by_group(text, "ragstream_exporter_up") == {"": 1.0}
+        # Its age is the record's own timestamp's, however recently it was read.
+        age = _by_group(text, "ragstream_dlq_oldest_age_seconds")[""]
+        assert 3600 <= age < 3600 + 120, age
         # The parse group committed each upload partition to its end (-1: nothing to commit).
         samples = [
             s for f in text_string_to_metric_families(text) for s in f.samples

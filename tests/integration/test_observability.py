@@ -109,7 +109,7 @@ def test_scrape_configs_are_valid(config: str) -> None:
 
 def test_alert_rules_are_valid() -> None:
     assert (
-        "SUCCESS: 13 rules found"
+        "SUCCESS: 16 rules found"
         in promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml")).stdout
     )
 
@@ -305,7 +305,7 @@ async def test_prometheus_scrapes_records_lag_and_latency(
 
     rules = await asyncio.to_thread(http_json, f"{prometheus.base}/api/v1/rules")
     loaded = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
-    assert len(loaded) == 13 and {"RagstreamDeadLetters", "RagstreamGroupStuck"} <= set(loaded)
+    assert len(loaded) == 16 and {"RagstreamDeadLetters", "RagstreamGroupStuck"} <= set(loaded)
     scraped = await prometheus.wait_for('scrape_samples_scraped{job="ragstream-workers"}')
     print(
         f"scrape: {len(metrics.exposition())} bytes, {scraped[0]['value'][1]} samples",
