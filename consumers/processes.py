@@ -187,7 +187,12 @@ class Supervisor:
         self.settings = settings
         obs = settings.observability
         ports = free_ports(len(workers), obs.metrics_host)
-        base_env = {**os.environ, "RAGSTREAM_OBSERVABILITY__METRICS_HOST": "127.0.0.1"}
+        base_env = {
+            **os.environ,
+            "RAGSTREAM_OBSERVABILITY__METRICS_HOST": "127.0.0.1",
+            # Scraped through the parent's merged /metrics, not on their own.
+            "RAGSTREAM_OBSERVABILITY__SCRAPE_DIR": "",
+        }
         self.children = [
             Child(
                 name, port, _command(settings, name, concurrency), {**base_env, **_port(name, port)}
@@ -247,7 +252,10 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> int:
         obs = self.settings.observability
-        health = HealthServer(_Exposing(self), obs.metrics_host, obs.metrics_port, self.ready)
+        health = HealthServer(
+            _Exposing(self), obs.metrics_host, obs.metrics_port, self.ready,
+            scrape_dir=obs.scrape_dir, name="worker all",
+        )  # fmt: skip
         port = await health.start()
         log.info(
             "serving metrics and health",

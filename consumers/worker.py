@@ -434,7 +434,10 @@ async def run_workers(
     async with AsyncExitStack() as stack:
         stack.push_async_callback(watch.close)
         # Health first: while start-up waits for its dependencies, /ready answers 503.
-        health = HealthServer(metrics, obs.metrics_host, obs.metrics_port, readiness(checks))
+        health = HealthServer(
+            metrics, obs.metrics_host, obs.metrics_port, readiness(checks),
+            scrape_dir=obs.scrape_dir, name="worker " + "+".join(s.value for s in stages),
+        )  # fmt: skip
         port = await health.start()
         stack.push_async_callback(health.stop)
         log.info("serving metrics and health", url=f"http://{obs.metrics_host}:{port}/metrics")

@@ -146,7 +146,10 @@ class GroupExporter:
         """Read and serve until `stop`."""
         obs = self.settings.observability
         interval = interval_s or obs.exporter_interval_s
-        server = HealthServer(self, obs.metrics_host, obs.exporter_port, self.ready)
+        server = HealthServer(
+            self, obs.metrics_host, obs.exporter_port, self.ready,
+            scrape_dir=obs.scrape_dir, name="exporter",
+        )  # fmt: skip
         port = self.port = await server.start()
         self.serving.set()
         log.info("exporter serving", url=f"http://{obs.metrics_host}:{port}/metrics")

@@ -18,6 +18,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, suppress
 from http import HTTPStatus
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ import structlog
 
 from ragstream.errors import InfrastructureError
 from ragstream.metrics import CONTENT_TYPE
+from ragstream.scrape import announce, withdraw
 
 log = structlog.get_logger(__name__)
 
@@ -56,8 +58,15 @@ class HealthServer:
         *,
         ready_timeout_s: float = 2.0,
         request_timeout_s: float = 5.0,
+        scrape_dir: str = "",
+        name: str = "",
     ) -> None:
+        """`scrape_dir` and `name`: announce the bound address for Prometheus's file-based
+        discovery while serving (ragstream.scrape)."""
         self.metrics = metrics
+        self.scrape_dir = scrape_dir
+        self.name = name
+        self._announced: Path | None = None
         self.host = host
         self.port = port
         self.ready = ready
@@ -78,9 +87,12 @@ class HealthServer:
             ) from exc
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("health server listening", host=self.host, port=self.port)
+        self._announced = announce(self.scrape_dir, self.name, self.host, self.port)
         return self.port
 
     async def stop(self) -> None:
+        withdraw(self._announced)
+        self._announced = None
         if self._server is None:
             return
         self._server.close()

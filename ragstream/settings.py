@@ -317,6 +317,9 @@ class ObservabilitySettings(_Section):
     # `ragstream exporter`: the groups' health from outside them (ragstream.exporter)
     exporter_port: int = Field(9308, ge=0, le=65535)  # kafka_exporter's port
     exporter_interval_s: float = Field(5.0, gt=0)
+    # A directory for Prometheus file-based discovery (ragstream.scrape): each process serving
+    # /metrics writes its real address there while it runs. "" (default): none.
+    scrape_dir: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -30,6 +29,7 @@ from ragstream.errors import ConfigError, InfrastructureError
 from ragstream.local.kafka import LocalKafka, process_alive, wait_exit
 from ragstream.local.postgres import LocalPostgres
 from ragstream.local.secure import ADMIN, WORKER, SecureSetup
+from ragstream.scrape import prune
 from ragstream.settings import Settings, with_local_password
 from ragstream.store.migrate import migrate
 from ragstream.topology import Stage
@@ -135,11 +135,16 @@ def start_prometheus(settings: Settings) -> tuple[int, bool]:
     home.mkdir(parents=True, exist_ok=True)
     rules = (config_dir() / "prometheus" / "alerts.yml").resolve()
     config = home / "prometheus.yml"
+    targets = scrape_dir(settings)
+    targets.mkdir(parents=True, exist_ok=True)
+    prune(targets)
+    # Every process the stack runs writes its real address into `targets` while it serves
+    # (ragstream.scrape); Prometheus rereads the directory.
     config.write_text(
         "global:\n  scrape_interval: 5s\n  evaluation_interval: 15s\n"
         f"rule_files:\n  - {rules}\n"
-        "scrape_configs:\n  - job_name: ragstream-workers\n    static_configs:\n"
-        f"      - targets: ['{urlsplit(served_metrics_url(settings)).netloc}']\n"
+        "scrape_configs:\n  - job_name: ragstream-workers\n    file_sd_configs:\n"
+        f"      - files: ['{targets}/*.json']\n        refresh_interval: 5s\n"
     )
     with (home / "prometheus.log").open("ab") as out:
         proc = subprocess.Popen(
@@ -161,6 +166,11 @@ def start_prometheus(settings: Settings) -> tuple[int, bool]:
         tail = "\n".join((home / "prometheus.log").read_text(errors="replace").splitlines()[-20:])
         raise InfrastructureError(f"prometheus exited at start:\n{tail}")
     return port, True
+
+
+def scrape_dir(settings: Settings) -> Path:
+    """Where the stack's processes announce their metrics address to its Prometheus."""
+    return settings.local.data_dir / "prometheus" / "targets"
 
 
 def stop_prometheus(settings: Settings, *, kill: bool = False) -> bool:
@@ -214,6 +224,7 @@ def start_workers(
         "RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir.resolve()),
         "RAGSTREAM_BLOBS__ROOT": str(settings.blob_root().resolve()),
         "RAGSTREAM_OBSERVABILITY__LOG_FORMAT": "json",
+        "RAGSTREAM_OBSERVABILITY__SCRAPE_DIR": str(scrape_dir(settings)),
         **(extra_env or {}),
     }
     with logfile.open("ab") as out:

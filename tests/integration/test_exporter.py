@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -34,6 +36,21 @@ def _by_group(text: str, name: str, topic: str | None = None) -> dict[str, float
     return out
 
 
+@asynccontextmanager
+async def running_exporter(settings: Settings, interval_s: float) -> AsyncIterator[GroupExporter]:
+    """The topics made and an exporter serving (on the port `settings` gives) until the end."""
+    await ensure_topics(settings)
+    exporter = GroupExporter(settings)
+    stop = asyncio.Event()
+    exporting = asyncio.create_task(exporter.run(stop, interval_s=interval_s))
+    try:
+        await asyncio.wait_for(exporter.serving.wait(), 30)
+        yield exporter
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporting, 30)
+
+
 def _maxima(text: str, name: str) -> dict[str, float]:
     """The largest sample of `name` per `group` label."""
     out: dict[str, float] = {}
@@ -48,13 +65,8 @@ async def test_lag_shows_while_no_worker_runs_then_drains_and_the_dlq_depth_is_r
     settings: Settings, store: Store, tenant: str
 ) -> None:
     settings = variant(settings, observability={"exporter_port": 0})
-    await ensure_topics(settings)
     topology = Topology(settings.kafka.topic_prefix)
-    exporter = GroupExporter(settings)
-    stop = asyncio.Event()
-    exporting = asyncio.create_task(exporter.run(stop, interval_s=0.3))
-    try:
-        await asyncio.wait_for(exporter.serving.wait(), 30)
+    async with running_exporter(settings, 0.3) as exporter:
         url = f"http://127.0.0.1:{exporter.port}/metrics"
 
         async with Uploader(settings) as up:
@@ -139,6 +151,3 @@ async def test_lag_shows_while_no_worker_runs_then_drains_and_the_dlq_depth_is_r
         }
         assert sum(ends.values()) == 5
         assert all(committed[p] == end for p, end in ends.items() if end > 0), (committed, ends)
-    finally:
-        stop.set()
-        await asyncio.wait_for(exporting, 30)

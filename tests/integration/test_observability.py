@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -209,34 +210,34 @@ async def worker() -> AsyncIterator[tuple[Metrics, HealthServer]]:
     await server.stop()
 
 
-@pytest.fixture
-def prometheus(worker: tuple[Metrics, HealthServer], tmp_path: Path) -> Iterator[PrometheusProcess]:
+@contextmanager
+def running_prometheus(
+    directory: Path, targets: dict[str, list[str]], rules: Path = PROMETHEUS_DIR / "alerts.yml"
+) -> Iterator[PrometheusProcess]:
+    """Debian's Prometheus scraping `targets` ({job: [host:port]}) every second, evaluating
+    `rules` every second, until the block ends."""
     binary = tool("prometheus")
-    _, server = worker
-    config = tmp_path / "prometheus.yml"
+    config = directory / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],
+                "rule_files": [str(rules)],
                 "scrape_configs": [
-                    {
-                        "job_name": "ragstream-workers",
-                        "scrape_timeout": "1s",
-                        "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}],
-                    }
+                    {"job_name": job, "scrape_timeout": "1s", "static_configs": [{"targets": at}]}
+                    for job, at in targets.items()
                 ],
             }
         )
     )
     port = free_port()
-    log = tmp_path / "prometheus.log"
+    log = directory / "prometheus.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
                 binary,
                 f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--storage.tsdb.path={directory / 'prometheus-data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--log.level=warn",
             ],
@@ -264,6 +265,13 @@ def prometheus(worker: tuple[Metrics, HealthServer], tmp_path: Path) -> Iterator
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def prometheus(worker: tuple[Metrics, HealthServer], tmp_path: Path) -> Iterator[PrometheusProcess]:
+    _, server = worker
+    with running_prometheus(tmp_path, {"ragstream-workers": [f"127.0.0.1:{server.port}"]}) as p:
+        yield p
 
 
 async def test_prometheus_scrapes_records_lag_and_latency(

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,22 @@ def _psql(env: dict[str, str], sql: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _wait_for_targets(api: str, want: set[str], timeout_s: float = 60) -> dict[str, str]:
+    """Prometheus's active targets ({address: process label}) once they are exactly `want`,
+    each scraped up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"{api}/targets?state=active", timeout=5) as page:
+            active = json.loads(page.read())["data"]["activeTargets"]
+        up = {t["labels"]["instance"]: t["labels"].get("process", "") for t in active
+              if t["health"] == "up"}  # fmt: skip
+        if set(up) == want and len(active) == len(want):
+            return up
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Prometheus's targets {active}, wanted {want}")
+        time.sleep(1)
+
+
 def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
     stack_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -121,6 +138,35 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
     assert metrics_url in up.stdout
     with urllib.request.urlopen(metrics_url, timeout=10) as page:
         assert 'worker="embed"' in page.read().decode()
+
+    # Prometheus finds every process the stack runs, and one started beside it, at the ports
+    # they really bound, from the target files they write (file-based discovery).
+    data = Path(stack_env["RAGSTREAM_LOCAL__DATA_DIR"])
+    targets_dir = data / "prometheus" / "targets"
+    prometheus_api = f"http://127.0.0.1:{stack_env['RAGSTREAM_LOCAL__PROMETHEUS_PORT']}/api/v1"
+    worker_all = f"127.0.0.1:{stack_env['RAGSTREAM_OBSERVABILITY__METRICS_PORT']}"
+    assert _wait_for_targets(prometheus_api, {worker_all}) == {worker_all: "worker all"}
+    extra = subprocess.Popen(
+        [sys.executable, "-m", "ragstream", "worker", "parse"],
+        env={**stack_env, "RAGSTREAM_OBSERVABILITY__METRICS_PORT": "0",
+             "RAGSTREAM_OBSERVABILITY__SCRAPE_DIR": str(targets_dir)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        own = targets_dir / f"{extra.pid}.json"
+        deadline = time.monotonic() + 60
+        while not own.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (entry,) = json.loads(own.read_text())
+        (address,) = entry["targets"]
+        assert not address.endswith(":0"), address
+        seen = _wait_for_targets(prometheus_api, {worker_all, address})
+        assert seen == {worker_all: "worker all", address: "worker parse"}
+    finally:
+        extra.terminate()
+        extra.wait(timeout=60)
+    assert not own.exists()
+    assert set(_wait_for_targets(prometheus_api, {worker_all})) == {worker_all}
 
     # kcat, a third-party client, sees every topic with its partition count.
     listing = subprocess.run(
