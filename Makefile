@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_TOOLS := kcat prometheus
+ASYNCAPI := tools/asyncapi
 
 .PHONY: demo test lint unit tools up down clean
 
@@ -13,8 +14,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[local,dev]'
 	touch $@
 
-# Debian packages some tests drive for real (kcat reads the broker like a third-party client).
-tools:
+# The AsyncAPI parser that checks schemas/asyncapi.yaml (pinned by its package-lock.json).
+$(ASYNCAPI)/node_modules/.package-lock.json: $(ASYNCAPI)/package.json $(ASYNCAPI)/package-lock.json
+	cd $(ASYNCAPI) && npm ci --silent --ignore-scripts --no-audit --no-fund
+	touch $@
+
+# Debian packages some tests drive for real (kcat reads the broker like a third-party client),
+# and the AsyncAPI parser.
+tools: $(ASYNCAPI)/node_modules/.package-lock.json
 	@missing=""; for t in $(DEBIAN_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -33,7 +40,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check ragstream consumers producers tests
 	$(BIN)/mypy
 
-unit: $(BIN)/.installed
+unit: $(BIN)/.installed $(ASYNCAPI)/node_modules/.package-lock.json
 	$(BIN)/pytest tests/unit
 
 up: $(BIN)/.installed
