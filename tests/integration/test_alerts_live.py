@@ -22,6 +22,7 @@ from tests.integration.test_exporter import running_exporter
 from tests.integration.test_observability import (
     PROMETHEUS_DIR,
     PrometheusProcess,
+    dashboard_expressions,
     running_prometheus,
 )
 from tests.servers.openai_server import OpenAIServer
@@ -105,6 +106,13 @@ async def test_the_alerts_fire_in_the_outages_they_are_for(
                 await prometheus.wait_for('ragstream_group_members{group="parse"} == 1', 60)
                 await asyncio.sleep(2)  # a few more scrapes with the new member
                 assert prometheus.query("ragstream_dlq_depth == 1"), "the DLQ depth changed"
+                # The dashboard's panels on the exporter's figures all have data.
+                exporter_panels = [
+                    e for e in dashboard_expressions() if "ragstream_group_" in e or "dlq" in e
+                ]
+                assert len(exporter_panels) == 5, exporter_panels
+                for expr in exporter_panels:
+                    assert prometheus.query(expr), expr
             finally:
                 stop.set()
                 await asyncio.wait_for(parse, 60)
