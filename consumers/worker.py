@@ -50,6 +50,8 @@ from ragstream.providers.modes import SwitchingEmbedder, SwitchingParser
 from ragstream.providers.select import (
     EMBED_SERVICE,
     PARSE_SERVICE,
+    GuardedEmbedder,
+    GuardedParser,
     breaker_for,
     embedder_for,
     parser_for,
@@ -285,10 +287,11 @@ async def _following_providers(
     given = breakers or {}
     embed_breaker = given.get(EMBED_SERVICE) or breaker_for(settings, EMBED_SERVICE)
     parse_breaker = given.get(PARSE_SERVICE) or breaker_for(settings, PARSE_SERVICE)
-    for breaker in (embed_breaker, parse_breaker):
+    for breaker, guarded in ((embed_breaker, GuardedEmbedder), (parse_breaker, GuardedParser)):
         breaker.add_listener(metrics.on_circuit_change)
         breaker.add_call_listener(metrics.record_external_call)
         metrics.set_circuit_state(breaker.name, breaker.state)
+        metrics.known_calls(breaker.name, guarded.operation)
     await report_circuits(settings, codec, stack, (embed_breaker, parse_breaker))
     embedder = SwitchingEmbedder(
         state,

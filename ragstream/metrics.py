@@ -342,6 +342,12 @@ class Metrics:
         self.external_calls.labels(service, operation, status).inc()
         self.external_call_duration.labels(service, operation).observe(max(0.0, seconds))
 
+    def known_calls(self, service: str, operation: str) -> None:
+        """Show a service's calls at 0 before the first (`ok`, and the duration), so rate()
+        and increase() count the first ones too."""
+        self.external_calls.labels(service, operation, "ok")
+        self.external_call_duration.labels(service, operation)
+
     @contextmanager
     def external_call(self, service: str, operation: str) -> Iterator[None]:
         """Time a call; its status is `ok` or the class name of what it raised."""

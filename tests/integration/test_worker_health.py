@@ -120,3 +120,16 @@ async def test_readiness_follows_the_database_and_live_metrics_cover_the_dashboa
             assert name in exported or family in exported, (
                 f"{where}: {name} is not on a live /metrics"
             )
+    # Before any call, each service's calls already show at 0 (rate() sees the first ones),
+    # as every outcome of every stage does.
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    for service, operation in (("openai", "embeddings"), ("llamaparse", "parse")):
+        labels = (("operation", operation), ("service", service), ("status", "ok"))
+        assert samples.get(("ragstream_external_calls_total", labels)) == 0, (service, samples)
+    for outcome in ("ok", "retried", "waiting", "dead-lettered", "poison"):
+        key = ("ragstream_records_total", (("outcome", outcome), ("stage", "embed")))
+        assert samples.get(key) == 0, outcome
