@@ -275,6 +275,9 @@ class SearchSettings(_Section):
 
     ef_search: int = Field(200, ge=1, le=1000)  # pgvector allows 1..1000
     exact_limit: int = Field(2000, ge=0)
+    # vector | text | hybrid (ragstream.search); hybrid fuses `candidates` of each by rank.
+    mode: Literal["vector", "text", "hybrid"] = "hybrid"
+    candidates: int = Field(50, ge=1, le=1000)
 
 
 class BudgetLimit(_Section):
