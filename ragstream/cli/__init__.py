@@ -84,6 +84,7 @@ app.command("exporter")(status_cmd.exporter)
 app.add_typer(cost_cmd.app, name="cost")
 app.command("backup")(backup_cmd.backup)
 app.command("restore")(backup_cmd.restore)
+app.command("prune")(backup_cmd.prune)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""`ragstream backup DIR`, `ragstream restore DIR [--force]` (see ragstream.backup)."""
+"""`ragstream backup DIR`, `ragstream restore DIR [--force]` and `ragstream prune
+--keep-versions N [--dry-run]` (see ragstream.backup and the store's pruning)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from ragstream.cli.common import console, err_console, progress_bar, run, settin
 
 if TYPE_CHECKING:
     from ragstream.backup.run import OnProgress
+    from ragstream.settings import Settings
+    from ragstream.store import StoredVersion
 
 DirArg = Annotated[Path, typer.Argument(metavar="DIR", help="The backup directory.")]
 
@@ -102,3 +105,51 @@ def restore(
         report.notes,
         "warning",
     )
+
+
+def prune(
+    keep_versions: Annotated[
+        int,
+        typer.Option(
+            "--keep-versions",
+            min=1,
+            help="Versions to keep per document regardless (the newest N), besides the ones "
+            "it points at.",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would go; remove nothing.")
+    ] = False,
+) -> None:
+    """Remove chunk and embedding versions no document points at, keeping each document's
+    newest N versions; what a document points at is never touched."""
+    settings = settings_or_exit()
+    with steps() as on_progress:
+        versions = run(_prune, settings, keep_versions, dry_run, on_progress)
+    from ragstream.store import versions_per_tenant
+
+    counts = versions_per_tenant(versions)
+    verb = "would remove" if dry_run else "removed"
+    table = Table(title=f"{verb} (keeping the newest {keep_versions} per document)")
+    for col in ("tenant", "kind", "versions", "rows"):
+        table.add_column(col, justify="right" if col in ("versions", "rows") else "left")
+    for (tenant, kind), (count, rows) in counts.items():
+        table.add_row(tenant, kind, str(count), str(rows))
+    console.print(table)
+    total = sum(rows for _, rows in counts.values())
+    tail = "; nothing removed" if dry_run else ""
+    console.print(
+        f"{'dry run: ' if dry_run else ''}{verb} {len(versions)} version(s), {total} row(s){tail}",
+        highlight=False,
+    )
+
+
+async def _prune(
+    settings: Settings, keep: int, dry_run: bool, on_progress: OnProgress
+) -> list[StoredVersion]:
+    from ragstream.store import Store
+
+    async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=2) as store:
+        if dry_run:
+            return await store.prunable_versions(keep)
+        return await store.prune_versions(keep, lambda n, t: on_progress("documents", n, t))

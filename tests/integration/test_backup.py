@@ -1,4 +1,4 @@
-"""`ragstream backup` and `restore` as an operator runs them (real `python -m
+"""`ragstream backup`, `restore` and `prune` as an operator runs them (real `python -m
 ragstream` processes) against the session's broker and PostgreSQL.
 
 The round trip: documents through the pipeline, a mode, a throttle state and a budget set, a
@@ -28,6 +28,7 @@ from pipeline_helpers import (
     reset_group_to_earliest,
     variant,
     wait_for_statuses,
+    wait_until,
     workers,
 )
 
@@ -215,3 +216,96 @@ async def test_a_damaged_or_foreign_backup_is_refused_with_one_line(
         (backup_dir / "manifest.json").write_text('{"format": "something-else"}')
         code, _, err = await ragstream(target, "restore", str(backup_dir))
         assert "is not a ragstream backup" in one_line_error(code, err, 2)
+
+
+# -- pruning -----------------------------------------------------------------------------------
+
+
+async def version_rows(settings: Settings) -> dict[tuple[str, str], int]:
+    """(kind, chunker version) -> rows, chunks and embeddings."""
+    conn = await asyncpg.connect(settings.postgres.dsn())
+    try:
+        out = {}
+        for kind in ("chunks", "embeddings"):
+            for r in await conn.fetch(
+                f"SELECT chunker_version, count(*) AS n FROM {kind} GROUP BY 1"
+            ):
+                out[(kind, r["chunker_version"])] = int(r["n"])
+        return out
+    finally:
+        await conn.close()
+
+
+async def test_prune_removes_versions_nothing_points_at_and_dry_run_only_counts(
+    own_database: Settings, tenant: str, tmp_path: Path
+) -> None:
+    settings = own_database
+    paths = make_corpus(tmp_path / "docs", 3, kinds=(".md",))
+    topology = Topology(settings.kafka.topic_prefix)
+    await ensure_topics(settings)
+    async with await Store.connect(settings.postgres.dsn()) as store:
+        ids: list[str] = []
+
+        async def on(version: str, pointer: str) -> bool:
+            docs = [await store.get_document(d) for d in ids]
+            return all(d is not None and getattr(d, pointer) == version for d in docs)
+
+        # Three chunker versions: t400 (oldest), t200 (searchable), t100 (current, not embedded).
+        versions = []
+        runs = ((400, tuple(Stage)), (200, tuple(Stage)), (100, (Stage.PARSE, Stage.CHUNK)))
+        for max_tokens, stages in runs:
+            run_with = variant(settings, chunk={"max_tokens": max_tokens, "overlap_tokens": 0})
+            if ids:  # the chunk stage replayed with new settings, its group stopped
+                chunk_group = topology.group(Stage.CHUNK)
+                await reset_group_to_earliest(run_with, chunk_group, topology.parsed)
+            version = f"md-1:cl100k_base:t{max_tokens}:o0"
+            pointer = (
+                "searchable_chunker_version" if Stage.EMBED in stages else "current_chunker_version"
+            )
+            async with workers(run_with, stages):
+                if not ids:
+                    receipts, _ = await upload_paths(run_with, paths, tenant_id=tenant)
+                    ids = [r.document_id for r in receipts]
+                await wait_until(
+                    lambda v=version, p=pointer: on(v, p),
+                    90,
+                    f"every document's {pointer} {version}",
+                )
+            versions.append(version)
+        oldest, searchable, current = versions
+        before = await version_rows(settings)
+        assert {k for k in before} == {
+            ("chunks", oldest), ("chunks", searchable), ("chunks", current),
+            ("embeddings", oldest), ("embeddings", searchable),
+        }  # fmt: skip
+
+        # Keeping three per document keeps everything.
+        code, out, err = await ragstream(settings, "prune", "--keep-versions", "3", "--dry-run")
+        assert code == 0, err
+        assert "would remove 0 version(s), 0 row(s)" in out
+
+        # Keeping one: the oldest goes (chunks and embeddings); the searchable version stays
+        # although it is not the newest, because the documents point at it.
+        code, out, err = await ragstream(settings, "prune", "--keep-versions", "1", "--dry-run")
+        assert code == 0, err
+        gone_rows = before[("chunks", oldest)] + before[("embeddings", oldest)]
+        flat = " ".join(out.replace("│", " ").replace("┃", " ").split())
+        assert f"{tenant} chunks 3 {before[('chunks', oldest)]}" in flat, out
+        assert f"{tenant} embeddings 3 {before[('embeddings', oldest)]}" in flat, out
+        assert f"would remove 6 version(s), {gone_rows} row(s); nothing removed" in flat
+        assert await version_rows(settings) == before
+
+        code, out, err = await ragstream(settings, "prune", "--keep-versions", "1")
+        assert code == 0, err
+        assert f"removed 6 version(s), {gone_rows} row(s)" in " ".join(out.split())
+        after = await version_rows(settings)
+        assert after == {k: n for k, n in before.items() if k[1] != oldest}
+        for doc_id in ids:
+            doc = await store.get_document(doc_id)
+            assert doc is not None
+            assert (doc.current_chunker_version, doc.searchable_chunker_version) == (
+                current,
+                searchable,
+            )
+        hits = (await search(settings, QUESTION, tenant, 3)).hits
+        assert hits and {h.chunker_version for h in hits} == {searchable}

@@ -24,6 +24,7 @@ COMMANDS = (
     "status",
     "backup",
     "restore",
+    "prune",
 )
 
 

@@ -40,6 +40,7 @@ NEEDS_POSTGRES = [
     ["search", "hello", "--tenant", "t"],
     ["db", "migrate"],
     ["cost", "budget", "openai", "--daily-usd", "3"],
+    ["prune", "--keep-versions", "2", "--dry-run"],
 ]
 
 
