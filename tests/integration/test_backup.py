@@ -180,7 +180,7 @@ async def test_a_backup_restores_documents_search_control_state_and_offsets(
         assert restored_blob.read_bytes() == (backup_dir / blobs[0]).read_bytes()
 
 
-async def test_a_damaged_or_foreign_backup_is_refused_with_one_line(
+async def test_bad_input_and_a_damaged_or_foreign_backup_get_one_line(
     own_database: Settings, tmp_path: Path
 ) -> None:
     settings = own_database
@@ -193,6 +193,11 @@ async def test_a_damaged_or_foreign_backup_is_refused_with_one_line(
     # Into a directory that holds something: refused, nothing written there.
     code, _, err = await ragstream(settings, "backup", str(backup_dir))
     assert "is not empty" in one_line_error(code, err, 2)
+    # The database unreachable: one line, and the half-written backup directory is gone.
+    unreachable = variant(settings, postgres={"url": "postgresql://postgres:pw@127.0.0.1:1/x"})
+    code, _, err = await ragstream(unreachable, "backup", str(tmp_path / "half"))
+    assert "cannot reach PostgreSQL at" in one_line_error(code, err)
+    assert not (tmp_path / "half").exists()
 
     async with fresh_database(settings, f"{settings.kafka.topic_prefix}_c") as target:
         # One byte of the dump changed, the size the same: refused before anything is touched.
