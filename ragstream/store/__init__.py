@@ -5,6 +5,7 @@ RetryableError (connection lost, serialization failure, deadlock, timeout), Perm
 data), ConfigError (bad credentials, unknown database, a changed migration).
 """
 
+from ragstream.store._prune import StoredVersion, versions_per_tenant
 from ragstream.store.migrate import (
     MigrationError,
     available_migrations,
@@ -45,9 +46,11 @@ __all__ = [
     "Step",
     "Store",
     "StoreTx",
+    "StoredVersion",
     "Summary",
     "UploadDecision",
     "available_migrations",
     "ensure_vector_index",
     "migrate",
+    "versions_per_tenant",
 ]
