@@ -219,6 +219,10 @@ class OpenAISettings(_ServiceSection):
     api_key: SecretStr | None = None
     model: str = "text-embedding-3-small"
     timeout_s: float = Field(60.0, gt=0)
+    # Send `embed.dimensions` as the `dimensions` parameter (OpenAI's text-embedding-3 models
+    # shorten their vectors to it). false for a server or model that refuses it (vLLM without a
+    # Matryoshka model): then embed.dimensions must be the model's own size.
+    send_dimensions: bool = True
 
 
 class ServicesSettings(_Section):

@@ -280,12 +280,17 @@ class Meter:
 
     @asynccontextmanager
     async def call(self, estimated_units: float) -> AsyncIterator[Bill]:
-        """Admit the call (or raise BudgetExceeded), then record what it really used."""
+        """Admit the call (or raise BudgetExceeded), then record what it really used.
+
+        A self-hosted model's calls are not paid calls: no budget admits them (neither the
+        daily dollars nor the hourly requests) and no usage event is published; the process's
+        own usage metrics still count their units."""
         ctx = current_call.get()
         tenant = ctx.tenant_id if ctx else None
         reserved = self.estimate(estimated_units)
-        if self.guard is not None:
-            self.guard.admit(self.service, tenant, reserved)
+        guard = None if self.price.self_hosted else self.guard
+        if guard is not None:
+            guard.admit(self.service, tenant, reserved)
         bill = Bill()
         actual = Decimal(0)
         try:
@@ -295,9 +300,9 @@ class Meter:
                 actual = usage.cost_usd
                 await self._record(usage)
         finally:
-            if self.guard is not None:
+            if guard is not None:
                 made = bill.units is not None
-                self.guard.settle(self.service, tenant, reserved, actual, made=made)
+                guard.settle(self.service, tenant, reserved, actual, made=made)
 
     def usage(self, bill: Bill, ctx: CallContext | None) -> CostUsage:
         assert bill.units is not None
@@ -319,7 +324,7 @@ class Meter:
     async def _record(self, usage: CostUsage) -> None:
         for listener in self.on_usage:
             listener(usage)
-        if self.sink is None:
+        if self.sink is None or self.price.self_hosted:
             return
         try:
             await self.sink.publish(usage)

@@ -26,8 +26,9 @@ class Price:
     model: str
     unit: str
     unit_price_usd: Decimal
-    as_of: date
+    as_of: date | None  # None: self-hosted, nothing to have read
     source: str | None = None
+    self_hosted: bool = False  # a model on the operator's own server: costs nothing per call
 
     def cost(self, units: float | int | Decimal) -> Decimal:
         return (self.unit_price_usd * Decimal(str(units))).quantize(NANO)
@@ -106,6 +107,14 @@ def _decimal(value: Any, what: str) -> Decimal:
 
 def _price(service: str, model: str, entry: dict[str, Any], where: str, per: str) -> Price:
     key = f"{where}: {service}.{model}" if model != "credit" else f"{where}: {service}"
+    hosted = entry.get("self_hosted", False)
+    if not isinstance(hosted, bool):
+        raise ConfigError(f"{key}.self_hosted: {hosted!r} must be true or false")
+    if hosted:
+        if per in entry:
+            raise ConfigError(f"{key}: a self-hosted model has no {per} (it costs nothing)")
+        unit = entry.get("unit", "tokens")
+        return Price(service, model, str(unit), Decimal(0), None, entry.get("source"), True)
     if per not in entry:
         raise ConfigError(f"{key}: {per} is missing")
     as_of = entry.get("as_of")

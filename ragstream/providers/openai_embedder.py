@@ -27,6 +27,7 @@ import math
 import sys
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -113,6 +114,13 @@ def _assign(
 # -- the embedder --------------------------------------------------------------------------------
 
 
+NO_KEY = "none"  # what the client sends to a server that asks for no key
+
+
+def _is_openai(base_url: str) -> bool:
+    return urlsplit(base_url).hostname == "api.openai.com"
+
+
 class OpenAIEmbedder:
     """`Embedder` over OpenAI's embeddings endpoint (or anything that speaks it)."""
 
@@ -128,13 +136,16 @@ class OpenAIEmbedder:
         meter: Meter | None = None,
     ) -> None:
         if client is None:
-            if settings.api_key is None:
+            if settings.api_key is None and _is_openai(settings.base_url):
                 raise ConfigError(
                     "services.openai.api_key is not set "
                     "(RAGSTREAM_SERVICES__OPENAI__API_KEY) but the OpenAI embedder is in use"
                 )
+            # A self-hosted server (TEI, Ollama, vLLM) may need no key: the client sends a
+            # placeholder it ignores.
+            key = settings.api_key.get_secret_value() if settings.api_key else NO_KEY
             client = openai.AsyncOpenAI(
-                api_key=settings.api_key.get_secret_value(),
+                api_key=key,
                 base_url=settings.base_url,
                 timeout=settings.timeout_s,
                 max_retries=0,
@@ -142,6 +153,7 @@ class OpenAIEmbedder:
         self._client = client
         self._model = settings.model
         self._dimensions = dimensions
+        self._send_dimensions = settings.send_dimensions
         self._timeout_s = settings.timeout_s
         self._tokenizer = tokenizer or get_tokenizer()
         self.limiter = limiter if limiter is not None else RateLimiter()
@@ -214,19 +226,20 @@ class OpenAIEmbedder:
             await self.limiter.acquire(tokens)
             self.requests_made += 1
             try:
-                vectors, usage, request_id = await self._send(inputs)
+                vectors, reported, request_id = await self._send(inputs)
             finally:
                 self.limiter.release()
+            usage = tokens if reported is None else reported  # a server that reports none
             bill.report(usage, request_id)
             return vectors, usage
 
-    async def _send(self, inputs: list[str]) -> tuple[list[list[float]], int, str | None]:
+    async def _send(self, inputs: list[str]) -> tuple[list[list[float]], int | None, str | None]:
         try:
+            sized: dict[str, Any] = (
+                {"dimensions": self._dimensions} if self._send_dimensions else {}
+            )
             raw = await self._client.embeddings.with_raw_response.create(
-                input=inputs,
-                model=self._model,
-                dimensions=self._dimensions,
-                encoding_format="base64",
+                input=inputs, model=self._model, encoding_format="base64", **sized
             )
         except openai.OpenAIError as exc:
             response = getattr(exc, "response", None)
@@ -250,7 +263,7 @@ class OpenAIEmbedder:
             self.rate_limit_headers = seen
             self.limiter.update_from_headers(seen)
 
-    def _read(self, body: Any, expected: int) -> tuple[list[list[float]], int]:
+    def _read(self, body: Any, expected: int) -> tuple[list[list[float]], int | None]:
         """Vectors in input order and `usage.prompt_tokens`, from the JSON body.
 
         The body is read directly rather than through the SDK's models: with base64 vectors that
@@ -260,7 +273,9 @@ class OpenAIEmbedder:
             items = sorted(body["data"], key=lambda item: int(item["index"]))
             indices = [int(item["index"]) for item in items]
             vectors = [_decode(item["embedding"]) for item in items]
-            usage = int(body["usage"]["prompt_tokens"])
+            # OpenAI always reports the tokens it bills; some self-hosted servers do not.
+            counted = (body.get("usage") or {}).get("prompt_tokens")
+            usage = None if counted is None else int(counted)
         except (KeyError, TypeError, ValueError) as exc:
             raise RetryableError(f"openai: malformed embeddings response: {exc!r}") from exc
         if indices != list(range(expected)):

@@ -112,20 +112,25 @@ class OpenAIServer(BackgroundServer):
     def __init__(
         self,
         *,
-        api_key: str = "test-key",
+        api_key: str | None = "test-key",
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         window_s: float = 60.0,
         latency_s: float = 0.0,
         port: int | None = None,
         echo_credentials: bool = False,
+        fixed_dimensions: dict[str, int] | None = None,
     ) -> None:
+        """`api_key` None: no authentication, as a self-hosted server (TEI, Ollama) runs.
+        `fixed_dimensions`: models served at one size that refuse the `dimensions` parameter
+        (400), as vLLM does for a model without Matryoshka training."""
         super().__init__(
             Starlette(routes=[Route("/v1/embeddings", self._embeddings, methods=["POST"])]),
             port=port,
         )
         self.api_key = api_key
         self.echo_credentials = echo_credentials  # a careless server: 401 quotes what it got
+        self.fixed_dimensions = dict(fixed_dimensions or {})
         self.latency_s = latency_s
         self._lock = threading.Lock()
         self._requests = _Bucket(requests_per_minute, window_s) if requests_per_minute else None
@@ -169,7 +174,7 @@ class OpenAIServer(BackgroundServer):
     async def _embeddings(self, request: Request) -> JSONResponse:
         now = time.monotonic()
         authorization = request.headers.get("authorization", "")
-        if authorization != f"Bearer {self.api_key}":
+        if self.api_key is not None and authorization != f"Bearer {self.api_key}":
             self.calls.append(Call(now, 401, [], 0, reason="auth"))
             message = "Incorrect API key provided."
             if self.echo_credentials:
@@ -180,7 +185,12 @@ class OpenAIServer(BackgroundServer):
         raw_input = body.get("input")
         inputs = [raw_input] if isinstance(raw_input, str) else list(raw_input or [])
         model = str(body.get("model", ""))
-        dimensions = body.get("dimensions") or NATIVE_DIMENSIONS.get(model, 1536)
+        if model in self.fixed_dimensions and body.get("dimensions") is not None:
+            self.calls.append(Call(now, 400, [], 0, model, reason="dimensions"))
+            message = f"Model {model} does not support matryoshka representation"
+            return _error(400, message, "invalid_request_error", None)
+        native = {**NATIVE_DIMENSIONS, **self.fixed_dimensions}
+        dimensions = body.get("dimensions") or native.get(model, 1536)
         counts = [self._tokenizer.count(text) for text in inputs]
         call = Call(now, 200, inputs, sum(counts), model, dimensions)
         self.calls.append(call)
