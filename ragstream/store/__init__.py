@@ -5,6 +5,7 @@ RetryableError (connection lost, serialization failure, deadlock, timeout), Perm
 data), ConfigError (bad credentials, unknown database, a changed migration).
 """
 
+from ragstream.store._versions import VersionMove
 from ragstream.store.migrate import (
     MigrationError,
     available_migrations,
@@ -47,6 +48,7 @@ __all__ = [
     "StoreTx",
     "Summary",
     "UploadDecision",
+    "VersionMove",
     "available_migrations",
     "ensure_vector_index",
     "migrate",
