@@ -36,6 +36,8 @@ NEEDS_POSTGRES = [
     ["search", "hello", "--tenant", "t"],
     ["db", "migrate"],
     ["cost", "budget", "openai", "--daily-usd", "3"],
+    ["rollback", "chunker", "--to", "md-1:cl100k_base:t400:o40", "--dry-run"],
+    ["rollback", "embedding", "--to", "text-embedding-3-small:512", "--tenant", "t"],
 ]
 
 
