@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from pipeline_helpers import variant, wait_for_statuses, wait_until, workers
@@ -35,6 +37,7 @@ from tests.servers.openai_server import OpenAIServer, vector_for
 pytestmark = pytest.mark.integration
 
 MODEL = "text-embedding-3-small"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def rollback_cli(settings: Settings, *args: str) -> tuple[int, str]:
@@ -366,3 +369,14 @@ async def test_only_documents_holding_the_version_move_and_bad_input_is_one_line
         if code == 1:
             assert out.startswith("error: ") and out.count("error:") == 1, out
         assert await tenant_rows(settings, tenant) == before
+
+
+async def test_the_rollback_benchmark_runs_and_reports_its_time(database_url: str) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "benchmarks" / "bench_rollback.py"), "--documents", "200",
+         "--database-url", database_url],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"rolled back 200 documents .* in \d+\.\d+ s", done.stdout), done.stdout
