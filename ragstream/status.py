@@ -339,7 +339,7 @@ class StatusReader:
         assert admin is not None
         committed = {}
         for group in self.groups:
-            offsets = await _patiently(partial(admin.list_consumer_group_offsets, group.group_id))
+            offsets = await patiently(partial(admin.list_consumer_group_offsets, group.group_id))
             committed[group.group_id] = {
                 tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0
             }
@@ -409,7 +409,7 @@ class StatusReader:
         assert admin is not None
         out: dict[str, tuple[str, tuple[Member, ...]]] = {}
         for spec in self.groups:
-            group = await _patiently(partial(describe_group, admin, spec.group_id))
+            group = await patiently(partial(describe_group, admin, spec.group_id))
             out[group.group_id] = (group.state, group.members)
         return out
 
@@ -452,7 +452,7 @@ class StatusReader:
         return state, circuits
 
 
-async def _patiently(call: Callable[[], Awaitable[T]], timeout_s: float = 10.0) -> T:
+async def patiently(call: Callable[[], Awaitable[T]], timeout_s: float = 10.0) -> T:
     """Retry a call while Kafka answers with a retriable error (a group coordinator that is
     not ready yet, just after the broker or the offsets topic started)."""
     deadline = time.monotonic() + timeout_s

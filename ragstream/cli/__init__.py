@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ragstream.cli import (
+    backup_cmd,
     config_cmd,
     cost_cmd,
     dlq_cmd,
@@ -83,6 +84,9 @@ app.add_typer(rollback_cmd.app, name="rollback")
 app.command("status")(status_cmd.status)
 app.command("exporter")(status_cmd.exporter)
 app.add_typer(cost_cmd.app, name="cost")
+app.command("backup")(backup_cmd.backup)
+app.command("restore")(backup_cmd.restore)
+app.command("prune")(backup_cmd.prune)
 
 
 def main() -> None:

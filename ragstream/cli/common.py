@@ -11,6 +11,7 @@ from typing import Any, TextIO, TypeVar, get_args
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperArgument, TyperOption
 
 from ragstream.errors import ConfigError, RagstreamError
@@ -31,6 +32,20 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     # One line however long (soft wrap): an error is copied, grepped and pasted whole.
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def progress_bar(label: str) -> Progress:
+    """A progress bar on stderr, shown on a terminal only and gone when done (stdout keeps
+    the tables). `label` is a rich.progress TextColumn format, e.g. "{task.description}"."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    )
 
 
 def settings_or_exit(*, quiet: bool = True) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -208,6 +209,12 @@ def doc(
 SHORT_ID = 8  # the start of a document id the tables show; `ragstream doc` accepts it
 
 
+class SearchModeOption(StrEnum):
+    vector = "vector"
+    text = "text"
+    hybrid = "hybrid"
+
+
 def search(
     question: Annotated[str, typer.Argument(help="What to look for.")],
     tenant: Annotated[str, typer.Option("--tenant", "-t")],
@@ -215,18 +222,27 @@ def search(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: models and hits, full ids.")
     ] = False,
+    mode: Annotated[
+        SearchModeOption | None,
+        typer.Option(
+            "--mode",
+            help="vector (nearest by meaning), text (full-text match) or hybrid (both, fused "
+            "by rank); default search.mode (hybrid).",
+        ),
+    ] = None,
 ) -> None:
-    """Embed the question as the tenant's documents were embedded (their model and dimensions)
-    and print the nearest chunks."""
+    """The tenant's chunks that best answer the question: the nearest by meaning (the question
+    embedded as the tenant's documents were), the best full-text matches, or both fused."""
     from ragstream.search import provider_of
     from ragstream.search import search as run_search
 
     settings = settings_or_exit()
-    result = run(run_search, settings, question, tenant, k)
+    result = run(run_search, settings, question, tenant, k, mode.value if mode else None)
     if as_json:
         payload = {
             "question": question,
             "tenant": tenant,
+            "mode": result.mode,
             "models": [
                 {"provider": provider_of(m.model), "model": m.model, "dimensions": m.dimensions,
                  "documents": m.documents}
@@ -245,14 +261,21 @@ def search(
             raise typer.Exit(1)
         return
     if not result.hits:
-        console.print(f"no embedded chunks for tenant {tenant!r}", highlight=False)
+        found = "matching chunks" if result.mode == "text" else "embedded chunks"
+        console.print(f"no {found} for tenant {tenant!r}", highlight=False)
         raise typer.Exit(1)
     models = ", ".join(
         f"{provider_of(m.model)} {m.model} ({m.dimensions}d, {m.documents} documents)"
         for m in result.models
     )
-    console.print(f"question embedded with {models}", highlight=False)
-    table = Table(title=f"nearest chunks for {question!r} (tenant {tenant})")
+    how = {
+        "vector": f"question embedded with {models}",
+        "text": "full-text match (PostgreSQL, English stemming)",
+        "hybrid": f"hybrid: question embedded with {models}, and full-text match; fused by rank",
+    }[result.mode]
+    console.print(how, highlight=False)
+    title = "nearest chunks" if result.mode == "vector" else "best chunks"
+    table = Table(title=f"{title} for {question!r} (tenant {tenant}, {result.mode})")
     for col in ("score", "document", "file", "heading path", "page", "snippet"):
         # Ids and file names whole on any terminal (people copy them); the rest wraps.
         table.add_column(col, overflow="fold", no_wrap=col in ("score", "document", "file", "page"))

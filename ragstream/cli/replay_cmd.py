@@ -12,13 +12,13 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ragstream.cli.common import (
     console,
     err_console,
     full_document_ids,
+    progress_bar,
     run,
     settings_or_exit,
 )
@@ -182,15 +182,7 @@ def _live(settings: Settings, plan: ReplayPlan, dry_run: bool) -> None:
     if plan.records == 0:
         console.print("nothing to replay: the range holds no records")
         return
-    progress = Progress(
-        TextColumn("reading" if dry_run else "replaying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    )
+    progress = progress_bar("reading" if dry_run else "replaying")
     task = progress.add_task("replay", total=plan.records)
 
     def advance(done: int, total: int) -> None:

@@ -5,6 +5,7 @@ RetryableError (connection lost, serialization failure, deadlock, timeout), Perm
 data), ConfigError (bad credentials, unknown database, a changed migration).
 """
 
+from ragstream.store._prune import StoredVersion, versions_per_tenant
 from ragstream.store._versions import VersionMove
 from ragstream.store.migrate import (
     MigrationError,
@@ -46,10 +47,12 @@ __all__ = [
     "Step",
     "Store",
     "StoreTx",
+    "StoredVersion",
     "Summary",
     "UploadDecision",
     "VersionMove",
     "available_migrations",
     "ensure_vector_index",
     "migrate",
+    "versions_per_tenant",
 ]

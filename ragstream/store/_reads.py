@@ -53,6 +53,19 @@ async def _by_id_prefix(conn: Any, key: str) -> Any:
     return found[0] if found else None
 
 
+def _hit(r: Any) -> SearchHit:
+    return SearchHit(
+        score=float(r["score"]),
+        document_id=r["document_id"],
+        filename=r["filename"],
+        heading_path=list(r["heading_path"]),
+        chunk_index=r["chunk_index"],
+        text=r["text"],
+        page=r["page"],
+        chunker_version=r["chunker_version"],
+    )
+
+
 class ReadOperations(OnConnection):
     """Nearest chunks for a query vector, a document's journey, counts."""
 
@@ -77,19 +90,17 @@ class ReadOperations(OnConnection):
         rows = await self._search_rows(
             tenant_id, vector, model, dimensions, k, None, ef_search, exact_limit
         )
-        return [
-            SearchHit(
-                score=float(r["score"]),
-                document_id=r["document_id"],
-                filename=r["filename"],
-                heading_path=list(r["heading_path"]),
-                chunk_index=r["chunk_index"],
-                text=r["text"],
-                page=r["page"],
-                chunker_version=r["chunker_version"],
-            )
-            for r in rows
-        ]
+        return [_hit(r) for r in rows]
+
+    @translate_errors
+    async def text_search(self, tenant_id: str, query: str, k: int = 5) -> list[SearchHit]:
+        """The k chunks of the tenant's searchable documents that best match `query`
+        (PostgreSQL websearch syntax), by full-text rank; none when it has no searchable term."""
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be 1..{MAX_K}, got {k}")
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.TEXT_SEARCH, tenant_id, query, k)
+        return [_hit(r) for r in rows]
 
     @translate_errors
     async def embedding_models(self, tenant_id: str) -> list[EmbeddingModel]:

@@ -278,6 +278,24 @@ LIMIT $4
 """
 
 
+# The chunks of one tenant's searchable documents (at their current chunker version) matching a
+# websearch-syntax query, best first: ts_rank_cd rewards chunks holding more of the terms, and
+# closer together. `$2` comes from `ragstream.search.text_query` (the terms or'ed, a hyphenated
+# identifier kept as a phrase).
+TEXT_SEARCH = """
+SELECT c.document_id, c.chunk_index, c.chunker_version, d.filename, c.heading_path, c.text,
+       c.page, ts_rank_cd(c.text_search, q) AS score
+FROM websearch_to_tsquery('english', $2) q,
+     chunks c
+JOIN documents d ON d.document_id = c.document_id
+WHERE c.text_search @@ q AND c.tenant_id = $1 AND d.tenant_id = $1
+  AND d.searchable_chunker_version = c.chunker_version
+  AND d.current_embedding_model IS NOT NULL
+ORDER BY score DESC, c.document_id, c.chunk_index
+LIMIT $3
+"""
+
+
 SUMMARY = """
 SELECT
     (SELECT coalesce(jsonb_object_agg(status, n), '{}'::jsonb) FROM (

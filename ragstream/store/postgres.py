@@ -31,6 +31,7 @@ from ragstream.store._base import Pinned, json_dumps, pinned
 from ragstream.store._cost import CostOperations
 from ragstream.store._dlq import DlqOperations
 from ragstream.store._errors import connecting, translating
+from ragstream.store._prune import PruneOperations
 from ragstream.store._reads import ReadOperations
 from ragstream.store._versions import VersionOperations
 from ragstream.store._writes import WriteOperations
@@ -96,7 +97,14 @@ class Batch:
             await conn.execute("RELEASE SAVEPOINT ragstream_unit")
 
 
-class Store(WriteOperations, ReadOperations, VersionOperations, DlqOperations, CostOperations):
+class Store(
+    WriteOperations,
+    ReadOperations,
+    VersionOperations,
+    DlqOperations,
+    CostOperations,
+    PruneOperations,
+):
     """An asyncpg pool with the store's operations. Use `await Store.connect(dsn)`."""
 
     def __init__(self, pool: Any, dsn: str) -> None:

@@ -202,6 +202,22 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+async def ragstream(settings: Settings, *args: str) -> tuple[int, str, str]:
+    """`python -m ragstream ARGS` for this test's broker and prefix: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ragstream",
+        *args,
+        env=worker_env(settings, RAGSTREAM_OBSERVABILITY__LOG_FORMAT="console", COLUMNS="200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 # -- workers -----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUPS = ("stack", "topics", "services", "db", "dlq", "cost", "config", "rollback")
-COMMANDS = ("demo", "worker", "upload", "doc", "search", "replay", "status")
+COMMANDS = (
+    "demo",
+    "worker",
+    "upload",
+    "doc",
+    "search",
+    "replay",
+    "status",
+    "backup",
+    "restore",
+    "prune",
+)
 
 
 def _run(*argv: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,11 +33,11 @@ from pipeline_helpers import (
     committed_offsets,
     group_members,
     make_corpus,
+    ragstream,
     read_topic,
     variant,
     wait_for_statuses,
     wait_until,
-    worker_env,
     workers,
 )
 
@@ -66,22 +65,6 @@ def paid_embeddings(server: OpenAIServer, **more: str) -> dict[str, str]:
         "RAGSTREAM_BUDGETS__HOURLY_REQUESTS": "100000",
         **more,
     }
-
-
-async def ragstream(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """`python -m ragstream ARGS` for this test's broker and prefix: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ragstream",
-        *args,
-        env=worker_env(settings, RAGSTREAM_OBSERVABILITY__LOG_FORMAT="console", COLUMNS="200"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def status_json(settings: Settings, *args: str) -> dict[str, Any]:

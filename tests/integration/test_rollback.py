@@ -173,8 +173,14 @@ async def test_a_chunker_rollback_points_documents_back_with_no_work_and_search_
             *((d, version_a) for d in kept),
             (late, version_b),
         }
-        served = await search(b, only_a[0].text, mine, k=3)  # the CLI's path (embeds the question)
+        # The CLI's path: the question embedded (one request), and full-text search of the chunks.
+        served = await search(b, only_a[0].text, mine, k=3, mode="vector")
         assert (served.hits[0].document_id, served.hits[0].chunker_version) == (kept[1], version_a)
+        words = await search(b, only_a[0].text, mine, k=20, mode="text")
+        assert words.hits and {(h.document_id, h.chunker_version) for h in words.hits} <= {
+            *((d, version_a) for d in kept),
+            (late, version_b),
+        }
 
         # The command it printed fills the document lacking A, once the workers run A's settings.
         async with workers(a):
@@ -268,7 +274,7 @@ async def test_an_embedding_rollback_points_documents_back_to_the_older_size_wit
         hits = await store.search(mine, vector_for(MODEL, chunk.text, dims), MODEL, dims, k=5)
         assert (hits[0].document_id, hits[0].chunk_index) == (kept[0], chunk.index)
         assert {h.document_id for h in hits} <= set(kept)
-        served = await search(b, chunk.text, mine, k=3)
+        served = await search(b, chunk.text, mine, k=3, mode="vector")
         assert {m.dimensions for m in served.models} == {dims, 256}
         assert (served.hits[0].document_id, served.hits[0].chunk_index) == (kept[0], chunk.index)
 

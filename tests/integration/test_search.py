@@ -85,7 +85,7 @@ async def test_search_embeds_the_question_with_the_documents_own_model(
     doc = f"d-openai-{uuid.uuid4().hex[:10]}"
     await ingest_openai(store, tenant, doc, SENTENCES)
 
-    result = await search(real_mode(settings, server), SENTENCES[2], tenant, k=3)
+    result = await search(real_mode(settings, server), SENTENCES[2], tenant, k=3, mode="vector")
 
     assert [(m.model, m.dimensions) for m in result.models] == [(OPENAI_MODEL, DIMS)]
     assert result.hits[0].document_id == doc
@@ -106,7 +106,9 @@ async def test_a_tenant_of_two_models_is_searched_per_model_and_merged_by_rank(
     local_vectors = (await LocalEmbedder(DIMS).embed(SENTENCES[2:])).vectors
     await ingest(store, local, tenant, SENTENCES[2:], local_vectors, model=LOCAL_MODEL, dims=DIMS)
 
-    remote_first = await search(real_mode(settings, server), SENTENCES[0], tenant, k=4)
+    remote_first = await search(
+        real_mode(settings, server), SENTENCES[0], tenant, k=4, mode="vector"
+    )
     assert {(m.model, m.documents) for m in remote_first.models} == {
         (OPENAI_MODEL, 1),
         (LOCAL_MODEL, 1),
@@ -116,7 +118,9 @@ async def test_a_tenant_of_two_models_is_searched_per_model_and_merged_by_rank(
     # Ranks alternate between the models: each model's best comes before any second.
     assert {h.document_id for h in remote_first.hits[:2]} == {remote, local}
 
-    local_first = await search(real_mode(settings, server), SENTENCES[3], tenant, k=2)
+    local_first = await search(
+        real_mode(settings, server), SENTENCES[3], tenant, k=2, mode="vector"
+    )
     assert local_first.hits[0].text == SENTENCES[3]
     assert local_first.hits[0].document_id == local
 

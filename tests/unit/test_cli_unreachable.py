@@ -3,7 +3,10 @@ to check, exit 1, no traceback, no client-library log line."""
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -30,12 +33,14 @@ NEEDS_KAFKA = [
     ["dlq", "list"],
     ["dlq", "stats"],
     ["replay", "parse", "--earliest", "--dry-run"],
+    ["backup", str(Path(tempfile.gettempdir()) / f"ragstream-unreachable-{os.getpid()}")],
 ]
 NEEDS_POSTGRES = [
     ["doc", "abc"],
     ["search", "hello", "--tenant", "t"],
     ["db", "migrate"],
     ["cost", "budget", "openai", "--daily-usd", "3"],
+    ["prune", "--keep-versions", "2", "--dry-run"],
     ["rollback", "chunker", "--to", "md-1:cl100k_base:t400:o40", "--dry-run"],
     ["rollback", "embedding", "--to", "text-embedding-3-small:512", "--tenant", "t"],
 ]
