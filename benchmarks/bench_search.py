@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -251,6 +252,23 @@ def local_postgres(stack: ExitStack, directory: Path) -> str:
     return postgres.ensure_database("ragstream_bench")
 
 
+def run_on_postgres(
+    bench: Callable[[argparse.Namespace, str], Awaitable[dict[str, object]]],
+    args: argparse.Namespace,
+    name: str,
+) -> dict[str, object]:
+    """`bench(args, server_dsn)` on the server `args.database_url` names, or on a PostgreSQL of
+    its own in a temporary directory, stopped and removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=f"ragstream-bench-{name}-"))
+    directory.chmod(0o711)  # PostgreSQL's system user passes through
+    try:
+        with ExitStack() as stack:
+            server_dsn = args.database_url or local_postgres(stack, directory)
+            return asyncio.run(bench(args, server_dsn))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=20_000)
@@ -262,14 +280,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here, as JSON")
     args = parser.parse_args()
     configure_logging("WARNING", "console")
-    directory = Path(tempfile.mkdtemp(prefix="ragstream-bench-search-"))
-    directory.chmod(0o711)  # PostgreSQL's system user passes through
-    try:
-        with ExitStack() as stack:
-            server_dsn = args.database_url or local_postgres(stack, directory)
-            report = asyncio.run(bench(args, server_dsn))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    report = run_on_postgres(bench, args, "search")
     print(
         f"tenant of {report['tenant_chunks']} chunks among {report['other_chunks']} others, "
         f"{report['queries']} queries, k={K}; load {report['load_s']} s, "

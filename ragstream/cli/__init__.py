@@ -20,6 +20,7 @@ from ragstream.cli import (
     dlq_cmd,
     pipeline_cmd,
     replay_cmd,
+    rollback_cmd,
     services_cmd,
     stack_cmd,
     status_cmd,
@@ -79,6 +80,7 @@ app.command("search")(pipeline_cmd.search)
 app.add_typer(pipeline_cmd.db_app, name="db")
 app.add_typer(dlq_cmd.app, name="dlq")
 app.command("replay")(replay_cmd.replay)
+app.add_typer(rollback_cmd.app, name="rollback")
 app.command("status")(status_cmd.status)
 app.command("exporter")(status_cmd.exporter)
 app.add_typer(cost_cmd.app, name="cost")

@@ -6,6 +6,7 @@ data), ConfigError (bad credentials, unknown database, a changed migration).
 """
 
 from ragstream.store._prune import StoredVersion, versions_per_tenant
+from ragstream.store._versions import VersionMove
 from ragstream.store.migrate import (
     MigrationError,
     available_migrations,
@@ -49,6 +50,7 @@ __all__ = [
     "StoredVersion",
     "Summary",
     "UploadDecision",
+    "VersionMove",
     "available_migrations",
     "ensure_vector_index",
     "migrate",

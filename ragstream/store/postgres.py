@@ -33,6 +33,7 @@ from ragstream.store._dlq import DlqOperations
 from ragstream.store._errors import connecting, translating
 from ragstream.store._prune import PruneOperations
 from ragstream.store._reads import ReadOperations
+from ragstream.store._versions import VersionOperations
 from ragstream.store._writes import WriteOperations
 from ragstream.store.migrate import ensure_vector_index as _ensure_vector_index
 from ragstream.store.migrate import migrate as _migrate
@@ -96,7 +97,14 @@ class Batch:
             await conn.execute("RELEASE SAVEPOINT ragstream_unit")
 
 
-class Store(WriteOperations, ReadOperations, DlqOperations, CostOperations, PruneOperations):
+class Store(
+    WriteOperations,
+    ReadOperations,
+    VersionOperations,
+    DlqOperations,
+    CostOperations,
+    PruneOperations,
+):
     """An asyncpg pool with the store's operations. Use `await Store.connect(dsn)`."""
 
     def __init__(self, pool: Any, dsn: str) -> None:

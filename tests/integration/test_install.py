@@ -13,7 +13,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUPS = ("stack", "topics", "services", "db", "dlq", "cost", "config")
+GROUPS = ("stack", "topics", "services", "db", "dlq", "cost", "config", "rollback")
 COMMANDS = (
     "demo",
     "worker",

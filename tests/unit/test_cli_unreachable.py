@@ -41,6 +41,8 @@ NEEDS_POSTGRES = [
     ["db", "migrate"],
     ["cost", "budget", "openai", "--daily-usd", "3"],
     ["prune", "--keep-versions", "2", "--dry-run"],
+    ["rollback", "chunker", "--to", "md-1:cl100k_base:t400:o40", "--dry-run"],
+    ["rollback", "embedding", "--to", "text-embedding-3-small:512", "--tenant", "t"],
 ]
 
 
