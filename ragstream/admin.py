@@ -91,6 +91,15 @@ async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]
         await client.close()
 
 
+def replicated(config: dict[str, str], replication_factor: int) -> dict[str, str]:
+    """A topic's config with `min.insync.replicas` one below its replication factor: with
+    `acks=all`, every write is on two replicas of three before it counts, and one broker can
+    be lost without refusing writes."""
+    if replication_factor < 2 or "min.insync.replicas" in config:
+        return config
+    return {**config, "min.insync.replicas": str(replication_factor - 1)}
+
+
 async def ensure_topics(settings: Settings) -> list[TopicState]:
     """Create every topic of the topology that does not exist yet. Never alters existing ones."""
     topology = Topology(settings.kafka.topic_prefix)
@@ -105,7 +114,7 @@ async def ensure_topics(settings: Settings) -> list[TopicState]:
                         s.name,
                         s.partitions,
                         settings.kafka.replication_factor,
-                        topic_configs=s.config,
+                        topic_configs=replicated(s.config, settings.kafka.replication_factor),
                     )
                     for s in missing
                 ]

@@ -14,6 +14,7 @@ Every `observability.exporter_interval_s` it reads, with an admin client and a p
                                                              committed (0: nothing waits)
     ragstream_dlq_depth                                      records on the dead-letter topic
     ragstream_dlq_oldest_age_seconds                         age of its oldest record (0: empty)
+    ragstream_under_replicated_partitions                    partitions short of in-sync replicas
     ragstream_exporter_up                                    1 when the last read succeeded
     ragstream_exporter_last_read_timestamp_seconds           when it last succeeded
 
@@ -93,6 +94,11 @@ class GroupExporter:
             "Age of the oldest record on the dead-letter topic (0: empty).",
             registry=r,
         )
+        self.under_replicated = Gauge(
+            "ragstream_under_replicated_partitions",
+            "Partitions of ragstream's topics with fewer replicas in sync than assigned.",
+            registry=r,
+        )
         self.up = Gauge(
             "ragstream_exporter_up",
             "1 when the exporter's last read of Kafka succeeded.",
@@ -131,6 +137,7 @@ class GroupExporter:
                 waiting = _first_waiting(p.committed, p.log_start, p.log_end)
                 at = 0.0 if waiting is None else age(p.topic, p.partition, waiting)
                 self.oldest_age.labels(*labels).set(at)
+        self.under_replicated.set(len(status.under_replicated))
         if status.dlq_depth is not None:
             self.dlq_depth.set(status.dlq_depth)
             ages = [age(status.dlq_topic, p, start) for p, start, end in status.dlq_offsets]

@@ -26,6 +26,7 @@ import structlog
 
 from ragstream.admin import TopicState, ensure_topics
 from ragstream.errors import ConfigError, InfrastructureError
+from ragstream.local.cluster import LocalKafkaCluster, local_kafka
 from ragstream.local.kafka import LocalKafka, process_alive, wait_exit
 from ragstream.local.postgres import LocalPostgres
 from ragstream.local.secure import ADMIN, WORKER, SecureSetup
@@ -57,12 +58,22 @@ class StackInfo:
 
 
 async def stack_up(
-    settings: Settings, *, workers: bool = True, prometheus: bool = False, secure: bool = False
+    settings: Settings,
+    *,
+    workers: bool = True,
+    prometheus: bool = False,
+    secure: bool = False,
+    brokers: int | None = None,
 ) -> StackInfo:
     """Start what is not running. `secure`: the broker listens on SASL_SSL with SCRAM users
-    and ACLs (ragstream.local.secure); a broker created secure stays secure without it."""
+    and ACLs (ragstream.local.secure); a broker created secure stays secure without it.
+    `brokers` 3: a 3-node KRaft cluster (ragstream.local.cluster), topics replicated 3 times
+    with `min.insync.replicas` 2; a data directory made for a cluster stays one."""
     setup = SecureSetup.ensure(settings.local.data_dir) if secure else None
-    kafka = LocalKafka.from_settings(settings, secure=setup)
+    kafka = local_kafka(settings, secure=setup, brokers=brokers)
+    if isinstance(kafka, LocalKafkaCluster):  # every client gets every node; topics RF 3
+        over = {"bootstrap_servers": kafka.bootstrap, "replication_factor": len(kafka.nodes)}
+        settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update=over)})
     postgres = LocalPostgres.from_settings(settings)
     started: list[str] = []
     kafka_was_up, pg_was_up = kafka.is_running(), postgres.is_running()
@@ -74,13 +85,15 @@ async def stack_up(
     settings = with_local_password(settings)
     await asyncio.to_thread(postgres.ensure_database, settings.postgres.database)
     worker_env: dict[str, str] = {}
-    if kafka.secure is not None:  # the stack itself acts as admin; its workers as `worker`
+    secure_setup = None if isinstance(kafka, LocalKafkaCluster) else kafka.secure
+    if secure_setup is not None:  # the stack itself acts as admin; its workers as `worker`
         settings = settings.model_copy(
-            update={"kafka": kafka.secure.client_kafka_settings(ADMIN, settings.kafka)}
+            update={"kafka": secure_setup.client_kafka_settings(ADMIN, settings.kafka)}
         )
-        worker_env = kafka.secure.client_env(WORKER)
+        worker_env = secure_setup.client_env(WORKER)
     topics = await ensure_topics(settings)
-    if kafka.secure is not None:
+    if secure_setup is not None:
+        assert isinstance(kafka, LocalKafka)
         await asyncio.to_thread(kafka.apply_acls, settings.kafka.topic_prefix)
     migrations = await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
     info = StackInfo(
@@ -91,7 +104,7 @@ async def stack_up(
         topics=topics,
         migrations=migrations,
     )
-    if kafka.secure is not None:
+    if secure_setup is not None:
         info.secure_env = str(settings.local.data_dir.resolve() / "secure.env")
     if workers:
         pid, fresh = start_workers(settings, extra_env=worker_env)
@@ -221,6 +234,7 @@ def start_workers(
         # The child must see the same settings this process has, whatever their source.
         "RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "RAGSTREAM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "RAGSTREAM_KAFKA__REPLICATION_FACTOR": str(settings.kafka.replication_factor),
         "RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir.resolve()),
         "RAGSTREAM_BLOBS__ROOT": str(settings.blob_root().resolve()),
         "RAGSTREAM_OBSERVABILITY__LOG_FORMAT": "json",
@@ -322,7 +336,7 @@ def stack_down(
     if (only is None or "workers" in only) and stop_workers(settings, kill=kill):
         stopped.append("workers")
     for name, server in (
-        ("kafka", LocalKafka.from_settings(settings)),
+        ("kafka", local_kafka(settings)),
         ("postgres", LocalPostgres.from_settings(settings)),
     ):
         if (only is None or name in only) and server.pid() is not None:

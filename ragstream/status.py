@@ -158,6 +158,8 @@ class Status:
     dlq_depth: int | None  # None: no DLQ topic
     services: tuple[ServiceStatus, ...] = field(default=())
     dlq_offsets: tuple[tuple[int, int, int], ...] = ()  # (partition, log start, log end)
+    # Partitions with fewer replicas in sync than assigned: (topic, partition, in sync, replicas)
+    under_replicated: tuple[tuple[str, int, int, int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = _plain(
@@ -168,6 +170,10 @@ class Status:
                 "sample_s": self.sample_s,
                 "groups": [_group_json(g) for g in self.groups],
                 "dlq": {"topic": self.dlq_topic, "depth": self.dlq_depth},
+                "under_replicated": [
+                    {"topic": t, "partition": p, "in_sync": isr, "replicas": n}
+                    for t, p, isr, n in self.under_replicated
+                ],
                 "services": [_service_json(s) for s in self.services],
             }
         )
@@ -303,6 +309,7 @@ class StatusReader:
         self._control: dict[bytes, bytes] = {}  # the latest value per key (compaction's view)
         self._control_tps: list[TopicPartition] = []
         self._existing: set[str] = set()
+        self._under_replicated: tuple[tuple[str, int, int, int], ...] = ()
 
     async def __aenter__(self) -> StatusReader:
         try:
@@ -314,7 +321,7 @@ class StatusReader:
             self._stack.push_async_callback(closing(consumer.stop, "stop the status consumer"))
             await consumer.start()
             self._consumer = consumer
-            existing = set(await admin.list_topics())
+            existing = set(await patiently(admin.list_topics))
         except KafkaError as exc:
             await self._stack.aclose()
             raise RetryableError(f"cannot read Kafka: {type(exc).__name__}: {exc}") from exc
@@ -356,6 +363,7 @@ class StatusReader:
         assert self._admin is not None and self._consumer is not None
         topics = sorted({t for g in self.groups for t in g.topics} | {self.topology.dlq})
         sizes = await self._partition_counts([t for t in topics if t in self._existing])
+        under_replicated = self._under_replicated  # of these topics (read with their sizes)
         tps = [TopicPartition(t, p) for t, n in sizes.items() for p in range(n)]
         described = await self._describe_groups()
         current = await self.sample()
@@ -394,6 +402,7 @@ class StatusReader:
             dlq_depth=depth,
             services=service_statuses(state, circuits, now),
             dlq_offsets=tuple((tp.partition, starts[tp], ends[tp]) for tp in sorted(dlq)),
+            under_replicated=under_replicated,
         )
         return status, current
 
@@ -401,8 +410,18 @@ class StatusReader:
         assert self._admin is not None
         if not topics:
             return {}
-        described = await self._admin.describe_topics(topics)
-        return {t["topic"]: len(t["partitions"]) for t in described if not t["error_code"]}
+        admin = self._admin
+        described = await patiently(lambda: admin.describe_topics(topics))
+        ok = [t for t in described if not t["error_code"]]
+        self._under_replicated = tuple(
+            sorted(
+                (t["topic"], p["partition"], len(p["isr"]), len(p["replicas"]))
+                for t in ok
+                for p in t["partitions"]
+                if len(p["isr"]) < len(p["replicas"])
+            )
+        )
+        return {t["topic"]: len(t["partitions"]) for t in ok}
 
     async def _describe_groups(self) -> dict[str, tuple[str, tuple[Member, ...]]]:
         admin = self._admin
@@ -452,9 +471,11 @@ class StatusReader:
         return state, circuits
 
 
-async def patiently(call: Callable[[], Awaitable[T]], timeout_s: float = 10.0) -> T:
-    """Retry a call while Kafka answers with a retriable error (a group coordinator that is
-    not ready yet, just after the broker or the offsets topic started)."""
+async def patiently(call: Callable[[], Awaitable[T]], timeout_s: float = 30.0) -> T:
+    """Retry a call while Kafka answers with a retriable error: a group coordinator that is
+    not ready yet, just after the broker or the offsets topic started, or a broker of a
+    cluster that just died, until the cluster notices and moves its partitions (a broker's
+    session timeout, 9 s by default)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

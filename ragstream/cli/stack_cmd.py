@@ -59,6 +59,13 @@ def up(
             "ACLs; clients' settings in <data_dir>/secure.toml, passwords in secure.env."
         ),
     ] = False,
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            help="3: a 3-node KRaft cluster (topics replicated 3 times, min.insync.replicas 2); "
+            "the data directory remembers. Default: what the data directory holds, else 1."
+        ),
+    ] = None,
 ) -> None:
     """Start whatever part of the stack is not running (broker, PostgreSQL, workers), create
     topics, migrate. Leaves them running."""
@@ -68,7 +75,10 @@ def up(
     with console.status(
         "starting the local stack (first start resolves Kafka's jars from Maven Central)"
     ):
-        info = run(stack_up, settings, workers=workers, prometheus=prometheus, secure=secure)
+        info = run(
+            stack_up, settings, workers=workers, prometheus=prometheus, secure=secure,
+            brokers=brokers,
+        )  # fmt: skip
     console.print(where_table(info))
     if info.secure_env:
         console.print(
@@ -166,7 +176,9 @@ def kafka_tool(
         raise fail(f"unknown Kafka tool {tool!r}; choose one of {', '.join(KAFKA_TOOLS)}")
     settings = settings_or_exit()
     kafka = settings.kafka
-    broker = local_kafka.LocalKafka.from_settings(settings)
+    from ragstream.local.cluster import local_kafka as stack_kafka
+
+    broker = stack_kafka(settings)
     with tempfile.TemporaryDirectory(prefix="ragstream-tool-") as tmp:
         args = ["--bootstrap-server", kafka.bootstrap_servers]
         if kafka.security_protocol != "PLAINTEXT":

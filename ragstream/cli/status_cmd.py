@@ -110,6 +110,15 @@ def render(status: Status, *, partitions: bool = False) -> Group:
     if partitions:
         parts.append(_partitions_table(status))
     parts.append(dlq)
+    if status.under_replicated:
+        shown = ", ".join(
+            f"{t}[{p}] {isr}/{n} in sync" for t, p, isr, n in status.under_replicated[:6]
+        )
+        more = len(status.under_replicated) - 6
+        parts.append(
+            f"under-replicated partitions: {len(status.under_replicated)} ({shown}"
+            + (f", +{more} more)" if more > 0 else ")")
+        )
     if status.services:
         parts.append(_services_table(status.services))
     return Group(*parts)

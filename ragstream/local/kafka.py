@@ -141,7 +141,14 @@ class LocalKafka:
         *,
         classpath_cache_dir: Path | None = None,
         secure: SecureSetup | None = None,
+        node_id: int = 1,
+        voters: Sequence[tuple[int, int]] = (),
+        home_name: str = "kafka",
+        format_cluster_id: str | None = None,
     ) -> None:
+        """One KRaft node, broker and controller in one process. Alone by default; a node of
+        a cluster (ragstream.local.cluster) gets its `node_id`, the quorum's `voters`
+        ((node id, controller port) each), a home of its own and the cluster's id."""
         if not _VERSION.match(version):
             raise InfrastructureError(f"kafka version {version!r} is not of the form 4.x.y")
         if not _HEAP.match(heap):
@@ -149,7 +156,10 @@ class LocalKafka:
         if port == controller_port:
             raise InfrastructureError(f"kafka port and controller port are both {port}")
         self.data_dir = data_dir.resolve()
-        self.home = self.data_dir / "kafka"
+        self.home = self.data_dir / home_name
+        self.node_id = node_id
+        self.voters = list(voters) or [(node_id, controller_port)]
+        self.format_cluster_id = format_cluster_id
         self.port = port
         self.controller_port = controller_port
         self.version = version
@@ -387,10 +397,14 @@ class LocalKafka:
         return pid
 
     def _write_properties(self) -> None:
+        # Internal topics replicated as widely as the cluster allows (3 at most), each write
+        # acknowledged by all but one replica: one node can be lost without losing a commit.
+        rf = min(3, len(self.voters))
+        min_isr = str(max(1, rf - 1))
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{HOST}:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": ",".join(f"{n}@{HOST}:{p}" for n, p in self.voters),
             "listeners": f"PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://{HOST}:{self.port}",
             "controller.listener.names": "CONTROLLER",
@@ -399,13 +413,15 @@ class LocalKafka:
             "log.dirs": str(self.log_dirs),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": str(rf),
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": str(rf),
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "10",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": str(rf),
+            "share.coordinator.state.topic.min.isr": min_isr,
+            "default.replication.factor": str(rf),
+            "min.insync.replicas": min_isr,
             "group.initial.rebalance.delay.ms": "0",
             # Compaction (the control topic): one cleaner thread with a buffer that fits the
             # heap, checking often so a compacted topic is cleaned within seconds.
@@ -434,7 +450,7 @@ class LocalKafka:
                     "or use another local.data_dir for the secure stack"
                 )
             return
-        cluster_id = _cluster_id()
+        cluster_id = self.format_cluster_id or _cluster_id()
         cmd = [
             java_binary(),
             "-Xmx256m",
