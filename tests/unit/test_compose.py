@@ -51,6 +51,7 @@ def test_services_and_images_agree_with_config(compose: dict[str, Any]) -> None:
     env = services["kafka"]["environment"]
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     assert "EXTERNAL://127.0.0.1:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert _env_default(env["KAFKA_CONTROLLER_QUORUM_VOTERS"]) == "1@kafka:9093"  # one alone
     assert str(env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]) == "false"
 
 
@@ -96,7 +97,7 @@ def test_worker_environment_is_valid_settings(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = compose["services"]["parse"]["environment"]
-    assert env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:29092"
+    assert _env_default(env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"]) == "kafka:29092"
     for key, value in env.items():
         assert key.startswith("RAGSTREAM_"), key
         monkeypatch.setenv(key, _env_default(value))
@@ -137,3 +138,47 @@ def test_the_database_password_has_no_default(compose: dict[str, Any]) -> None:
     for value in (server, client):
         assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", value), value
     assert "changeme" not in COMPOSE.read_text()
+
+
+def _interpolated(value: Any, env: dict[str, str]) -> str:
+    """${VAR:-default} as compose resolves it with `env` set."""
+    return re.sub(r"\$\{([A-Z_]+):-([^}]*)\}", lambda m: env.get(m[1], m[2]), str(value))
+
+
+def test_the_three_brokers_profile_is_the_local_clusters_shape(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker compose --env-file compose/three-brokers.env up`: three KRaft nodes in one
+    quorum, replication 3 with min.insync.replicas 2, and workers that know all three."""
+    env_file = COMPOSE.parent / "compose" / "three-brokers.env"
+    values = dict(
+        line.split("=", 1)
+        for line in env_file.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert values["COMPOSE_PROFILES"] == "three-brokers"
+    services = compose["services"]
+    nodes = ["kafka", "kafka-2", "kafka-3"]
+    assert [services[n].get("profiles") for n in nodes] == [
+        None,
+        ["three-brokers"],
+        ["three-brokers"],
+    ]
+    voters = {_interpolated(services[n]["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"], values)
+              for n in nodes}  # fmt: skip
+    assert voters == {"1@kafka:9093,2@kafka-2:9093,3@kafka-3:9093"}
+    for number, name in enumerate(nodes, 1):
+        env = {k: _interpolated(v, values) for k, v in services[name]["environment"].items()}
+        assert env["KAFKA_NODE_ID"] == str(number)
+        assert f"INTERNAL://{name}:29092" in env["KAFKA_ADVERTISED_LISTENERS"]
+        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "2"
+    assert len({services[n]["environment"]["CLUSTER_ID"] for n in nodes}) == 1
+    worker = services["embed"]["environment"]
+    for key, value in worker.items():
+        monkeypatch.setenv(key, _interpolated(value, values))
+    settings = load_settings()
+    assert settings.kafka.replication_factor == 3
+    assert settings.kafka.bootstrap_servers == "kafka:29092,kafka-2:29092,kafka-3:29092"
