@@ -83,9 +83,12 @@ CREATE TABLE chunks (
     char_start      integer NOT NULL,
     char_end        integer NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- full-text search over the chunk text, as migration 0006 keeps it
+    text_search     tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED,
     PRIMARY KEY (document_id, chunker_version, chunk_index)
 );
 CREATE INDEX chunks_tenant ON chunks (tenant_id);
+CREATE INDEX chunks_text_search ON chunks USING gin (text_search);
 CREATE TABLE embeddings (
     document_id     text NOT NULL,
     chunker_version text NOT NULL,
