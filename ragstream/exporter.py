@@ -23,9 +23,9 @@ retry topic. Lag is the log end minus the committed offset (the whole retained l
 is committed), whatever the group's members do, so it grows while a stage has no worker and
 while a worker holds records it does not finish. A record's age is now minus its timestamp
 (the time its publisher gave it): the exporter reads the one record at each lagging partition's
-committed offset, and the first of each dead-letter partition. Kafka away, or the topics not created yet: the
-figures keep their last values, `ragstream_exporter_up` is 0, one log line says why, and it
-tries again at the next interval.
+committed offset, and the first of each dead-letter partition. Kafka away, or the topics not
+created yet: the figures keep their last values, `ragstream_exporter_up` is 0, one log line
+says why, and it tries again at the next interval.
 """
 
 from __future__ import annotations
