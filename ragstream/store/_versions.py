@@ -1,7 +1,8 @@
 """Pointing documents back at a chunker version or an embedding model they still hold.
 
 Every chunker version's chunks and every model's embeddings stay in PostgreSQL (rows are keyed
-by version, model and dimensions; nothing prunes them); a document points at the ones search
+by version, model and dimensions; only `ragstream prune` removes versions, and only those no
+document points at beyond the newest N); a document points at the ones search
 reads (`searchable_chunker_version`, `current_embedding_model`, `current_embedding_dimensions`).
 A rollback moves those pointers, for every document of its scope at once, in one statement:
 
