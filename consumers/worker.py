@@ -366,11 +366,18 @@ async def supervise(member: Member, stop: asyncio.Event) -> None:
             delay = min(RESTART_CAP_S, delay * 2)
 
 
+def shutdown_bound_s(settings: Settings) -> float:
+    """How long a worker takes at most to stop after SIGTERM: `kafka.shutdown_grace_s` for the
+    records in hand, then 5 s to commit, leave the group and close. A Kubernetes pod's
+    terminationGracePeriodSeconds covers it (deploy/k8s)."""
+    return settings.kafka.shutdown_grace_s + 5.0
+
+
 def _exit_after(seconds: float) -> None:
-    """The bound on a worker's shutdown (`kafka.shutdown_grace_s` + 5 s): whatever still
-    holds it then (a broker that does not answer, a stuck child), the process exits, on a
-    thread of its own so a blocked event loop cannot hold it; the records it did not commit
-    are redelivered to the group."""
+    """The bound on a worker's shutdown (`shutdown_bound_s`): whatever still holds it then (a
+    broker that does not answer, a stuck child), the process exits, on a thread of its own so
+    a blocked event loop cannot hold it; the records it did not commit are redelivered to the
+    group."""
 
     def hard_exit() -> None:
         os.write(
@@ -410,7 +417,7 @@ async def run_workers(
     stop = stop or asyncio.Event()
     if handle_signals:
         loop = asyncio.get_running_loop()
-        within_s = settings.kafka.shutdown_grace_s + 5.0
+        within_s = shutdown_bound_s(settings)
 
         def on_signal() -> None:
             if not stop.is_set():
