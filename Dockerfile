@@ -6,7 +6,7 @@ COPY consumers consumers
 COPY producers producers
 COPY schemas schemas
 COPY config config
-RUN pip install --no-cache-dir . && useradd --system ragstream && mkdir -p /var/lib/ragstream/blobs \
+RUN pip install --no-cache-dir '.[s3]' && useradd --system ragstream && mkdir -p /var/lib/ragstream/blobs \
     && chown ragstream /var/lib/ragstream/blobs
 USER ragstream
 EXPOSE 9464
