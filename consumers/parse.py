@@ -2,19 +2,19 @@
 
 It is the door: uploads come from other systems, so before anything is read or written the
 record is checked against `ragstream.validation` (its key is its document id, every field
-within its rules) and its claim check against the tenant's own blob areas (`ragstream.blobs`).
+within its rules) and its claim check against the tenant's own blob areas (`ragstream.blobs`:
+`file://`, and `s3://` or `https://` where configured).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from consumers.stage import Outcome, RecordContext, StatusStore
-from ragstream.blobs import BlobStore, sha256_hex
+from ragstream.blobs import ClaimCheckReader, ClaimChecks, sha256_hex
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentParsed, DocumentUploaded
 from ragstream.parsing import Parser
@@ -58,17 +58,17 @@ class ParseStore(StatusStore, Protocol):
 class ParseDeps:
     store: ParseStore
     parser: Parser
-    blobs: BlobStore
+    claims: ClaimCheckReader
     max_upload_bytes: int  # blobs.max_upload_bytes: the largest size_bytes let in
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ParseStore, parser: Parser) -> ParseDeps:
         return cls(
-            store, parser, BlobStore.from_settings(settings), settings.blobs.max_upload_bytes
+            store, parser, ClaimChecks.from_settings(settings), settings.blobs.max_upload_bytes
         )
 
 
-async def read_source(uploaded: DocumentUploaded, blobs: BlobStore) -> bytes:
+async def read_source(uploaded: DocumentUploaded, claims: ClaimCheckReader) -> bytes:
     """The document's bytes, inline or from the claim check (read only inside the tenant's own
     blob areas), verified against its sha256."""
     if uploaded.content is not None:
@@ -78,8 +78,7 @@ async def read_source(uploaded: DocumentUploaded, blobs: BlobStore) -> bytes:
         return data
     if not uploaded.source_uri:
         raise PermanentError("upload carries neither inline content nor a source_uri")
-    return await asyncio.to_thread(
-        blobs.get,
+    return await claims.read(
         uploaded.source_uri,
         uploaded.sha256,
         tenant_id=uploaded.tenant_id,
@@ -94,7 +93,7 @@ async def parse(uploaded: DocumentUploaded, deps: ParseDeps, ctx: RecordContext)
     check_upload(uploaded, max_size_bytes=deps.max_upload_bytes)
     if uploaded.source_uri is not None:
         # Where it points is checked before any write; the bytes are read after registration.
-        await asyncio.to_thread(deps.blobs.locate, uploaded.source_uri, uploaded.tenant_id)
+        await deps.claims.check(uploaded.source_uri, uploaded.tenant_id)
     decision = await deps.store.register_upload(
         document_id=uploaded.document_id,
         tenant_id=uploaded.tenant_id,
@@ -110,7 +109,7 @@ async def parse(uploaded: DocumentUploaded, deps: ParseDeps, ctx: RecordContext)
     )
     if not decision.proceed:
         return Outcome(None, "duplicate", {"duplicate_of": decision.duplicate_of})
-    data = await read_source(uploaded, deps.blobs)
+    data = await read_source(uploaded, deps.claims)
     result = await deps.parser.parse(
         data, filename=uploaded.filename, content_type=uploaded.content_type
     )

@@ -1,7 +1,8 @@
 """Publishing uploads: files and directories to `<prefix>.documents.uploaded`.
 
-Bytes go to the tenant's area of the blob store and the event carries a claim check
-(`source_uri` + `sha256`); files up to `blobs.inline_limit_bytes` travel inline. Every event is
+Bytes go to the tenant's area of the blob store (the local one, or the S3 bucket
+`blobs.store` names) and the event carries a claim check (`source_uri` + `sha256`); files up to
+`blobs.inline_limit_bytes` travel inline. Every event is
 checked against the rules the parse stage enforces at the door (`ragstream.validation`) before
 anything is stored or published. Other Python systems use `Uploader`; systems in other
 languages follow `schemas/README.md`.
@@ -24,7 +25,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ragstream.blobs import BlobStore, sha256_hex
+from ragstream.blobs import blob_writer, sha256_hex
 from ragstream.codec import Codec
 from ragstream.errors import InvalidEvent, PermanentError
 from ragstream.events import DocumentUploaded
@@ -97,7 +98,7 @@ class Uploader:
         self.settings = settings
         self.codec = codec or Codec()
         self.topic = Topology(settings.kafka.topic_prefix).uploaded
-        self.blobs = BlobStore.from_settings(settings)
+        self.blobs = blob_writer(settings)
         self._producer = AIOKafkaProducer(
             **settings.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=10
         )
@@ -176,7 +177,7 @@ class Uploader:
             name = filename if filename.isprintable() else shown(filename)
             raise UploadRejected(f"{name}: {exc}") from None
         if not inline:
-            await asyncio.to_thread(self.blobs.put, data, digest, tenant_id=tenant_id)
+            await self.blobs.write(data, digest, tenant_id=tenant_id)
         sent = await self._producer.send(  # queued; acknowledged below or by flush()
             self.topic,
             self.codec.encode(event),

@@ -175,17 +175,24 @@ class LocalStackSettings(_Section):
 
 
 class BlobSettings(_Section):
-    """The claim-check blob store (`ragstream.blobs`). Blobs live in per-tenant areas,
+    """The claim-check blob stores (`ragstream.blobs`). Blobs live in per-tenant areas,
     `<root>/tenants/<tenant>/`. `allowed_roots` are other blob stores laid out the same way: a
     tenant's claim checks may point into `<allowed root>/tenants/<tenant>/` too. `tenant_roots`
     gives a tenant directories of its own (`{tenant: [paths]}`), readable by its claim checks
-    and no other tenant's."""
+    and no other tenant's. `store = "s3://bucket/prefix"` puts uploads in that bucket instead
+    of under `root`; it and `allowed_stores` (`s3://` stores laid out the same way) are where
+    `s3://` claim checks are read; `https_hosts` (`https://host[/path]` bases, laid out the
+    same way) allow `https://` claim checks. `read_timeout_s` bounds one remote read."""
 
     root: Path | None = None  # default: <local.data_dir>/blobs
+    store: str | None = None  # default: the local store under root
     inline_limit_bytes: int = Field(64 * 1024, ge=0, le=512 * 1024)
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    read_timeout_s: float = Field(120.0, gt=0)
     allowed_roots: list[Path] = Field(default_factory=list)
     tenant_roots: dict[str, list[Path]] = Field(default_factory=dict)
+    allowed_stores: list[str] = Field(default_factory=list)
+    https_hosts: list[str] = Field(default_factory=list)
 
     _absolute_root = field_validator("root")(_absolute)
 

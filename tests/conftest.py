@@ -148,6 +148,21 @@ def database_url(local_postgres: LocalPostgres | None) -> str:
         pytest.fail(f"the test database could not be created: {exc}", pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server (an S3-compatible HTTP server on a free port) for this session, and the
+    standard AWS variables pointing every S3 client of this process at it."""
+    from tests.remote_blobs import aws_environment, moto_s3
+
+    with moto_s3(free_port()) as endpoint, pytest.MonkeyPatch.context() as env:
+        for name, value in aws_environment(endpoint).items():
+            if value is None:
+                env.delenv(name, raising=False)
+            else:
+                env.setenv(name, value)
+        yield endpoint
+
+
 @pytest.fixture
 def prefix() -> str:
     """A topic prefix of this test's own: its topics and consumer groups are new."""

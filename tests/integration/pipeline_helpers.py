@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from consumers.runtime import StageRunner
@@ -31,12 +32,12 @@ from consumers.worker import Providers, run_workers
 from producers.wait import TERMINAL
 from ragstream.admin import admin_client, describe_group, describe_topics
 from ragstream.codec import Codec
-from ragstream.events import Event
+from ragstream.events import DocumentEvent, DocumentUploaded, Event
 from ragstream.providers import CircuitBreaker
 from ragstream.samples import sample_dir, sample_manifest
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Document, Store
-from ragstream.topology import Stage
+from ragstream.topology import H_ERR_CLASS, H_ERR_KIND, H_ERR_MESSAGE, Stage, Topology
 
 # -- documents ---------------------------------------------------------------------------------
 
@@ -521,6 +522,66 @@ async def read_topic(
     finally:
         await consumer.stop()
     return [Delivered(r, codec.decode(r.value or b"")) for r in got]
+
+
+async def publish_raw(
+    settings: Settings,
+    records: Sequence[tuple[bytes | None, DocumentEvent]],
+    topic: str | None = None,
+) -> None:
+    """What another system does: encode with the codec, key and headers of its choosing (to the
+    uploaded topic unless another is named)."""
+    codec = Codec()
+    topic = topic or Topology(settings.kafka.topic_prefix).uploaded
+    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
+    await producer.start()
+    try:
+        for key, event in records:
+            await producer.send_and_wait(
+                topic, codec.encode(event), key=key, headers=codec.headers_for(event)
+            )
+    finally:
+        await producer.stop()
+
+
+def dead_letters(delivered: list[Delivered]) -> dict[str, dict[str, str]]:
+    """DLQ headers by the correlation id of the event dead-lettered."""
+    out = {}
+    for d in delivered:
+        assert isinstance(d.event, DocumentEvent)
+        out[d.event.correlation_id] = {k: v.decode(errors="replace") for k, v in d.headers.items()}
+    return out
+
+
+def hostile_claim_checks(
+    tenant_id: str, uris: Mapping[str, str], *, size_bytes: int, sha256: str
+) -> dict[str, DocumentUploaded]:
+    """Uploads another system publishes for `tenant_id`, by name: each a claim check of its
+    choosing, with correlation id `attack-<name>`."""
+    return {
+        name: DocumentUploaded(
+            document_id=str(uuid.uuid4()),
+            tenant_id=tenant_id,
+            correlation_id=f"attack-{name}",
+            filename="minutes.txt",
+            content_type="text/plain",
+            size_bytes=size_bytes,
+            sha256=sha256,
+            source_uri=uri,
+            source_system="attacker",
+        )
+        for name, uri in uris.items()
+    }
+
+
+def assert_refused(letters: Mapping[str, Mapping[str, str]], rules: Mapping[str, str]) -> None:
+    """Each `attack-<name>` was dead-lettered at once as ClaimCheckRefused, naming its rule."""
+    for name, rule in rules.items():
+        headers = letters[f"attack-{name}"]
+        assert headers[H_ERR_CLASS] == "ClaimCheckRefused", (name, headers)
+        assert headers[H_ERR_KIND] == "permanent"
+        assert headers[H_ERR_MESSAGE].startswith("claim check refused: "), name
+        assert rule in headers[H_ERR_MESSAGE], (name, headers[H_ERR_MESSAGE])
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:

@@ -18,11 +18,13 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
 from pipeline_helpers import (
-    Delivered,
+    assert_refused,
+    dead_letters,
     end_offsets,
+    hostile_claim_checks,
     make_large_text,
+    publish_raw,
     read_topic,
     variant,
     wait_for_statuses,
@@ -32,11 +34,9 @@ from pipeline_helpers import (
 from producers.upload import Uploader, UploadRejected, upload_paths
 from ragstream.admin import ensure_topics
 from ragstream.blobs import TENANTS_DIR, BlobStore
-from ragstream.codec import Codec
 from ragstream.events import (
     DocumentChunked,
     DocumentEmbedded,
-    DocumentEvent,
     DocumentParsed,
     DocumentUploaded,
 )
@@ -65,35 +65,6 @@ def inline_upload(tenant: str, data: bytes, filename: str = "notes.md", **change
         source_system="another-system",
     )
     return dataclasses.replace(event, **changes)
-
-
-async def publish_raw(
-    settings: Settings,
-    records: Sequence[tuple[bytes | None, DocumentEvent]],
-    topic: str | None = None,
-) -> None:
-    """What another system does: encode with the codec, key and headers of its choosing (to the
-    uploaded topic unless another is named)."""
-    codec = Codec()
-    topic = topic or Topology(settings.kafka.topic_prefix).uploaded
-    producer = AIOKafkaProducer(**settings.kafka.client_options(), acks="all")
-    await producer.start()
-    try:
-        for key, event in records:
-            await producer.send_and_wait(
-                topic, codec.encode(event), key=key, headers=codec.headers_for(event)
-            )
-    finally:
-        await producer.stop()
-
-
-def dead_letters(delivered: list[Delivered]) -> dict[str, dict[str, str]]:
-    """DLQ headers by the correlation id of the event dead-lettered."""
-    out = {}
-    for d in delivered:
-        assert isinstance(d.event, DocumentEvent)
-        out[d.event.correlation_id] = {k: v.decode(errors="replace") for k, v in d.headers.items()}
-    return out
 
 
 def good_text(n: int) -> bytes:
@@ -141,20 +112,12 @@ async def test_a_claim_check_of_another_tenant_is_dead_lettered_and_its_text_nev
             "symbolic link": ((b_area / "minutes.txt").as_uri(), "through a symbolic link"),
             "host": (f"file://fileserver{a_path}", "names no host"),
         }
-        stolen = {
-            name: DocumentUploaded(
-                document_id=str(uuid.uuid4()),
-                tenant_id=b,
-                correlation_id=f"attack-{name}",
-                filename="minutes.txt",
-                content_type="text/plain",
-                size_bytes=mine.size_bytes,
-                sha256=mine.sha256,
-                source_uri=uri,
-                source_system="attacker",
-            )
-            for name, (uri, _) in attacks.items()
-        }
+        stolen = hostile_claim_checks(
+            b,
+            {name: uri for name, (uri, _) in attacks.items()},
+            size_bytes=mine.size_bytes,
+            sha256=mine.sha256,
+        )
         # ...and B reuses A's document id for a document of its own.
         reuse = inline_upload(
             b, b"# Mine now\n\nB's text.\n", document_id=mine.document_id, correlation_id="reuse"
@@ -188,14 +151,11 @@ async def test_a_claim_check_of_another_tenant_is_dead_lettered_and_its_text_nev
         dlq = await read_topic(one, topology.dlq, at_least=len(attacks) + 3)
 
     letters = dead_letters(dlq)
-    for name, (_, rule) in attacks.items():
-        headers = letters[f"attack-{name}"]
-        assert headers[H_ERR_CLASS] == "ClaimCheckRefused", (name, headers)
-        assert headers[H_ERR_KIND] == "permanent"
-        assert headers[H_ERR_MESSAGE].startswith("claim check refused: "), name
-        assert rule in headers[H_ERR_MESSAGE], (name, headers[H_ERR_MESSAGE])
-        assert await store.get_document(stolen[name].document_id) is None, (
-            "refused before any write"
+    assert_refused(letters, {name: rule for name, (_, rule) in attacks.items()})
+    for name, event in stolen.items():
+        assert await store.get_document(event.document_id) is None, (
+            "refused before any write",
+            name,
         )
     conflict = letters["reuse"]
     assert conflict[H_ERR_CLASS] == "TenantConflict"

@@ -1,4 +1,4 @@
-"""Claim checks: document bytes live in a blob store; events carry a URI and a sha256.
+"""`file://` claim checks: the local blob store.
 
 Blobs belong to a tenant. Locally the store is a directory with an area per tenant,
 content-addressed inside it: `<root>/tenants/<tenant>/<sha[:2]>/<sha>`, so a tenant's bytes are
@@ -22,8 +22,8 @@ refused before the file system is touched, so a refusal says nothing of what exi
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import hashlib
 import os
 import stat
 import tempfile
@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
+from ragstream.blobs.base import TENANTS_DIR, outside, sha256_hex, verified, wrong_size
 from ragstream.errors import (
     ClaimCheckRefused,
     ConfigError,
@@ -44,13 +45,8 @@ from ragstream.validation import check_tenant_id, shown
 if TYPE_CHECKING:
     from ragstream.settings import Settings
 
-TENANTS_DIR: Final = "tenants"
 _LOCAL_HOSTS: Final = ("", "localhost")
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _real(path: Path | PurePosixPath | str) -> Path:
@@ -62,7 +58,8 @@ def _inside(path: Path | PurePosixPath, areas: Sequence[Path]) -> bool:
 
 
 class BlobStore:
-    """A directory of per-tenant blob areas, and the reader of `file://` claim checks."""
+    """A directory of per-tenant blob areas, and the reader of `file://` claim checks
+    (a `ClaimCheckReader` and a `BlobWriter`)."""
 
     def __init__(
         self,
@@ -116,6 +113,17 @@ class BlobStore:
     def areas(self, tenant_id: str) -> list[Path]:
         """Where `tenant_id`'s claim checks may lead (symbolic links of the roots resolved)."""
         return [real for _, real in self._areas(tenant_id)]
+
+    async def check(self, uri: str, tenant_id: str) -> None:
+        await asyncio.to_thread(self.locate, uri, tenant_id)
+
+    async def read(self, uri: str, sha256: str, *, tenant_id: str, size_bytes: int) -> bytes:
+        return await asyncio.to_thread(
+            self.get, uri, sha256, tenant_id=tenant_id, size_bytes=size_bytes
+        )
+
+    async def write(self, data: bytes, sha256: str, *, tenant_id: str) -> str:
+        return await asyncio.to_thread(self.put, data, sha256, tenant_id=tenant_id)
 
     def uri_for(self, tenant_id: str, sha256: str) -> str:
         """The `file://` URI of these bytes in the tenant's own area (see `put`)."""
@@ -172,11 +180,8 @@ class BlobStore:
             )
         areas = self._areas(tenant_id)
         if not _inside(path, [p for pair in areas for p in pair]):
-            raise ClaimCheckRefused(
-                f"claim check refused: {shown(uri)} is outside tenant {tenant_id!r}'s own blob "
-                f"area ({self.root / TENANTS_DIR / tenant_id}/ and the roots configured for it); "
-                "a tenant's claim checks are read only there"
-            )
+            own = self.root / TENANTS_DIR / tenant_id
+            raise outside(uri, tenant_id, f"{own}/ and the roots configured for it")
         real = _real(path)
         if not _inside(real, [r for _, r in areas]):
             raise ClaimCheckRefused(
@@ -197,12 +202,7 @@ class BlobStore:
         and verified against `sha256` (and `size_bytes` when given)."""
         path = self.locate(uri, tenant_id)
         data = self._read(uri, path, self.areas(tenant_id), size_bytes)
-        if sha256_hex(data) != sha256:
-            raise ClaimCheckRefused(
-                f"claim check refused: sha256 mismatch for {shown(uri)}: the blob is not the "
-                "bytes the event names (or it changed after upload)"
-            )
-        return data
+        return verified(uri, data, sha256, size_bytes)
 
     @staticmethod
     def _read(uri: str, path: Path, areas: Sequence[Path], size_bytes: int | None) -> bytes:
@@ -229,12 +229,9 @@ class BlobStore:
                     f"claim check refused: {shown(uri)} moved outside the tenant's own blob area"
                 )
             if size_bytes is not None and info.st_size != size_bytes:
-                raise ClaimCheckRefused(
-                    f"claim check refused: {shown(uri)} is {info.st_size} bytes, the event's "
-                    f"size_bytes says {size_bytes}"
-                )
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                return fh.read()
+                raise wrong_size(uri, info.st_size, size_bytes)
+            with os.fdopen(os.dup(fd), "rb") as fh:  # a file that grew since is caught too
+                return fh.read() if size_bytes is None else fh.read(size_bytes + 1)
         except OSError as exc:
             raise RetryableError(f"cannot read {shown(uri)}: {exc.strerror}") from exc
         finally:
