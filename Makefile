@@ -52,7 +52,7 @@ test: $(BIN)/.installed tools lint
 	$(BIN)/pytest
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check ragstream consumers producers tests
+	$(BIN)/ruff check ragstream consumers producers tests benchmarks
 	$(BIN)/mypy
 
 unit: $(BIN)/.installed $(ASYNCAPI)/node_modules/.package-lock.json $(GO_TOOLS)
