@@ -43,6 +43,11 @@ The same runtime runs the cost accountant (`consumers.cost`): a consumer whose e
 CostUsage rather than document events and which publishes nothing downstream.
 A dead-letter record keeps the original key, value and headers and adds `ragstream.errors.*`
 headers saying where it came from and why.
+
+Traces (`ragstream.tracing`, while tracing is on): each record's handling is one span, a child
+of the context in its `traceparent` header, however it ends (in a batch, or alone after its
+try in a batch failed); its output, retry copy and dead letter carry that span's context in
+place of the trace headers it came with.
 """
 
 from __future__ import annotations
@@ -53,16 +58,18 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
+from contextvars import Token
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
+from opentelemetry.trace import Span
 
 from consumers.infrastructure import InfrastructureWatch, Waited, until_kafka
 from consumers.policy import (
@@ -76,6 +83,7 @@ from consumers.policy import (
     retry_or_give_up,
 )
 from consumers.stage import Outcome, RecordContext
+from ragstream import tracing
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
 from ragstream.dlq import MESSAGE_LIMIT, dead_letter_headers, failure_headers, header
@@ -169,6 +177,7 @@ class _Tried:
     ctx: RecordContext
     started: datetime
     t0: float
+    span: Span | None = None
     outcome: Outcome | None = None
     error: Exception | None = None
 
@@ -537,13 +546,17 @@ class StageRunner:
         self._waiting[tp] = _now_ms() + int(Hold().recheck_s * 1000)
 
     async def _handle_record(
-        self, record: ConsumerRecord[bytes, bytes], first: Exception | None = None
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        first: Exception | None = None,
+        span: Span | None = None,
     ) -> Handled:
         """Handle one record to its end; `first` is the error its try in a batch ended with
-        (handled as the first attempt's, without calling the stage again)."""
+        (handled as the first attempt's, without calling the stage again), `span` the span
+        of that try (its batch ends it)."""
         with self.metrics.inflight(self.name):
             try:
-                return await self._handle_one(record, first)
+                return await self._handle_one(record, first, span)
             except _Released:
                 return Handled.RELEASED
 
@@ -575,12 +588,16 @@ class StageRunner:
         }
 
     async def _handle_one(
-        self, record: ConsumerRecord[bytes, bytes], first: Exception | None
+        self, record: ConsumerRecord[bytes, bytes], first: Exception | None, span: Span | None
     ) -> Handled:
-        with self._bound(record):
+        own = span is None
+        if own:
+            span = tracing.record_span(self.name, self.group_id, record)
+        with self._bound(record), tracing.active(span, end=own):
             try:
                 event = self._decode(record)
             except DecodeError as exc:
+                tracing.outcome("poison", exc)
                 self.stats.poison += 1
                 log.error("undecodable record dead-lettered", error=str(exc))
                 poison = exc
@@ -590,6 +607,7 @@ class StageRunner:
                 )
                 self.metrics.record_handled(self.name, "poison", 0.0)
                 return Handled.DONE
+            tracing.describe(span, event)
             with structlog.contextvars.bound_contextvars(**self._ids(event)):
                 return await self._attempt(record, event, first)
 
@@ -610,11 +628,23 @@ class StageRunner:
                 items.append((record, self._decode(record)))
         if not items:  # a batch of one is still one transaction instead of one per write
             return [await self._handle_record(record) for record in records]
+        spans: dict[int, Span | None] = {}  # by offset: each record's span, however it ends
+        try:
+            return await self._run_batch(records, items, spans)
+        finally:
+            tracing.end(spans.values())
+
+    async def _run_batch(
+        self,
+        records: list[ConsumerRecord[bytes, bytes]],
+        items: list[tuple[ConsumerRecord[bytes, bytes], Event]],
+        spans: dict[int, Span | None],
+    ) -> list[Handled]:
         was_up = 0
         while True:
             try:
                 with self.metrics.inflight(self.name):
-                    tried = {t.record.offset: t for t in await self._try_batch(items)}
+                    tried = {t.record.offset: t for t in await self._try_batch(items, spans)}
                 break
             except Exception as exc:
                 action = decide(exc, 1, self.settings.retry)
@@ -632,7 +662,10 @@ class StageRunner:
                     error_class=type(exc).__name__,
                     error=str(exc)[:MESSAGE_LIMIT],
                 )
-                return [await self._handle_record(record) for record in records]
+                return [
+                    await self._handle_record(record, span=spans.get(record.offset))
+                    for record in records
+                ]
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(records))
         self.metrics.record_batch(self.name, len(records))
@@ -656,58 +689,86 @@ class StageRunner:
                 with (
                     self._bound(record),
                     structlog.contextvars.bound_contextvars(**self._ids(t.event)),
+                    tracing.active(t.span),
                 ):
                     self._finished(t.event, t.outcome, t.ctx, t.t0)
                 handled.append(Handled.DONE)
             else:  # undecodable, or its try failed: alone, from that error
                 error = t.error or result if t is not None else None
                 assert error is None or isinstance(error, Exception)
-                handled.append(await self._handle_record(record, error))
+                handled.append(await self._handle_record(record, error, spans.get(record.offset)))
         return handled
 
     async def _try_batch(
-        self, items: list[tuple[ConsumerRecord[bytes, bytes], Event]]
+        self,
+        items: list[tuple[ConsumerRecord[bytes, bytes], Event]],
+        spans: dict[int, Span | None],
     ) -> list[_Tried]:
-        """Each record's stage work and journey step in one transaction (see _handle_batch)."""
+        """Each record's stage work and journey step in one transaction (see _handle_batch);
+        a record's span is made at its first try and kept in `spans`."""
         assert self.batching is not None
         tried: list[_Tried] = []
-        async with self.batching() as scope:
-            for record, event in items:
-                if tried and self._released(record):
-                    break  # revoked or shutting down: what is done commits, the rest goes back
-                t = _Tried(
-                    record, event, self._context(record), datetime.now(UTC), time.perf_counter()
-                )
-                tried.append(t)
-                with (
-                    self._bound(record),
-                    structlog.contextvars.bound_contextvars(**self._ids(event)),
-                ):
-                    try:
-                        async with scope.savepoint():
-                            with self._call_context(event):
-                                t.outcome = await self.handler(event, t.ctx)
-                    except Exception as exc:
-                        action = decide(exc, t.ctx.attempt, self.settings.retry)
-                        if (
-                            isinstance(action, WaitForInfrastructure)
-                            and action.dependency == POSTGRES
-                        ):
-                            raise  # the batch's connection: the batch waits as a whole
-                        t.error = exc
-                        continue
-                    if self.recorder is not None and isinstance(event, DocumentEvent):
-                        await self.recorder.step_done(
-                            event, self.name, t.outcome, t.ctx, t.started, datetime.now(UTC)
-                        )
+        commit: Token[Any] | None = None
+        try:
+            async with self.batching() as scope:
+                for record, event in items:
+                    if tried and self._released(record):
+                        break  # revoked or shutting down: what is done commits, the rest goes back
+                    tried.append(self._tried(record, event, spans))
+                    await self._try(tried[-1], scope)
+                commit = tracing.batch_parent([t.span for t in tried])  # the commit's parent
+        finally:
+            tracing.detach(commit)
         return tried
+
+    def _tried(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        event: Event,
+        spans: dict[int, Span | None],
+    ) -> _Tried:
+        if record.offset not in spans:
+            spans[record.offset] = span = tracing.record_span(self.name, self.group_id, record)
+            tracing.describe(span, event)
+        return _Tried(
+            record,
+            event,
+            self._context(record),
+            datetime.now(UTC),
+            time.perf_counter(),
+            spans[record.offset],
+        )
+
+    async def _try(self, t: _Tried, scope: BatchScope) -> None:
+        """A record's stage work in its savepoint of the batch, and its journey step."""
+        record, event = t.record, t.event
+        with (
+            self._bound(record),
+            structlog.contextvars.bound_contextvars(**self._ids(event)),
+            tracing.active(t.span),
+        ):
+            try:
+                async with scope.savepoint():
+                    with self._call_context(event):
+                        t.outcome = await self.handler(event, t.ctx)
+            except Exception as exc:
+                action = decide(exc, t.ctx.attempt, self.settings.retry)
+                if isinstance(action, WaitForInfrastructure) and action.dependency == POSTGRES:
+                    raise  # the batch's connection: the batch waits as a whole
+                t.error = exc
+                return
+            if self.recorder is not None and isinstance(event, DocumentEvent):
+                await self.recorder.step_done(
+                    event, self.name, t.outcome, t.ctx, t.started, datetime.now(UTC)
+                )
 
     async def _publish_tried(self, t: _Tried) -> None:
         """Publish a batch record's output (waiting for Kafka as long as it is away)."""
         if t.error is not None or t.outcome is None or t.outcome.output is None:
             return
         output = t.outcome.output
-        await self._steadily(t.record, lambda: self._publish(output))
+        with tracing.active(t.span):  # the output carries the record's span
+            await self._steadily(t.record, lambda: self._publish(output))
 
     @contextmanager
     def _call_context(self, event: Event) -> Iterator[None]:
@@ -783,6 +844,7 @@ class StageRunner:
         self.stats.processed += 1
         self.stats.by_partition[ctx.partition] = self.stats.by_partition.get(ctx.partition, 0) + 1
         self.metrics.record_handled(self.name, outcome.status, seconds)
+        tracing.outcome(outcome.status)
         if isinstance(outcome.output, DocumentEmbedded):
             self.metrics.record_embedded(outcome.output)
         log.info(
@@ -806,10 +868,12 @@ class StageRunner:
         elapsed = time.perf_counter() - t0
         if isinstance(action, Hold):
             self.metrics.record_handled(self.name, "waiting", elapsed)
+            tracing.outcome("waiting", exc)
             log.info("waiting for budget", reason=str(exc))
             return Handled.HOLD
         if isinstance(action, Park):
             self.metrics.record_handled(self.name, "waiting", elapsed)
+            tracing.outcome("waiting", exc)
             delay = action.delay_s
             await self._steadily(record, lambda: self._send_retry(record, exc, ctx.attempt, delay))
             log.info("parked: the call was not made", reason=str(exc), delay_s=delay)
@@ -821,6 +885,7 @@ class StageRunner:
             self.stats.retried += 1
             self.metrics.record_retry(self.name, type(exc).__name__)
             self.metrics.record_handled(self.name, "retried", elapsed)
+            tracing.outcome("retried", exc)
             log.info("sent to retry", next_attempt=nxt, delay_s=round(delay, 3))
             return Handled.DONE
         assert isinstance(action, DeadLetter)
@@ -832,6 +897,7 @@ class StageRunner:
             record, lambda: self._dead_letter(record, event, exc, ctx.attempt, kind=kind)
         )
         self.metrics.record_handled(self.name, "dead-lettered", elapsed)
+        tracing.outcome("dead-lettered", exc)
         return Handled.DONE
 
     # -- waiting for our own dependencies ----------------------------------------------------
@@ -930,7 +996,7 @@ class StageRunner:
         ]
         assert self.producer is not None
         await self.producer.send_and_wait(
-            self.retry_topic, record.value, key=record.key, headers=headers
+            self.retry_topic, record.value, key=record.key, headers=tracing.inject(headers)
         )
 
     async def _dead_letter(
@@ -959,7 +1025,7 @@ class StageRunner:
         assert self.producer is not None
         # Key and value exactly as they came: a poison pill stays the bytes it was.
         await self.producer.send_and_wait(
-            self.topology.dlq, record.value, key=record.key, headers=headers
+            self.topology.dlq, record.value, key=record.key, headers=tracing.inject(headers)
         )
         self.stats.dead_lettered += 1
         self.metrics.record_dead_letter(self.name, type(exc).__name__)
@@ -972,7 +1038,7 @@ class StageRunner:
             self.output_topic,
             self.codec.encode(event),
             key=key,
-            headers=self.codec.headers_for(event),
+            headers=tracing.inject(self.codec.headers_for(event)),
         )
 
 

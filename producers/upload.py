@@ -25,6 +25,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from ragstream import tracing
 from ragstream.blobs import blob_writer, sha256_hex
 from ragstream.codec import Codec
 from ragstream.errors import InvalidEvent, PermanentError
@@ -176,14 +177,17 @@ class Uploader:
         except InvalidEvent as exc:
             name = filename if filename.isprintable() else shown(filename)
             raise UploadRejected(f"{name}: {exc}") from None
-        if not inline:
-            await self.blobs.write(data, digest, tenant_id=tenant_id)
-        sent = await self._producer.send(  # queued; acknowledged below or by flush()
-            self.topic,
-            self.codec.encode(event),
-            key=event.document_id.encode(),
-            headers=self.codec.headers_for(event),
-        )
+        with tracing.producing("upload") as span:
+            if span is not None:
+                span.set_attributes(_span_attributes(event, self.topic))
+            if not inline:
+                await self.blobs.write(data, digest, tenant_id=tenant_id)
+            sent = await self._producer.send(  # queued; acknowledged below or by flush()
+                self.topic,
+                self.codec.encode(event),
+                key=event.document_id.encode(),
+                headers=tracing.inject(self.codec.headers_for(event)),  # the trace starts here
+            )
         receipt = UploadReceipt(
             filename,
             event.document_id,
@@ -243,6 +247,19 @@ class Uploader:
         except OSError as exc:
             raise UploadRejected(f"{printable(path)}: cannot read: {exc.strerror}") from None
         return await self.upload_bytes(data, path.name, **kwargs)  # type: ignore[arg-type]
+
+
+def _span_attributes(event: DocumentUploaded, topic: str) -> dict[str, str | int | bool]:
+    return {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": topic,
+        "ragstream.document_id": event.document_id,
+        "ragstream.tenant_id": event.tenant_id,
+        "ragstream.correlation_id": event.correlation_id,
+        "ragstream.size_bytes": event.size_bytes,
+        "ragstream.inline": event.content is not None,
+    }
 
 
 async def upload_paths(

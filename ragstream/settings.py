@@ -339,6 +339,9 @@ class ObservabilitySettings(_Section):
     scrape_dir: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # Traces (ragstream.tracing): spans exported by OTLP over HTTP to this URL, e.g.
+    # http://127.0.0.1:4318/v1/traces. "" (default): tracing off, at no cost.
+    otlp_endpoint: str = ""
 
 
 class Settings(BaseSettings):

@@ -21,6 +21,11 @@ COST = "cost"
 H_EVENT_TYPE = "ragstream.event-type"
 H_CORRELATION_ID = "ragstream.correlation-id"
 H_REPLAY = "ragstream.replay"
+# W3C trace context (ragstream.tracing): the span a record came from. Set by the upload and by
+# every stage on its outputs, retry copies and dead letters while tracing is on; outside
+# publishers may set them too (one that does not parse is ignored).
+H_TRACEPARENT = "traceparent"
+H_TRACESTATE = "tracestate"
 # Retry headers, added to the original record's headers when it goes to <prefix>.retry.<stage>.
 H_ATTEMPT = "ragstream.retry.attempt"  # the attempt the record is due for (2, 3, ...)
 H_DUE_AT = "ragstream.retry.due-at-ms"  # epoch ms before which it must not run again

@@ -18,7 +18,11 @@ from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from ragstream import tracing
 from ragstream.errors import InfrastructureError
 from ragstream.local.kafka import LocalKafka
 from ragstream.local.postgres import LocalPostgres
@@ -215,3 +219,18 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
     async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=4) as s:
         yield s
+
+
+@pytest.fixture
+def span_exporter() -> Iterator[InMemorySpanExporter]:
+    """Tracing on for the test (ragstream.tracing), every span kept in memory as it ends;
+    off again after it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.install(None)
+        provider.shutdown()

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperArgument, TyperOption
 
+from ragstream import tracing
 from ragstream.errors import ConfigError, RagstreamError
 from ragstream.logs import configure_logging
 from ragstream.scrub import Scrubber, secret_values
@@ -48,10 +49,11 @@ def progress_bar(label: str) -> Progress:
     )
 
 
-def settings_or_exit(*, quiet: bool = True) -> Settings:
+def settings_or_exit(*, quiet: bool = True, traced: bool = False) -> Settings:
     """Build the settings once and configure logging. Operator commands are `quiet` (warnings
     and errors only, so tables and progress bars stay readable); workers log at the configured
-    level."""
+    level. Commands that publish or handle documents are `traced`: spans are exported when
+    `observability.otlp_endpoint` is set (ragstream.tracing)."""
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -64,6 +66,8 @@ def settings_or_exit(*, quiet: bool = True) -> Settings:
         # An operator command reports a broker it cannot reach, or a coordinator moving, as
         # one line of its own; the client library's retries in between are noise here.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    if traced:
+        tracing.configure(settings.observability)
     scrub = Scrubber.from_settings(settings)
     # Whatever a command prints (tables, JSON, errors) passes through the scrubber: a dead
     # letter's message or a journey's detail may quote what an upstream service echoed.

@@ -55,7 +55,7 @@ def worker(
     from consumers.processes import run_processes, sized_concurrency
     from consumers.worker import run_workers
 
-    settings = settings_or_exit(quiet=False)
+    settings = settings_or_exit(quiet=False, traced=stage != "all" or one_process)
     if stage == "all" and not one_process:
         code = run(run_processes, settings, concurrency=concurrency)
         if code:
@@ -110,7 +110,7 @@ def upload(
     """Publish documents to the uploaded topic."""
     from producers.upload import upload_paths
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(traced=True)
     meta = _parse_metadata(metadata)
     receipts, rejected = run(
         upload_paths, settings, paths, tenant_id=tenant, metadata=meta, include=include, force=force

@@ -133,7 +133,7 @@ def demo(
     """The main job: local stack, all workers, the bundled samples, a summary; stops what it started."""
     from ragstream.demo import DEMO_QUESTION, hits_table, run_demo, summary_table
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(traced=True)
     report = run(run_demo, settings, console, timeout)
     console.print(summary_table(report))
     console.print(hits_table(report.hits, DEMO_QUESTION))

@@ -31,6 +31,7 @@ from typing import Protocol
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from ragstream import tracing
 from ragstream.codec import Codec
 from ragstream.control import ControlState
 from ragstream.cost.budget import DAY, HOUR, limit_for, usd, window
@@ -87,7 +88,10 @@ class KafkaUsageSink:
         assert self._producer is not None, "start() the sink first"
         key = (usage.document_ids[0] if usage.document_ids else usage.service).encode()
         await self._producer.send_and_wait(
-            self._topic, self._codec.encode(usage), key=key, headers=self._codec.headers_for(usage)
+            self._topic,
+            self._codec.encode(usage),
+            key=key,
+            headers=tracing.inject(self._codec.headers_for(usage)),  # under the stage's span
         )
 
 

@@ -44,6 +44,7 @@ from typing import Any, Final, Protocol
 import httpx
 import structlog
 
+from ragstream import tracing
 from ragstream.cost.meter import Meter, metered
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.parsing import ParseResult, page_marker
@@ -167,7 +168,14 @@ class LlamaParseParser:
         pages times credits per page)."""
         estimate = estimate_pages(data, content_type) * self.credits_per_page
         async with metered(self.meter, estimate) as bill:
-            result = await self.tracker.parse(data, filename=filename, content_type=content_type)
+            job: tracing.Attributes = {"llamaparse.tier": self._tier, "llamaparse.bytes": len(data)}
+            with tracing.call("llamaparse job", job) as span:
+                result = await self.tracker.parse(
+                    data, filename=filename, content_type=content_type
+                )
+                if span is not None:
+                    span.set_attribute("llamaparse.job_id", getattr(result, "job_id", ""))
+                    span.set_attribute("llamaparse.pages", result.page_count)
             credits = getattr(result, "credits", None)
             if credits is None:
                 credits = result.page_count * self.credits_per_page

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 
+from ragstream import tracing
 from ragstream.cost.meter import Meter, metered
 from ragstream.embedding import EmbedResult
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
@@ -225,8 +226,17 @@ class OpenAIEmbedder:
         async with self._slots, metered(self.meter, tokens) as bill:
             await self.limiter.acquire(tokens)
             self.requests_made += 1
+            request: tracing.Attributes = {
+                "gen_ai.operation.name": "embeddings",
+                "gen_ai.request.model": self._model,
+                "ragstream.inputs": len(inputs),
+                "ragstream.tokens": tokens,
+            }
             try:
-                vectors, reported, request_id = await self._send(inputs)
+                with tracing.call("openai embeddings", request) as span:
+                    vectors, reported, request_id = await self._send(inputs)
+                    if span is not None and request_id:
+                        span.set_attribute("openai.request_id", request_id)
             finally:
                 self.limiter.release()
             usage = tokens if reported is None else reported  # a server that reports none

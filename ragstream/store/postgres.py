@@ -21,11 +21,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import asyncpg
 from pgvector.asyncpg import register_vector
 
+from ragstream import tracing
 from ragstream.settings import PostgresSettings
 from ragstream.store._base import Pinned, json_dumps, pinned
 from ragstream.store._cost import CostOperations
@@ -95,6 +96,27 @@ class Batch:
             raise
         with translating():
             await conn.execute("RELEASE SAVEPOINT ragstream_unit")
+
+
+COMMIT_SPAN: Final = {"db.system.name": "postgresql", "db.operation.name": "COMMIT"}
+
+
+class _TracedCommit:
+    """A transaction whose commit is a span of its own (`postgresql commit`, see
+    ragstream.tracing); a rollback is not traced."""
+
+    def __init__(self, transaction: Any) -> None:
+        self._transaction = transaction
+
+    async def __aenter__(self) -> None:
+        await self._transaction.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if exc_info[0] is not None:
+            await self._transaction.__aexit__(*exc_info)
+            return
+        with tracing.call("postgresql commit", COMMIT_SPAN, batch=True):
+            await self._transaction.__aexit__(*exc_info)
 
 
 class Store(
@@ -171,7 +193,7 @@ class Store(
         `batch.savepoint()`. Calls in tasks the block starts share the connection: do not
         make them at once."""
         with translating():
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._pool.acquire() as conn, _TracedCommit(conn.transaction()):
                 token = pinned.set(Pinned(self, conn))
                 try:
                     yield Batch(conn)
