@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -33,14 +32,9 @@ from tests.integration.pipeline_helpers import (
     make_corpus,
     wait_until,
 )
+from tests.local_stack import own_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -52,24 +46,8 @@ def _listening(port: int) -> bool:
 @pytest.fixture
 def stack_env() -> Iterator[dict[str, str]]:
     """A stack of its own: own data directory and ports, so it coexists with the suite's."""
-    base = Path(tempfile.mkdtemp(prefix="ragstream-stack-test-"))
-    base.chmod(0o711)  # PostgreSQL's system user passes through
-    data = base / "ragstream"  # the default data directory under XDG_DATA_HOME=base
-    kafka_port, pg_port = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
-    env.update(
-        RAGSTREAM_LOCAL__DATA_DIR=str(data),
-        XDG_DATA_HOME=str(base),
-        RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka_port}",
-        RAGSTREAM_LOCAL__KAFKA_CONTROLLER_PORT=str(_free_port()),
-        RAGSTREAM_POSTGRES__PORT=str(pg_port),
-        RAGSTREAM_OBSERVABILITY__METRICS_PORT=str(_free_port()),
-        RAGSTREAM_LOCAL__PROMETHEUS_PORT=str(_free_port()),
-        COLUMNS="200",
-    )
-    yield env
-    subprocess.run([sys.executable, "-m", "ragstream", "stack", "down"], env=env, timeout=120)
-    shutil.rmtree(base, ignore_errors=True)
+    with own_stack("ragstream-stack-test-") as env:
+        yield env
 
 
 def ragstream(
