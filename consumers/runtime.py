@@ -153,6 +153,24 @@ COMMIT_TIMEOUT_S: Final = 2.0
 FETCH_MAX_WAIT_MS: Final = 100
 
 
+MAX_ATTEMPT_HEADER = 1000  # an attempt number past any retry policy's: read as this
+MAX_WAIT_MS = 2 * 86_400_000  # a due time further ahead than any wait the runtime sets: now
+
+
+def int_header(headers: Any, key: str, default: int) -> int:
+    """A header holding a decimal integer (the runtime's own retry headers), or `default` when
+    it is absent or is not one: anyone may publish to the topics, and a crafted header must
+    neither stop the worker nor hold a partition."""
+    raw = header(headers, key)
+    if raw is None:
+        return default
+    try:
+        text = raw.decode("ascii")
+        return int(text) if text.strip().lstrip("-").isdigit() else default
+    except UnicodeDecodeError:
+        return default
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -528,8 +546,8 @@ class StageRunner:
 
     def _not_yet_due(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
         """Pause a retry partition at a record that is not due yet (other partitions go on)."""
-        due = int((header(record.headers, H_DUE_AT) or b"0").decode() or 0)
-        if due <= _now_ms():
+        due = int_header(record.headers, H_DUE_AT, 0)
+        if due <= _now_ms() or due > _now_ms() + MAX_WAIT_MS:  # past, or not one of ours
             return False
         assert self.consumer is not None
         self.consumer.seek(tp, record.offset)
@@ -795,7 +813,7 @@ class StageRunner:
             record.topic,
             record.partition,
             record.offset,
-            int((header(record.headers, H_ATTEMPT) or b"1").decode() or 1),
+            max(1, min(int_header(record.headers, H_ATTEMPT, 1), MAX_ATTEMPT_HEADER)),
             replay=header(record.headers, H_REPLAY) is not None,
             key=record.key,
         )

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaProducer
 from pipeline_helpers import (
     assert_refused,
     dead_letters,
@@ -34,6 +35,7 @@ from pipeline_helpers import (
 from producers.upload import Uploader, UploadRejected, upload_paths
 from ragstream.admin import ensure_topics
 from ragstream.blobs import TENANTS_DIR, BlobStore
+from ragstream.codec import Codec
 from ragstream.events import (
     DocumentChunked,
     DocumentEmbedded,
@@ -43,7 +45,15 @@ from ragstream.events import (
 from ragstream.search import search_chunks
 from ragstream.settings import Settings
 from ragstream.store import Store
-from ragstream.topology import H_ERR_CLASS, H_ERR_KIND, H_ERR_MESSAGE, Topology
+from ragstream.topology import (
+    H_ATTEMPT,
+    H_DUE_AT,
+    H_ERR_CLASS,
+    H_ERR_KIND,
+    H_ERR_MESSAGE,
+    Stage,
+    Topology,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +337,42 @@ async def test_the_same_text_is_embedded_for_each_tenant_unless_the_cache_is_sha
     assert (embedded[d].new_embeddings, embedded[d].cached_embeddings) == (0, len(shas))
     rows = await cache_rows(settings, [c, d, ""], shas)
     assert sorted((r["tenant_id"], r["hits"]) for r in rows) == [("", 1)] * len(shas)
+
+
+async def test_crafted_retry_headers_neither_stop_the_worker_nor_hold_a_partition(
+    settings: Settings, prefix: str, store: Store
+) -> None:
+    """The runtime's own retry headers (attempt, due time) arrive from anyone who can publish:
+    garbage, a negative or huge attempt, a due time that never comes. Each record is handled
+    as if the header were absent (or due now) and the worker goes on."""
+    one = one_partition(settings)
+    await ensure_topics(one)
+    topology = Topology(prefix)
+    codec = Codec()
+    crafted = [
+        (topology.uploaded, [(H_ATTEMPT, b"abc")]),
+        (topology.uploaded, [(H_ATTEMPT, b"\xff\xfe")]),
+        (topology.uploaded, [(H_ATTEMPT, b"-5")]),
+        (topology.uploaded, [(H_ATTEMPT, b"9" * 40)]),
+        (topology.retry(Stage.PARSE), [(H_ATTEMPT, b"2"), (H_DUE_AT, b"soon")]),
+        (topology.retry(Stage.PARSE), [(H_DUE_AT, str(4_102_444_800_000).encode())]),  # 2100
+        (topology.retry(Stage.PARSE), [(H_DUE_AT, b"\x00\x01")]),
+    ]
+    events = [inline_upload(prefix, good_text(n), f"crafted-{n}.md") for n in range(len(crafted))]
+    producer = AIOKafkaProducer(**one.kafka.client_options(), acks="all")
+    await producer.start()
+    try:
+        for (topic, extra), event in zip(crafted, events, strict=True):
+            await producer.send_and_wait(
+                topic,
+                codec.encode(event),
+                key=event.document_id.encode(),
+                headers=[*codec.headers_for(event), *extra],
+            )
+    finally:
+        await producer.stop()
+    async with workers(one, concurrency=1):
+        done = await wait_for_statuses(store, [e.document_id for e in events], 90)
+    assert {d.status for d in done.values()} == {"embedded"}, {
+        d.filename: (d.status, d.status_reason) for d in done.values()
+    }
