@@ -1,8 +1,8 @@
 """The bundled sample set: a dozen small documents on distinct topics in every supported format.
 
-`sample_dir()` holds the files and `manifest.json`, which says per file what the generator
-made: content type, SHA-256, pages, title and headings (and which file is an exact duplicate
-of which). `python -m ragstream.samples.generate` rebuilds them.
+`sample_dir()` holds the files, and `manifest.json` beside it (not in it, so uploading the
+directory uploads documents only) says per file what the generator made: content type,
+SHA-256, pages, title and headings (and which file is an exact duplicate of which). `python -m ragstream.samples.generate` rebuilds them.
 """
 
 from __future__ import annotations
@@ -30,5 +30,5 @@ def sample_dir() -> Path:
 
 def sample_manifest() -> list[SampleInfo]:
     """What each sample file is, as the generator recorded it."""
-    data: list[SampleInfo] = json.loads((sample_dir() / "manifest.json").read_text("utf-8"))
+    data: list[SampleInfo] = json.loads((sample_dir().parent / "manifest.json").read_text("utf-8"))
     return data

@@ -210,7 +210,9 @@ def generate(out: Path) -> list[dict[str, object]]:
         entry = dict(next(e for e in manifest if e["filename"] == original))
         entry.update(filename=copy, duplicate_of=original)
         manifest.append(entry)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    # Beside the documents, not among them: uploading the directory uploads documents only.
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    (out.parent / "manifest.json").write_text(text)
     return manifest
 
 
