@@ -19,7 +19,10 @@ Three modes (`--mode`, default `search.mode`, hybrid):
   stemming, a GIN index): the question's terms or'ed, ranked by `ts_rank_cd`; no embedding call.
 - `hybrid`: both, fused by reciprocal rank (RRF): a chunk's score is the sum over the lists it is
   in of 1 / (60 + its rank there), each list `search.candidates` long. A chunk near the question
-  in meaning and one holding its exact words (a part number, an error code) both come up.
+  in meaning and one holding its exact words (a part number, an error code) both come up. When
+  the question cannot be embedded for now (the budget is spent, the circuit is open), hybrid
+  answers with the full-text matches and says why (`SearchResult.degraded`); vector mode
+  raises.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from ragstream.embedding import LOCAL_MODEL, Embedder, LocalEmbedder
+from ragstream.errors import BudgetExceeded, RetryableError
 from ragstream.settings import Settings
 from ragstream.store import EmbeddingModel, SearchHit, Store
 
@@ -45,6 +49,9 @@ class SearchResult:
     hits: list[SearchHit]
     models: list[EmbeddingModel]  # what the question was embedded with, one search each
     mode: SearchMode = "vector"
+    # hybrid only: why the question could not be embedded (the budget, an open circuit), so
+    # the hits are the full-text matches alone; None when both sides answered
+    degraded: str | None = None
 
 
 def embedder_for(settings: Settings) -> Embedder:
@@ -69,9 +76,16 @@ async def search(
         )
         models = [] if mode == "text" else await store.embedding_models(tenant_id)
         ranked: list[list[SearchHit]] = []
+        degraded = None
         for m in models:
             embedder = await embedder_for_model(settings, m.model, m.dimensions, stack)
-            vector = await _embed_question(embedder, question, tenant_id)
+            try:
+                vector = await _embed_question(embedder, question, tenant_id)
+            except (BudgetExceeded, RetryableError) as exc:  # throttled, circuit open, away
+                if mode == "vector":
+                    raise
+                degraded = f"{type(exc).__name__}: {exc}"
+                continue
             hits = await store.search(
                 tenant_id,
                 vector,
@@ -87,7 +101,8 @@ async def search(
         words = await store.text_search(tenant_id, text_query(question), depth)
         if mode == "text":
             return SearchResult(words[:k], models, mode)
-        return SearchResult(fuse_by_reciprocal_rank([*ranked, words], k), models, mode)
+        fused = fuse_by_reciprocal_rank([*ranked, words], k)
+        return SearchResult(fused, models, mode, degraded)
 
 
 def text_query(question: str) -> str:

@@ -243,6 +243,7 @@ def search(
             "question": question,
             "tenant": tenant,
             "mode": result.mode,
+            "degraded": result.degraded,
             "models": [
                 {"provider": provider_of(m.model), "model": m.model, "dimensions": m.dimensions,
                  "documents": m.documents}
@@ -273,6 +274,8 @@ def search(
         "text": "full-text match (PostgreSQL, English stemming)",
         "hybrid": f"hybrid: question embedded with {models}, and full-text match; fused by rank",
     }[result.mode]
+    if result.degraded:
+        how = f"full-text matches only: the question could not be embedded ({result.degraded})"
     console.print(how, highlight=False)
     title = "nearest chunks" if result.mode == "vector" else "best chunks"
     table = Table(title=f"{title} for {question!r} (tenant {tenant}, {result.mode})")

@@ -270,8 +270,13 @@ async def test_search_is_metered_and_refused_while_the_service_is_throttled(
     )  # fmt: skip
     await publish_control(real, throttle_key("openai"), throttle)
     with pytest.raises(BudgetExceeded):
-        await search(real, SENTENCES[1], tenant)
+        await search(real, SENTENCES[1], tenant, mode="vector")
     assert len(server.ok_calls()) == 1  # the refused search sent nothing
+    # Hybrid answers from the full text meanwhile, and says why.
+    hybrid = await search(real, SENTENCES[1], tenant)
+    assert hybrid.degraded and "throttled" in hybrid.degraded, hybrid.degraded
+    assert hybrid.hits[0].text == SENTENCES[1]
+    assert len(server.ok_calls()) == 1
 
 
 async def read_usage(settings: Settings, count: int) -> list[CostUsage]:
