@@ -291,7 +291,7 @@ JOIN documents d ON d.document_id = c.document_id
 WHERE c.text_search @@ q AND c.tenant_id = $1 AND d.tenant_id = $1
   AND d.searchable_chunker_version = c.chunker_version
   AND d.current_embedding_model IS NOT NULL
-ORDER BY score DESC, c.document_id, c.chunk_index
+ORDER BY score DESC, d.filename, c.chunk_index, c.document_id  -- ties: the same order each time
 LIMIT $3
 """
 
