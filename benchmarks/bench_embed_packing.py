@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from pydantic import SecretStr
 
-from ragstream.providers.openai_embedder import (
+from ragstream.providers.embed.openai import (
     MAX_INPUTS,
     MAX_REQUEST_TOKENS,
     OpenAIEmbedder,

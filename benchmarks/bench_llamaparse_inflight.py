@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ragstream.logs import configure_logging
-from ragstream.providers.llamaparse import LlamaParseParser
+from ragstream.providers.parse.llamaparse import LlamaParseParser
 from ragstream.settings import LlamaParseSettings, Mode
 from tests.servers.llamaparse_server import LlamaParseServer
 

@@ -58,9 +58,10 @@ from benchmarks.ceiling import StageTimes
 from producers.upload import Uploader, upload_paths
 from ragstream.admin import admin_client, describe_group, ensure_topics
 from ragstream.chunking import Chunker
-from ragstream.embedding import LocalEmbedder
+from ragstream.content_types import detect_content_type
 from ragstream.logs import configure_logging
-from ragstream.parsing import LocalParser, detect_content_type
+from ragstream.providers.embed.local import LocalEmbedder
+from ragstream.providers.parse.local import LocalParser
 from ragstream.samples import sample_dir
 from ragstream.settings import Settings, load_settings
 from ragstream.stack import start_workers, stop_workers

@@ -49,8 +49,8 @@ import asyncpg
 from pgvector.asyncpg import register_vector
 
 from benchmarks.bench_pipeline import _sample_prose, create_database, drop_database
-from ragstream.embedding import LOCAL_MODEL, LocalEmbedder
 from ragstream.logs import configure_logging
+from ragstream.providers.embed.local import LOCAL_MODEL, LocalEmbedder
 from ragstream.store import ChunkRow, Store, ensure_vector_index, migrate
 from ragstream.store import _sql as sql
 

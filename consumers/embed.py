@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from consumers.stage import Outcome, StatusStore, stale_input
-from ragstream.embedding import Embedder
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentEmbedded
+from ragstream.providers.embed.port import Embedder
 from ragstream.store.models import SHARED_CACHE, ChunkRow
 
 
@@ -54,8 +54,7 @@ class EmbedDeps:
 
 def _for_this_document(embedder: Embedder) -> Embedder:
     """The embedder serving now: a mode switch (see ragstream.providers.modes) picks per document."""
-    current = getattr(embedder, "current", None)
-    return current() if callable(current) else embedder
+    return embedder.current()
 
 
 async def _embed_missing(
@@ -67,8 +66,7 @@ async def _embed_missing(
         return {}, 0, embedder.name, model
     result = await embedder.embed(list(texts.values()))
     vectors = dict(zip(texts, result.vectors, strict=True))
-    provider = getattr(result, "provider", None) or embedder.name
-    return vectors, result.token_count, provider, getattr(result, "model", None) or model
+    return vectors, result.token_count, result.provider, result.model
 
 
 async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:

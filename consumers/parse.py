@@ -17,7 +17,7 @@ from consumers.stage import Outcome, RecordContext, StatusStore
 from ragstream.blobs import ClaimCheckReader, ClaimChecks, sha256_hex
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentParsed, DocumentUploaded
-from ragstream.parsing import Parser
+from ragstream.providers.parse.port import Parser
 from ragstream.settings import Settings
 from ragstream.store.models import UploadDecision
 from ragstream.validation import check_key, check_upload

@@ -29,7 +29,6 @@ from ragstream.codec import Codec
 from ragstream.control import ControlFollower, ControlState
 from ragstream.cost.meter import BudgetGuard, KafkaUsageSink, Meter
 from ragstream.cost.pricing import PriceTable
-from ragstream.embedding import Embedder, LocalEmbedder
 from ragstream.errors import POSTGRES, AuthenticationFailed, ConfigError, PermanentError
 from ragstream.events import (
     CostUsage,
@@ -44,9 +43,12 @@ from ragstream.events import (
 from ragstream.health import HealthServer, database_ready, readiness
 from ragstream.kafka_clients import closing
 from ragstream.metrics import Metrics
-from ragstream.parsing import LocalParser, Parser
 from ragstream.providers.circuit import CircuitBreaker
+from ragstream.providers.embed.local import LocalEmbedder
+from ragstream.providers.embed.port import Embedder
 from ragstream.providers.modes import SwitchingEmbedder, SwitchingParser
+from ragstream.providers.parse.local import LocalParser
+from ragstream.providers.parse.port import Parser
 from ragstream.providers.select import (
     EMBED_SERVICE,
     PARSE_SERVICE,

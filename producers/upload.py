@@ -28,10 +28,10 @@ from aiokafka.errors import KafkaError
 from ragstream import tracing
 from ragstream.blobs import blob_writer, sha256_hex
 from ragstream.codec import Codec
+from ragstream.content_types import detect_content_type
 from ragstream.errors import InvalidEvent, PermanentError
 from ragstream.events import DocumentUploaded
 from ragstream.kafka_clients import unreachable
-from ragstream.parsing import detect_content_type
 from ragstream.settings import Settings
 from ragstream.topology import Topology
 from ragstream.validation import check_upload, shown

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ragstream.isolation import LimitedPool
-from ragstream.parsing import PAGE_MARKER_RE
+from ragstream.providers.parse.port import PAGE_MARKER_RE
 from ragstream.settings import ChunkSettings
 from ragstream.tokens import Tokenizer
 

@@ -51,7 +51,7 @@ PRELOAD: Final = (
     "__main__",
     "pebble",
     "ragstream.isolation",
-    "ragstream.parsing",
+    "ragstream.providers.parse.local",
     "ragstream.chunking",
 )
 _MIB: Final = 1024 * 1024

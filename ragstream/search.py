@@ -33,8 +33,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ragstream.embedding import LOCAL_MODEL, Embedder, LocalEmbedder
 from ragstream.errors import BudgetExceeded, RetryableError
+from ragstream.providers.embed.local import LOCAL_MODEL, LocalEmbedder
+from ragstream.providers.embed.port import Embedder
 from ragstream.settings import Settings
 from ragstream.store import EmbeddingModel, SearchHit, Store
 
@@ -156,8 +157,8 @@ async def embedder_for_model(
     from ragstream.control import snapshot
     from ragstream.cost.meter import BudgetGuard, KafkaUsageSink, Meter
     from ragstream.cost.pricing import PriceTable
-    from ragstream.providers.openai_embedder import OpenAIEmbedder
-    from ragstream.providers.select import EMBED_SERVICE, GuardedEmbedder, aclose, breaker_for
+    from ragstream.providers.embed.openai import OpenAIEmbedder
+    from ragstream.providers.select import EMBED_SERVICE, GuardedEmbedder, breaker_for
 
     price = PriceTable.load(settings.budgets.prices).embedding(model)
     guard = BudgetGuard(await snapshot(settings), settings.budgets)
@@ -171,7 +172,7 @@ async def embedder_for_model(
         meter=meter,
     )
     embedder = GuardedEmbedder(real, breaker_for(settings, EMBED_SERVICE))
-    stack.push_async_callback(aclose, embedder)
+    stack.push_async_callback(embedder.aclose)
     return embedder
 
 

@@ -32,9 +32,9 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
+from ragstream.content_types import SUPPORTED_CONTENT_TYPES, normalize_content_type
 from ragstream.errors import InvalidEvent
 from ragstream.events import DocumentUploaded
-from ragstream.parsing import SUPPORTED_CONTENT_TYPES, normalize_content_type
 
 DOCUMENT_ID_MAX: Final = 128
 TENANT_ID_MAX: Final = 64

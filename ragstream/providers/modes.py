@@ -8,15 +8,19 @@ switching back and forth costs nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ragstream.control import ControlState
-from ragstream.embedding import Embedder, EmbedResult
-from ragstream.parsing import Parser, ParseResult
-from ragstream.providers.select import aclose
+from ragstream.providers.embed.port import Embedder, EmbedResult
+from ragstream.providers.parse.port import Parser, ParseResult
 from ragstream.settings import Mode
 
-T = TypeVar("T")
+
+class _Provider(Protocol):
+    async def aclose(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Provider)
 
 
 class ModeSwitch(Generic[T]):
@@ -34,7 +38,7 @@ class ModeSwitch(Generic[T]):
 
     async def aclose(self) -> None:
         for provider in self._by_mode.values():
-            await aclose(provider)
+            await provider.aclose()
 
 
 class SwitchingEmbedder(ModeSwitch[Embedder]):
@@ -58,6 +62,10 @@ class SwitchingEmbedder(ModeSwitch[Embedder]):
 
 class SwitchingParser(ModeSwitch[Parser]):
     """A Parser whose every call goes to the current mode's parser."""
+
+    @property
+    def name(self) -> str:
+        return self.current().name
 
     async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
         return await self.current().parse(data, filename=filename, content_type=content_type)

@@ -20,10 +20,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ragstream.cost.meter import Meter
-from ragstream.embedding import Embedder, EmbedResult, LocalEmbedder
 from ragstream.errors import BudgetExceeded, RetryableError
-from ragstream.parsing import LocalParser, Parser, ParseResult
 from ragstream.providers.circuit import CircuitBreaker, CircuitOpenError, CircuitState
+from ragstream.providers.embed.local import LocalEmbedder
+from ragstream.providers.embed.port import Embedder, EmbedResult
+from ragstream.providers.parse.local import LocalParser
+from ragstream.providers.parse.port import Parser, ParseResult
 from ragstream.providers.ratelimit import RateLimiter
 from ragstream.settings import LlamaParseSettings, Mode, OpenAISettings, Settings
 
@@ -64,7 +66,7 @@ def embedder_for(
     local = LocalEmbedder(settings.embed.dimensions)
     if mode is Mode.LOCAL:
         return local
-    from ragstream.providers.openai_embedder import OpenAIEmbedder
+    from ragstream.providers.embed.openai import OpenAIEmbedder
 
     real = OpenAIEmbedder(
         settings.services.openai,
@@ -89,7 +91,7 @@ def parser_for(
     local = LocalParser(settings.parse)
     if mode is Mode.LOCAL:
         return local
-    from ragstream.providers.llamaparse import LlamaParseParser
+    from ragstream.providers.parse.llamaparse import LlamaParseParser
 
     real = LlamaParseParser(
         settings.services.llamaparse,
@@ -99,13 +101,6 @@ def parser_for(
     )
     guard = breaker or breaker_for(settings, PARSE_SERVICE)
     return GuardedParser(real, guard, fallback=local if mode is Mode.HYBRID else None)
-
-
-async def aclose(provider: object) -> None:
-    """Close what a provider holds (HTTP clients, pollers); nothing for local ones."""
-    close = getattr(provider, "aclose", None)
-    if close is not None:
-        await close()
 
 
 class _Guard:
@@ -119,9 +114,9 @@ class _Guard:
         self.fallback = fallback
 
     async def aclose(self) -> None:
-        await aclose(self.primary)
+        await self.primary.aclose()
         if self.fallback is not None:
-            await aclose(self.fallback)
+            await self.fallback.aclose()
 
     def _use_primary(self) -> bool:
         if self.breaker.allow():
@@ -170,7 +165,7 @@ class _Guard:
         return False
 
 
-class GuardedEmbedder(_Guard):
+class GuardedEmbedder(_Guard, Embedder):
     """An `Embedder` behind a circuit breaker; with a fallback, the hybrid embedder."""
 
     operation = "embeddings"
@@ -211,7 +206,7 @@ class GuardedEmbedder(_Guard):
         return self.fallback
 
 
-class GuardedParser(_Guard):
+class GuardedParser(_Guard, Parser):
     """A `Parser` behind a circuit breaker; with a fallback, the hybrid parser."""
 
     operation = "parse"
@@ -226,7 +221,7 @@ class GuardedParser(_Guard):
 
     @property
     def name(self) -> str:
-        return "hybrid" if self.fallback is not None else str(getattr(self.primary, "name", "real"))
+        return "hybrid" if self.fallback is not None else self.primary.name
 
     async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
         return await self._call(

@@ -33,7 +33,7 @@ from producers.wait import TERMINAL
 from ragstream.admin import admin_client, describe_group, describe_topics
 from ragstream.codec import Codec
 from ragstream.events import DocumentEvent, DocumentUploaded, Event
-from ragstream.providers import CircuitBreaker
+from ragstream.providers.circuit import CircuitBreaker
 from ragstream.samples import sample_dir, sample_manifest
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Document, Store

@@ -15,7 +15,8 @@ from consumers.worker import Providers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cost.meter import current_call
-from ragstream.parsing import LocalParser, ParseResult
+from ragstream.providers.parse.local import LocalParser
+from ragstream.providers.parse.port import Parser, ParseResult
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import Stage, Topology
@@ -25,7 +26,7 @@ from tests.integration.test_failures import read_all, wait_status
 pytestmark = [pytest.mark.integration]
 
 
-class SlowParser:
+class SlowParser(Parser):
     """The local parser, 0.3 s per call, noting when each document's call ran."""
 
     def __init__(self, settings: Settings) -> None:

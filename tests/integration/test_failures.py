@@ -21,9 +21,10 @@ from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cli import app
 from ragstream.dlq import DlqFilter, redrive
-from ragstream.embedding import EmbedResult, LocalEmbedder
 from ragstream.errors import PermanentError, RetryableError
-from ragstream.parsing import ParseResult
+from ragstream.providers.embed.local import LocalEmbedder
+from ragstream.providers.embed.port import Embedder, EmbedResult
+from ragstream.providers.parse.port import Parser, ParseResult
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import (
@@ -73,7 +74,7 @@ def fast_retries(settings: Settings, base_s: float = 0.2, cap_s: float = 1.0) ->
     return settings.model_copy(update={"retry": retry})
 
 
-class FlakyEmbedder:
+class FlakyEmbedder(Embedder):
     """Fails the first `failures` calls for texts containing `marker`, then embeds for real."""
 
     def __init__(
@@ -408,7 +409,7 @@ async def test_a_record_in_retry_does_not_hold_up_its_partition(settings: Settin
     assert [dict(r.headers)[H_ATTEMPT] for r in retry] == [b"2"]
 
 
-class BrokenParser:
+class BrokenParser(Parser):
     """A parser with a bug: every document fails permanently (until it is 'fixed')."""
 
     async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:

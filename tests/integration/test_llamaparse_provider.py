@@ -11,14 +11,11 @@ import pytest
 from pydantic import SecretStr
 
 from ragstream.errors import PermanentError, RetryableError
-from ragstream.parsing import LocalParser
-from ragstream.providers import CircuitBreaker, CircuitState, GuardedParser, aclose, parser_for
-from ragstream.providers.llamaparse import (
-    FIRST_POLL_S,
-    JobState,
-    LlamaParseParser,
-    LlamaParseResult,
-)
+from ragstream.providers.circuit import CircuitBreaker, CircuitState
+from ragstream.providers.parse.jobs import FIRST_POLL_S, JobState
+from ragstream.providers.parse.llamaparse import LlamaParseParser, LlamaParseResult
+from ragstream.providers.parse.local import LocalParser
+from ragstream.providers.select import GuardedParser, parser_for
 from ragstream.settings import LlamaParseSettings, Mode, ServicesSettings, Settings
 from tests.servers.llamaparse_server import LlamaParseServer
 
@@ -347,7 +344,7 @@ async def test_hybrid_parser_falls_back_to_local_and_comes_back(
         assert back.parser == "llamaparse"
         assert transitions == [CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.CLOSED]
     finally:
-        await aclose(parser)
+        await parser.aclose()
 
 
 async def test_local_mode_is_the_local_parser(server: LlamaParseServer) -> None:
@@ -355,4 +352,4 @@ async def test_local_mode_is_the_local_parser(server: LlamaParseServer) -> None:
     assert isinstance(parser_for(settings, Mode.LOCAL), LocalParser)
     real = parser_for(settings)
     assert isinstance(real, GuardedParser) and real.name == "llamaparse"
-    await aclose(real)
+    await real.aclose()

@@ -15,17 +15,10 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 import pytest
 from pydantic import SecretStr
 
-from ragstream.embedding import LocalEmbedder
 from ragstream.errors import PermanentError, RetryableError
-from ragstream.providers import (
-    CircuitBreaker,
-    CircuitOpenError,
-    CircuitState,
-    GuardedEmbedder,
-    aclose,
-    embedder_for,
-)
-from ragstream.providers.openai_embedder import (
+from ragstream.providers.circuit import CircuitBreaker, CircuitOpenError, CircuitState
+from ragstream.providers.embed.local import LocalEmbedder
+from ragstream.providers.embed.openai import (
     MAX_INPUTS,
     MAX_REQUEST_TOKENS,
     InsufficientQuotaError,
@@ -34,6 +27,7 @@ from ragstream.providers.openai_embedder import (
     pack,
 )
 from ragstream.providers.ratelimit import RateLimiter
+from ragstream.providers.select import GuardedEmbedder, embedder_for
 from ragstream.settings import Mode, OpenAISettings, ServicesSettings, Settings
 from ragstream.tokens import get_tokenizer
 from tests.servers.openai_server import Fault, OpenAIServer
@@ -379,7 +373,7 @@ async def test_hybrid_falls_back_when_the_circuit_opens_and_comes_back(
         assert (await embedder.embed(["and again"])).provider == "openai"
         assert transitions == [CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.CLOSED]
     finally:
-        await aclose(embedder)
+        await embedder.aclose()
 
 
 async def test_hybrid_does_not_hide_permanent_errors(server: OpenAIServer) -> None:
@@ -391,7 +385,7 @@ async def test_hybrid_does_not_hide_permanent_errors(server: OpenAIServer) -> No
             await embedder.embed(["hello"])
         assert breaker.state is CircuitState.CLOSED
     finally:
-        await aclose(embedder)
+        await embedder.aclose()
 
 
 async def test_real_mode_turns_an_open_circuit_into_retries(server: OpenAIServer) -> None:
@@ -408,4 +402,4 @@ async def test_real_mode_turns_an_open_circuit_into_retries(server: OpenAIServer
         assert info.value.retryable and math.isclose(info.value.retry_after or 0, 30, abs_tol=1)
         assert len(server.calls) == calls  # the open circuit spared the service
     finally:
-        await aclose(embedder)
+        await embedder.aclose()

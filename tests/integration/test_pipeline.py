@@ -43,8 +43,9 @@ from typer.testing import CliRunner
 from producers.upload import Uploader, UploadRejected, upload_paths
 from ragstream.admin import ensure_topics
 from ragstream.cli import app
+from ragstream.content_types import detect_content_type
 from ragstream.events import DocumentChunked, DocumentEmbedded, DocumentParsed
-from ragstream.parsing import LocalParser, detect_content_type
+from ragstream.providers.parse.local import LocalParser
 from ragstream.search import search_chunks
 from ragstream.settings import Settings
 from ragstream.store import Store

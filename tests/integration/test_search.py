@@ -25,9 +25,9 @@ from ragstream.admin import ensure_topics
 from ragstream.cli import app
 from ragstream.codec import Codec
 from ragstream.control import publish_control, throttle_key
-from ragstream.embedding import LOCAL_MODEL, LocalEmbedder
 from ragstream.errors import BudgetExceeded
 from ragstream.events import CostUsage, ThrottleEvent, ThrottleState
+from ragstream.providers.embed.local import LOCAL_MODEL, LocalEmbedder
 from ragstream.search import search
 from ragstream.settings import Mode, Settings
 from ragstream.store import Store

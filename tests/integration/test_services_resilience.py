@@ -16,7 +16,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from consumers.runtime import StageRunner
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
-from ragstream.providers import CircuitBreaker, CircuitState, breaker_for
+from ragstream.providers.circuit import CircuitBreaker, CircuitState
+from ragstream.providers.select import breaker_for
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store.models import Step

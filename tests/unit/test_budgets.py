@@ -32,7 +32,7 @@ from ragstream.cost.pricing import PriceTable
 from ragstream.errors import BudgetExceeded, ConfigError
 from ragstream.events import CostUsage, ServiceMode, ThrottleEvent, ThrottleState
 from ragstream.metrics import Metrics
-from ragstream.providers.llamaparse import estimate_pages
+from ragstream.providers.parse.llamaparse import estimate_pages
 from ragstream.settings import BudgetSettings, load_settings
 from ragstream.store._cost import BudgetOverride, WindowUsage
 

@@ -13,7 +13,8 @@ import pytest
 
 from ragstream.chunking import Chunk, Chunker
 from ragstream.errors import PermanentError
-from ragstream.parsing import PAGE_MARKER_RE, LocalParser
+from ragstream.providers.parse.local import LocalParser
+from ragstream.providers.parse.port import PAGE_MARKER_RE
 from ragstream.samples import sample_dir, sample_manifest
 from ragstream.settings import ChunkSettings, ParseSettings
 from ragstream.tokens import get_tokenizer

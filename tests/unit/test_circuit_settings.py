@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from ragstream.cli import app
 from ragstream.errors import ConfigError
-from ragstream.providers import CircuitBreaker, CircuitState, breaker_for
+from ragstream.providers.circuit import CircuitBreaker, CircuitState
+from ragstream.providers.select import breaker_for
 from ragstream.settings import load_settings
 
 SERVICES = ("openai", "llamaparse")

@@ -13,8 +13,9 @@ import sys
 import pytest
 
 from ragstream.chunking import Chunk, Chunker
-from ragstream.embedding import Embedder, EmbedResult, LocalEmbedder
-from ragstream.parsing import LocalParser
+from ragstream.providers.embed.local import LocalEmbedder
+from ragstream.providers.embed.port import Embedder, EmbedResult
+from ragstream.providers.parse.local import LocalParser
 from ragstream.samples import sample_dir, sample_manifest
 from ragstream.settings import ChunkSettings, ParseSettings
 from ragstream.tokens import get_tokenizer
@@ -59,7 +60,9 @@ async def test_empty_text_is_the_zero_vector_and_tokens_are_words() -> None:
     result = await LocalEmbedder(64).embed(["", "  ", "two words", "one, two; three!"])
     assert result.vectors[0] == [0.0] * 64 and result.vectors[1] == [0.0] * 64
     assert result.token_count == 5
-    assert (await LocalEmbedder(64).embed([])) == EmbedResult(vectors=[], token_count=0)
+    assert (await LocalEmbedder(64).embed([])) == EmbedResult(
+        vectors=[], token_count=0, provider="local", model="local-hash-v1"
+    )
 
 
 async def test_same_text_same_vector_in_a_batch_and_alone() -> None:
@@ -75,7 +78,7 @@ def test_same_vector_in_other_processes_whatever_their_hash_seed() -> None:
     text = "Static membership removes another source of churn."
     expected = LocalEmbedder(96).embed_sync([text]).vectors[0]
     script = (
-        "import json, sys; from ragstream.embedding import LocalEmbedder; "
+        "import json, sys; from ragstream.providers.embed.local import LocalEmbedder; "
         "print(json.dumps(LocalEmbedder(96).embed_sync([sys.argv[1]]).vectors[0]))"
     )
     for seed in ("0", "1", "12345"):

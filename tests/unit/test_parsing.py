@@ -14,16 +14,15 @@ from fpdf import FPDF
 from PIL import Image
 from pydantic import ValidationError
 
-from ragstream.errors import PermanentError
-from ragstream.parsing import (
+from ragstream.content_types import (
     SUPPORTED_CONTENT_TYPES,
-    LocalParser,
-    ParseResult,
     decode_text,
     detect_content_type,
     normalize_content_type,
-    page_marker,
 )
+from ragstream.errors import PermanentError
+from ragstream.providers.parse.local import LocalParser
+from ragstream.providers.parse.port import ParseResult, page_marker
 from ragstream.samples import SampleInfo, sample_dir, sample_manifest
 from ragstream.settings import ParseSettings
 from tests.hostile import cpu_bomb_pdf, memory_bomb_text

@@ -1,4 +1,4 @@
-"""Embed stage, the port and its local provider.
+"""The local embedder.
 
 `LocalEmbedder` is a feature-hashing embedder: no model, no download, no randomness. A text's
 features are its lowercased word unigrams and bigrams and the character trigrams of its words;
@@ -18,10 +18,12 @@ import itertools
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
+
+from ragstream.providers.embed.port import Embedder, EmbedResult
 
 LOCAL_MODEL: Final = "local-hash-v1"
+PROVIDER: Final = "local"
 
 _WORD: Final = re.compile(r"\w+")
 _UNIGRAM_WEIGHT: Final = 1.0
@@ -34,30 +36,7 @@ _STOPWORDS: Final = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class EmbedResult:
-    vectors: list[list[float]]
-    token_count: int  # as the provider counts them (the local one counts words)
-    provider: str = "local"  # who produced the vectors (a hybrid embedder may fall back)
-    model: str = LOCAL_MODEL
-
-
-class Embedder(Protocol):
-    """The embed port: OpenAI and the local embedder both fit it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def model(self) -> str: ...
-
-    @property
-    def dimensions(self) -> int: ...
-
-    async def embed(self, texts: list[str]) -> EmbedResult: ...
-
-
-class LocalEmbedder:
+class LocalEmbedder(Embedder):
     """Deterministic hashed bag of words and phrases, L2-normalised."""
 
     def __init__(self, dimensions: int = 512) -> None:
@@ -67,7 +46,7 @@ class LocalEmbedder:
 
     @property
     def name(self) -> str:
-        return "local"
+        return PROVIDER
 
     @property
     def model(self) -> str:
@@ -88,7 +67,9 @@ class LocalEmbedder:
             vector, words = self._vector(text)
             vectors.append(vector)
             tokens += words
-        return EmbedResult(vectors=vectors, token_count=tokens)
+        return EmbedResult(
+            vectors=vectors, token_count=tokens, provider=PROVIDER, model=LOCAL_MODEL
+        )
 
     def _vector(self, text: str) -> tuple[list[float], int]:
         words = _WORD.findall(text.casefold())

@@ -34,8 +34,8 @@ import openai
 
 from ragstream import tracing
 from ragstream.cost.meter import Meter, metered
-from ragstream.embedding import EmbedResult
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
+from ragstream.providers.embed.port import Embedder, EmbedResult
 from ragstream.providers.ratelimit import HEADER_PREFIX, RateLimiter, retry_after_from
 from ragstream.settings import OpenAISettings
 from ragstream.tokens import Tokenizer, get_tokenizer
@@ -122,7 +122,7 @@ def _is_openai(base_url: str) -> bool:
     return urlsplit(base_url).hostname == "api.openai.com"
 
 
-class OpenAIEmbedder:
+class OpenAIEmbedder(Embedder):
     """`Embedder` over OpenAI's embeddings endpoint (or anything that speaks it)."""
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Parse stage, local provider: document bytes -> Markdown, with no network and no Kafka.
+"""The local parser: document bytes -> Markdown, with no network and no Kafka.
 
 `LocalParser` reads PDF (pypdf), Markdown, HTML (markdownify) and plain text. PDF pages are
 kept apart: the Markdown carries a `<!-- page N -->` marker line before each page (invisible
@@ -20,95 +20,32 @@ import itertools
 import re
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from dataclasses import dataclass
+from typing import Any, Final
 
 import bs4
 import markdownify
 import pypdf
 
+from ragstream.content_types import (
+    HTML,
+    MARKDOWN,
+    PDF,
+    SUPPORTED_CONTENT_TYPES,
+    charset_param,
+    decode_text,
+    detect_content_type,
+    normalize_content_type,
+)
 from ragstream.errors import PermanentError
 from ragstream.isolation import LimitedPool
+from ragstream.providers.parse.port import LOCAL_PARSER_VERSION, Parser, ParseResult, page_marker
 from ragstream.settings import ParseSettings
 
-PDF: Final = "application/pdf"
-MARKDOWN: Final = "text/markdown"
-HTML: Final = "text/html"
-TEXT: Final = "text/plain"
-SUPPORTED_CONTENT_TYPES: Final = frozenset({PDF, MARKDOWN, HTML, TEXT})
-
-LOCAL_PARSER_VERSION: Final = "local-1"
-PAGE_MARKER_RE: Final = re.compile(r"^<!-- page (\d+) -->$", re.MULTILINE)
-
-_EXTENSIONS: Final = {
-    ".pdf": PDF,
-    ".md": MARKDOWN,
-    ".markdown": MARKDOWN,
-    ".mdown": MARKDOWN,
-    ".html": HTML,
-    ".htm": HTML,
-    ".xhtml": HTML,
-    ".txt": TEXT,
-    ".text": TEXT,
-}
-_ALIASES: Final = {"text/x-markdown": MARKDOWN, "application/xhtml+xml": HTML}
-_HTML_SNIFF: Final = re.compile(rb"<(!doctype\s+html|html[\s>]|head[\s>]|body[\s>])", re.IGNORECASE)
 _DROP_TAGS: Final = ("script", "style", "nav", "noscript", "template", "iframe", "svg", "head")
 
 
-def page_marker(number: int) -> str:
-    """The line that opens page `number` (1-based) in parsed Markdown."""
-    return f"<!-- page {number} -->"
-
-
-@dataclass(frozen=True, slots=True)
-class ParseResult:
-    markdown: str
-    page_count: int
-    title: str | None
-    pages: list[str] = field(default_factory=list)
-    parser: str = "local"
-    parser_version: str = LOCAL_PARSER_VERSION
-
-    def __post_init__(self) -> None:
-        # PostgreSQL text cannot hold NUL: no text field of any parser's result carries one
-        # (a PDF's title metadata may).
-        object.__setattr__(self, "markdown", _no_nul(self.markdown))
-        object.__setattr__(self, "title", None if self.title is None else _no_nul(self.title))
-        object.__setattr__(self, "pages", [_no_nul(p) for p in self.pages])
-
-
-class Parser(Protocol):
-    """The parse port: LlamaParse and the local parser both fit it."""
-
-    async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult: ...
-
-
-def detect_content_type(filename: str, data: bytes) -> str:
-    """Content type by magic bytes, then extension, then a look at the bytes."""
-    head = data[:1024]
-    if b"%PDF-" in head:
-        return PDF
-    dot = filename.rfind(".")
-    by_extension = _EXTENSIONS.get(filename[dot:].lower()) if dot >= 0 else None
-    if by_extension is not None:
-        return by_extension
-    if _HTML_SNIFF.search(head.lstrip()[:256]):
-        return HTML
-    if data and b"\x00" not in head and _looks_like_text(head):
-        return TEXT
-    raise PermanentError(
-        f"unsupported content type: cannot read {filename!r} as PDF, Markdown, HTML or text"
-    )
-
-
-def normalize_content_type(content_type: str) -> str:
-    """`Text/HTML; charset=utf-8` -> `text/html`; known aliases folded."""
-    base = content_type.split(";", 1)[0].strip().lower()
-    return _ALIASES.get(base, base)
-
-
-class LocalParser:
+class LocalParser(Parser):
     """Real local parsing, in child processes bounded by `ParseSettings`."""
 
     name: Final = "local"
@@ -133,7 +70,7 @@ class LocalParser:
             kind = detect_content_type(filename, data)
         if kind not in SUPPORTED_CONTENT_TYPES:
             raise PermanentError(f"unsupported content type {content_type!r} for {filename!r}")
-        charset = _charset_param(content_type)
+        charset = charset_param(content_type)
         return await self._pool.run(
             _parse_sync, data, kind, charset, limits.max_pages, what=f"parsing {filename!r}"
         )
@@ -155,28 +92,6 @@ def _parse_sync(data: bytes, kind: str, charset: str | None, max_pages: int) -> 
 # -- text and Markdown -------------------------------------------------------------------------
 
 
-def decode_text(data: bytes, charset: str | None = None) -> str:
-    """Bytes -> str: BOM, declared charset, UTF-8, then cp1252, then latin-1 (never fails)."""
-    for bom, codec in (
-        (b"\xef\xbb\xbf", "utf-8-sig"),
-        (b"\xff\xfe", "utf-16"),
-        (b"\xfe\xff", "utf-16"),
-    ):
-        if data.startswith(bom):
-            return data.decode(codec, errors="replace")
-    for candidate in (charset, "utf-8", "cp1252"):
-        if candidate:
-            try:
-                return data.decode(candidate)
-            except (UnicodeDecodeError, LookupError):
-                continue
-    return data.decode("latin-1")
-
-
-def _no_nul(text: str) -> str:
-    return text.replace("\x00", "") if "\x00" in text else text
-
-
 def _clean(text: str) -> str:
     """Normalise newlines, drop NULs (PostgreSQL text cannot hold them) and trailing blanks."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
@@ -187,17 +102,6 @@ def _clean(text: str) -> str:
 def _first_heading(markdown: str) -> str | None:
     match = re.search(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", markdown, re.MULTILINE)
     return match.group(1).strip() if match else None
-
-
-def _looks_like_text(head: bytes) -> bool:
-    sample = head.decode("utf-8", errors="ignore") or head.decode("latin-1")
-    printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in sample)
-    return printable >= 0.95 * len(sample)
-
-
-def _charset_param(content_type: str) -> str | None:
-    match = re.search(r"charset\s*=\s*\"?([\w.:-]+)", content_type, re.IGNORECASE)
-    return match.group(1) if match else None
 
 
 # -- HTML --------------------------------------------------------------------------------------
