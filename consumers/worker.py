@@ -24,9 +24,14 @@ from consumers.parse import ParseDeps, parse
 from consumers.runtime import StageHandler, StageRunner
 from consumers.stage import Outcome, RecordContext
 from ragstream.chunking import Chunker
-from ragstream.circuits import report_circuits
 from ragstream.codec import Codec
-from ragstream.control import ControlFollower, ControlState
+from ragstream.control import (
+    EMBED_SERVICE,
+    PARSE_SERVICE,
+    Control,
+    ControlFollower,
+    ControlState,
+)
 from ragstream.cost.meter import BudgetGuard, KafkaUsageSink, Meter
 from ragstream.cost.pricing import PriceTable
 from ragstream.errors import POSTGRES, AuthenticationFailed, ConfigError, PermanentError
@@ -37,21 +42,19 @@ from ragstream.events import (
     DocumentParsed,
     DocumentUploaded,
     Event,
-    ServiceMode,
     ThrottleEvent,
 )
 from ragstream.health import HealthServer, database_ready, readiness
 from ragstream.kafka_clients import closing
 from ragstream.metrics import Metrics
 from ragstream.providers.circuit import CircuitBreaker
+from ragstream.providers.circuit_reports import report_circuits
 from ragstream.providers.embed.local import LocalEmbedder
 from ragstream.providers.embed.port import Embedder
 from ragstream.providers.modes import SwitchingEmbedder, SwitchingParser
 from ragstream.providers.parse.local import LocalParser
 from ragstream.providers.parse.port import Parser
 from ragstream.providers.select import (
-    EMBED_SERVICE,
-    PARSE_SERVICE,
     GuardedEmbedder,
     GuardedParser,
     breaker_for,
@@ -201,29 +204,6 @@ def build_handler(
         share_cache=settings.embed.share_cache_across_tenants,
     )
     return _typed(DocumentChunked, lambda e, _: embed(e, deps_e))
-
-
-@dataclass(frozen=True)
-class Control:
-    """What a worker follows on the control topic: modes, throttles, and the budget guard."""
-
-    state: ControlState
-    guard: BudgetGuard
-
-    def gate(self, stage: Stage) -> Callable[[], str | None] | None:
-        """The reason a stage must hold its partitions: its paid service is throttled while
-        served in real mode (hybrid falls back to local instead; local costs nothing)."""
-        service = {Stage.PARSE: PARSE_SERVICE, Stage.EMBED: EMBED_SERVICE}.get(stage)
-        if service is None:
-            return None
-
-        def reason() -> str | None:
-            if self.state.mode(service) is not ServiceMode.REAL:
-                return None
-            throttle = self.guard.active_throttle(service)
-            return f"{service} throttled: {throttle.reason}" if throttle else None
-
-        return reason
 
 
 async def _follow_control(

@@ -2,8 +2,9 @@
 
 Every worker reads the topic whole at start (so a new worker starts in the last mode set and
 the last throttle state) and then follows it; `ControlState` is what the providers consult on
-every call, so a change takes effect within a poll cycle, with no restart. Operators publish
-mode changes with `publish_mode` (`ragstream services mode SERVICE MODE`).
+every call, so a change takes effect within a poll cycle, with no restart, and `Control` (the
+state with its budget guard) tells a stage when to hold its partitions. Operators publish mode
+changes with `publish_mode` (`ragstream services mode SERVICE MODE`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -21,11 +23,18 @@ from ragstream.errors import ConfigError, DecodeError
 from ragstream.events import Event, ServiceMode, ServiceModeChanged, ThrottleEvent, ThrottleState
 from ragstream.kafka_clients import started_or_explained
 from ragstream.settings import Settings
-from ragstream.topology import CONTROL_MODE, CONTROL_THROTTLE, Topology
+from ragstream.topology import CONTROL_MODE, CONTROL_THROTTLE, Stage, Topology
+
+if TYPE_CHECKING:
+    from ragstream.cost.meter import BudgetGuard
 
 log = structlog.get_logger(__name__)
 
-SERVICES = ("llamaparse", "openai")
+# The paid services, by the name their modes, throttles, meters and breakers go by.
+PARSE_SERVICE: Final = "llamaparse"
+EMBED_SERVICE: Final = "openai"
+SERVICES = (PARSE_SERVICE, EMBED_SERVICE)
+STAGE_SERVICES: Final = {Stage.PARSE: PARSE_SERVICE, Stage.EMBED: EMBED_SERVICE}
 
 
 @dataclass
@@ -65,6 +74,29 @@ class ControlState:
             return
         for listener in self.listeners:
             listener(event)
+
+
+@dataclass(frozen=True)
+class Control:
+    """What a worker follows on the control topic: modes, throttles, and the budget guard."""
+
+    state: ControlState
+    guard: BudgetGuard
+
+    def gate(self, stage: Stage) -> Callable[[], str | None] | None:
+        """The reason a stage must hold its partitions: its paid service is throttled while
+        served in real mode (hybrid falls back to local instead; local costs nothing)."""
+        service = STAGE_SERVICES.get(stage)
+        if service is None:
+            return None
+
+        def reason() -> str | None:
+            if self.state.mode(service) is not ServiceMode.REAL:
+                return None
+            throttle = self.guard.active_throttle(service)
+            return f"{service} throttled: {throttle.reason}" if throttle else None
+
+        return reason
 
 
 class ControlFollower:

@@ -154,11 +154,11 @@ async def embedder_for_model(
     its circuit breaker (no fallback: another model's vector would match nothing), metered."""
     if provider_of(model) == "local":
         return LocalEmbedder(dimensions)
-    from ragstream.control import snapshot
+    from ragstream.control import EMBED_SERVICE, snapshot
     from ragstream.cost.meter import BudgetGuard, KafkaUsageSink, Meter
     from ragstream.cost.pricing import PriceTable
     from ragstream.providers.embed.openai import OpenAIEmbedder
-    from ragstream.providers.select import EMBED_SERVICE, GuardedEmbedder, breaker_for
+    from ragstream.providers.select import GuardedEmbedder, breaker_for
 
     price = PriceTable.load(settings.budgets.prices).embedding(model)
     guard = BudgetGuard(await snapshot(settings), settings.budgets)

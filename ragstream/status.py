@@ -14,7 +14,7 @@ offsets advancing between two samples, over the time between them.
 
 Modes and throttle states come from the compacted control topic, read whole (the latest
 `ThrottleEvent` per service is the cost accountant's last word on spend); circuit states come
-from the same topic, where every worker reports its breakers (see ragstream.circuits).
+from the same topic, where every worker reports its breakers (see ragstream.providers.circuit_reports).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ragstream.admin import Member, admin_client, describe_group
-from ragstream.circuits import CircuitSummary, summarize
 from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState
 from ragstream.errors import ConfigError, DecodeError, RetryableError
 from ragstream.events import CircuitStateChanged, ThrottleEvent, ThrottleState, utc_now
 from ragstream.kafka_clients import closing
+from ragstream.providers.circuit_reports import CircuitSummary, summarize
 from ragstream.settings import Settings
 from ragstream.topology import COST as COST_GROUP
 from ragstream.topology import Stage, Topology

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from ragstream.control import EMBED_SERVICE, PARSE_SERVICE
 from ragstream.cost.meter import Meter
 from ragstream.errors import BudgetExceeded, RetryableError
 from ragstream.providers.circuit import CircuitBreaker, CircuitOpenError, CircuitState
@@ -30,9 +31,6 @@ from ragstream.providers.ratelimit import RateLimiter
 from ragstream.settings import LlamaParseSettings, Mode, OpenAISettings, Settings
 
 R = TypeVar("R")
-
-EMBED_SERVICE = "openai"
-PARSE_SERVICE = "llamaparse"
 
 
 def breaker_for(settings: Settings, service: str) -> CircuitBreaker:

@@ -14,7 +14,6 @@ from aiokafka.partitioner import murmur2
 from rich.console import Console
 
 from ragstream.admin import Member, ScaleResult, keys_moved, resolve_topic
-from ragstream.circuits import STALE_AFTER_S, CircuitReporter, summarize
 from ragstream.cli.status_cmd import render
 from ragstream.cli.topics_cmd import scale_notes
 from ragstream.codec import Codec
@@ -30,6 +29,7 @@ from ragstream.events import (
 )
 from ragstream.providers.circuit import CircuitBreaker
 from ragstream.providers.circuit import CircuitState as BreakerState
+from ragstream.providers.circuit_reports import STALE_AFTER_S, CircuitReporter, summarize
 from ragstream.settings import Settings, load_settings
 from ragstream.status import (
     GroupSpec,
