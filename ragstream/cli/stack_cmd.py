@@ -131,7 +131,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the documents.")] = 300.0,
 ) -> None:
     """The main job: local stack, all workers, the bundled samples, a summary; stops what it started."""
-    from ragstream.demo import DEMO_QUESTION, hits_table, run_demo, summary_table
+    from ragstream.cli.demo import DEMO_QUESTION, hits_table, run_demo, summary_table
 
     settings = settings_or_exit(traced=True)
     report = run(run_demo, settings, console, timeout)

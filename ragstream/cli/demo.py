@@ -1,7 +1,8 @@
 """The main job (`ragstream demo`, `make demo`): the local stack, every worker, the bundled
 sample set uploaded for a fresh tenant, a summary, a search, and a clean stop.
 
-Like the CLI, this is a composition root: it puts producers and consumers together.
+Part of the CLI, the composition root: it puts producers and consumers together, which nothing
+else in the core package does.
 """
 
 from __future__ import annotations
