@@ -53,8 +53,8 @@ from tests.servers.openai_server import OpenAIServer
 
 def local_services(stack: ExitStack, directory: Path) -> tuple[str, str]:
     """A Kafka broker and a PostgreSQL of this run's own: (bootstrap, database url)."""
-    from ragstream.local.kafka import LocalKafka
-    from ragstream.local.postgres import LocalPostgres
+    from ragstream.devstack.kafka import LocalKafka
+    from ragstream.devstack.postgres import LocalPostgres
 
     ports = {"kafka_port": free_port(), "kafka_controller_port": free_port()}
     own = load_settings(local={"data_dir": directory, "postgres_port": free_port(), **ports})

@@ -241,7 +241,7 @@ async def bench(args: argparse.Namespace, server_dsn: str) -> dict[str, object]:
 
 
 def local_postgres(stack: ExitStack, directory: Path) -> str:
-    from ragstream.local.postgres import LocalPostgres
+    from ragstream.devstack.postgres import LocalPostgres
     from ragstream.settings import load_settings
     from tests.conftest import free_port
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from ragstream.pids import process_alive
+
 log = structlog.get_logger(__name__)
 
 
@@ -52,10 +54,7 @@ def prune(directory: Path) -> None:
     for path in directory.glob("*.json"):
         try:
             pid = int(path.stem)
-            os.kill(pid, 0)
         except ValueError:
             continue  # not one of ours
-        except ProcessLookupError:
+        if not process_alive(pid):
             path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, someone else's

@@ -502,7 +502,7 @@ def with_local_password(settings: Settings) -> Settings:
     pg = settings.postgres
     if pg.url or pg.password is not None:
         return settings
-    from ragstream.local.postgres import read_password
+    from ragstream.devstack.postgres import read_password
 
     password = read_password(settings.local.data_dir)
     if password is None:

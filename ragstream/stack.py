@@ -25,11 +25,12 @@ from pathlib import Path
 import structlog
 
 from ragstream.admin import TopicState, ensure_topics
+from ragstream.devstack.cluster import LocalKafkaCluster, local_kafka
+from ragstream.devstack.kafka import LocalKafka
+from ragstream.devstack.postgres import LocalPostgres
+from ragstream.devstack.secure import ADMIN, WORKER, SecureSetup
 from ragstream.errors import ConfigError, InfrastructureError
-from ragstream.local.cluster import LocalKafkaCluster, local_kafka
-from ragstream.local.kafka import LocalKafka, process_alive, wait_exit
-from ragstream.local.postgres import LocalPostgres
-from ragstream.local.secure import ADMIN, WORKER, SecureSetup
+from ragstream.pids import process_alive, wait_exit
 from ragstream.scrape import prune
 from ragstream.settings import Settings, with_local_password
 from ragstream.store.migrate import migrate
@@ -66,8 +67,8 @@ async def stack_up(
     brokers: int | None = None,
 ) -> StackInfo:
     """Start what is not running. `secure`: the broker listens on SASL_SSL with SCRAM users
-    and ACLs (ragstream.local.secure); a broker created secure stays secure without it.
-    `brokers` 3: a 3-node KRaft cluster (ragstream.local.cluster), topics replicated 3 times
+    and ACLs (ragstream.devstack.secure); a broker created secure stays secure without it.
+    `brokers` 3: a 3-node KRaft cluster (ragstream.devstack.cluster), topics replicated 3 times
     with `min.insync.replicas` 2; a data directory made for a cluster stays one."""
     setup = SecureSetup.ensure(settings.local.data_dir) if secure else None
     kafka = local_kafka(settings, secure=setup, brokers=brokers)

@@ -23,10 +23,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ragstream import tracing
+from ragstream.devstack.kafka import LocalKafka
+from ragstream.devstack.postgres import LocalPostgres
+from ragstream.devstack.secure import SecureSetup
 from ragstream.errors import InfrastructureError
-from ragstream.local.kafka import LocalKafka
-from ragstream.local.postgres import LocalPostgres
-from ragstream.local.secure import SecureSetup
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Store
 from ragstream.store.migrate import migrate

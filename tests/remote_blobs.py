@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from moto.server import ThreadedMotoServer
 
-from ragstream.local.tls import ensure_certificates
+from ragstream.devstack.tls import ensure_certificates
 
 
 @contextlib.contextmanager

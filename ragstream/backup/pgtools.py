@@ -48,7 +48,7 @@ def tool(settings: PostgresSettings, name: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"postgres.bin_dir: {settings.bin_dir} has no {name}")
         return path
-    from ragstream.local.postgres import pgserver_bin_dir
+    from ragstream.devstack.pg_host import pgserver_bin_dir
 
     try:
         return pgserver_bin_dir() / name

@@ -162,21 +162,21 @@ def kafka_tool(
     import tempfile
     from pathlib import Path
 
+    from ragstream.devstack import jars as kafka_jars
     from ragstream.kafka_clients import diagnose, java_client_properties
-    from ragstream.local import kafka as local_kafka
 
     mains = {
-        "consumer-groups": local_kafka.CONSUMER_GROUPS,
-        "topics": local_kafka.TOPICS,
-        "get-offsets": local_kafka.GET_OFFSETS,
-        "metadata-quorum": local_kafka.METADATA_QUORUM,
-        "configs": local_kafka.CONFIGS,
+        "consumer-groups": kafka_jars.CONSUMER_GROUPS,
+        "topics": kafka_jars.TOPICS,
+        "get-offsets": kafka_jars.GET_OFFSETS,
+        "metadata-quorum": kafka_jars.METADATA_QUORUM,
+        "configs": kafka_jars.CONFIGS,
     }
     if tool not in mains:
         raise fail(f"unknown Kafka tool {tool!r}; choose one of {', '.join(KAFKA_TOOLS)}")
     settings = settings_or_exit()
     kafka = settings.kafka
-    from ragstream.local.cluster import local_kafka as stack_kafka
+    from ragstream.devstack.cluster import local_kafka as stack_kafka
 
     broker = stack_kafka(settings)
     with tempfile.TemporaryDirectory(prefix="ragstream-tool-") as tmp:

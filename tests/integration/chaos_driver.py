@@ -33,9 +33,9 @@ from aiokafka.errors import KafkaError
 
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
+from ragstream.devstack.kafka import LocalKafka
+from ragstream.devstack.postgres import LocalPostgres
 from ragstream.errors import InfrastructureError, RetryableError
-from ragstream.local.kafka import LocalKafka
-from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import load_settings
 from ragstream.store.migrate import migrate
 from ragstream.topology import Stage, Topology

@@ -19,9 +19,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from ragstream.devstack.jars import CONSUMER_GROUPS, kafka_tool_command
+from ragstream.devstack.kafka import LocalKafka
+from ragstream.devstack.postgres import LocalPostgres
 from ragstream.errors import InfrastructureError
-from ragstream.local.kafka import CONSUMER_GROUPS, LocalKafka, kafka_tool_command
-from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import load_settings
 
 pytestmark = pytest.mark.integration

@@ -43,7 +43,7 @@ from pipeline_helpers import (
 
 from producers.upload import Uploader, upload_paths
 from ragstream.admin import admin_client, describe_topics, ensure_topics
-from ragstream.local.kafka import CONSUMER_GROUPS, kafka_tool_command
+from ragstream.devstack.jars import CONSUMER_GROUPS, kafka_tool_command
 from ragstream.settings import Settings
 from ragstream.status import read_status
 from ragstream.store import Document, Store

@@ -24,9 +24,9 @@ from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.codec import Codec
 from ragstream.cost.meter import KafkaUsageSink
+from ragstream.devstack.postgres import LocalPostgres
 from ragstream.errors import InfrastructureUnavailable, PermanentError
 from ragstream.events import CostUsage, DocumentEvent
-from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import Stage, Topology

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cli import app
-from ragstream.local.kafka import LocalKafka
-from ragstream.local.secure import ADMIN, PUBLISHER, WORKER, SecureSetup
+from ragstream.devstack.kafka import LocalKafka
+from ragstream.devstack.secure import ADMIN, PUBLISHER, WORKER, SecureSetup
 from ragstream.settings import Settings, load_settings
 from ragstream.store import Store
 from ragstream.topology import Stage, Topology

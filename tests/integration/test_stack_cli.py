@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ragstream.local.kafka import process_alive
-from ragstream.local.postgres import read_password
+from ragstream.devstack.postgres import read_password
+from ragstream.pids import process_alive
 from ragstream.samples import sample_dir
 from ragstream.settings import load_settings
 from ragstream.topology import Stage, Topology

@@ -1,4 +1,4 @@
-"""A local 3-node KRaft cluster (ragstream.local.cluster): topics replicated 3 times with
+"""A local 3-node KRaft cluster (ragstream.devstack.cluster): topics replicated 3 times with
 `min.insync.replicas` 2; one node SIGKILLed while documents flow loses none and duplicates
 none, the groups carry on with the survivors, and `ragstream status` shows the
 under-replicated partitions until the node is back."""
@@ -17,8 +17,8 @@ import pytest
 
 from producers.upload import Uploader
 from ragstream.admin import admin_client, ensure_topics
+from ragstream.devstack.cluster import LocalKafkaCluster, local_kafka
 from ragstream.errors import ConfigError
-from ragstream.local.cluster import LocalKafkaCluster, local_kafka
 from ragstream.settings import Settings, load_settings
 from ragstream.status import read_status
 from ragstream.store import Store

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.worker import run_workers
 from ragstream.admin import ensure_topics
+from ragstream.devstack.postgres import LocalPostgres
 from ragstream.exporter import GroupExporter
-from ragstream.local.postgres import LocalPostgres
 from ragstream.settings import Settings
 from ragstream.topology import Stage
 from tests.conftest import free_port

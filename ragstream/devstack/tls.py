@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ragstream.local.files import write_file
+from ragstream.devstack.files import write_file
 
 CA_DAYS = 3650
 BROKER_DAYS = 825
