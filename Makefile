@@ -66,5 +66,5 @@ down: $(BIN)/.installed
 
 clean:
 	-$(BIN)/ragstream stack down
-	d="$$($(BIN)/python -c 'from ragstream.settings import load_settings; print(load_settings().local.data_dir)')" && \
+	d="$$($(BIN)/python -c 'from ragstream.settings import load_settings; print(load_settings().devstack.data_dir)')" && \
 	  [ -n "$$d" ] && echo "removing $$d" && rm -rf "$$d"

@@ -57,7 +57,7 @@ def local_services(stack: ExitStack, directory: Path) -> tuple[str, str]:
     from ragstream.devstack.postgres import LocalPostgres
 
     ports = {"kafka_port": free_port(), "kafka_controller_port": free_port()}
-    own = load_settings(local={"data_dir": directory, "postgres_port": free_port(), **ports})
+    own = load_settings(devstack={"data_dir": directory, "postgres_port": free_port(), **ports})
     kafka, postgres = LocalKafka.from_settings(own), LocalPostgres.from_settings(own)
     stack.callback(kafka.stop)
     kafka.start()
@@ -141,7 +141,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, database: str, data: P
     base = load_settings(
         kafka={"bootstrap_servers": bootstrap},
         postgres={"url": database},
-        local={"data_dir": data},
+        devstack={"data_dir": data},
         observability={"metrics_port": 0},
     )
     await migrate(base.postgres.dsn(), dimensions=base.embed.dimensions)

@@ -324,7 +324,7 @@ class Pipeline:
         settings = load_settings(
             kafka={"bootstrap_servers": bootstrap, "topic_prefix": prefix},
             postgres={"url": dsn},
-            local={"data_dir": work / prefix},
+            devstack={"data_dir": work / prefix},
             observability={"metrics_port": 0},
         )
         pipeline = cls(settings, server_dsn, prefix)
@@ -366,7 +366,7 @@ class Pipeline:
         return None
 
     def log_tail(self, lines: int = 30) -> str:
-        log = self.settings.local.data_dir / "workers.log"
+        log = self.settings.devstack.data_dir / "workers.log"
         return (
             "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
         )
@@ -707,7 +707,7 @@ class Report:
 
 async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work: Path) -> Report:
     console = Console(stderr=True)
-    settings = load_settings(kafka={"bootstrap_servers": bootstrap}, local={"data_dir": work})
+    settings = load_settings(kafka={"bootstrap_servers": bootstrap}, devstack={"data_dir": work})
     console.print(f"writing {args.documents} documents")
     paths = write_corpus(work / "corpus", args.documents)
     mean_kib = statistics.mean(p.stat().st_size for p in paths) / 1024

@@ -120,7 +120,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
                 feed = upload_all(pipeline.settings, paths, TENANT)
                 await pipeline.run(feed, count, progress, "remote pipeline")
             rate, counted, step_s, under_way = await parse_rate(pipeline.settings.postgres.dsn())
-            assigned = assignments(pipeline.settings.local.data_dir / "workers.log")
+            assigned = assignments(pipeline.settings.devstack.data_dir / "workers.log")
         finally:
             await pipeline.stop()
         ours.send("stop")

@@ -245,7 +245,7 @@ def local_postgres(stack: ExitStack, directory: Path) -> str:
     from ragstream.settings import load_settings
     from tests.conftest import free_port
 
-    own = load_settings(local={"data_dir": directory, "postgres_port": free_port()})
+    own = load_settings(devstack={"data_dir": directory, "postgres_port": free_port()})
     postgres = LocalPostgres.from_settings(own)
     stack.callback(postgres.stop)
     postgres.start()

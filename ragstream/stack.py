@@ -32,7 +32,7 @@ from ragstream.devstack.secure import ADMIN, WORKER, SecureSetup
 from ragstream.errors import ConfigError, InfrastructureError
 from ragstream.pids import process_alive, wait_exit
 from ragstream.scrape import prune
-from ragstream.settings import Settings, with_local_password
+from ragstream.settings import Settings, with_devstack_password
 from ragstream.store.migrate import migrate
 from ragstream.topology import Stage
 
@@ -70,7 +70,7 @@ async def stack_up(
     and ACLs (ragstream.devstack.secure); a broker created secure stays secure without it.
     `brokers` 3: a 3-node KRaft cluster (ragstream.devstack.cluster), topics replicated 3 times
     with `min.insync.replicas` 2; a data directory made for a cluster stays one."""
-    setup = SecureSetup.ensure(settings.local.data_dir) if secure else None
+    setup = SecureSetup.ensure(settings.devstack.data_dir) if secure else None
     kafka = local_kafka(settings, secure=setup, brokers=brokers)
     if isinstance(kafka, LocalKafkaCluster):  # every client gets every node; topics RF 3
         over = {"bootstrap_servers": kafka.bootstrap, "replication_factor": len(kafka.nodes)}
@@ -83,7 +83,7 @@ async def stack_up(
     started += [] if kafka_was_up else ["kafka"]
     started += [] if pg_was_up else ["postgres"]
     # A first start generated the server's password: clients built from these settings need it.
-    settings = with_local_password(settings)
+    settings = with_devstack_password(settings)
     await asyncio.to_thread(postgres.ensure_database, settings.postgres.database)
     worker_env: dict[str, str] = {}
     secure_setup = None if isinstance(kafka, LocalKafkaCluster) else kafka.secure
@@ -100,13 +100,13 @@ async def stack_up(
     info = StackInfo(
         kafka_bootstrap=kafka.bootstrap,
         postgres_dsn=settings.postgres.redacted_dsn(),
-        data_dir=str(settings.local.data_dir.resolve()),
+        data_dir=str(settings.devstack.data_dir.resolve()),
         started=started,
         topics=topics,
         migrations=migrations,
     )
     if secure_setup is not None:
-        info.secure_env = str(settings.local.data_dir.resolve() / "secure.env")
+        info.secure_env = str(settings.devstack.data_dir.resolve() / "secure.env")
     if workers:
         pid, fresh = start_workers(settings, extra_env=worker_env)
         info.workers_pid = pid
@@ -136,8 +136,8 @@ def start_prometheus(settings: Settings) -> tuple[int, bool]:
     """Debian's `prometheus` scraping the stack's workers, with ragstream's alert rules."""
     from ragstream.resources import config_dir
 
-    port = settings.local.prometheus_port
-    home = settings.local.data_dir / "prometheus"
+    port = settings.devstack.prometheus_port
+    home = settings.devstack.data_dir / "prometheus"
     pidfile = home / "prometheus.pid"
     if _pid_alive(pidfile) is not None:
         return port, False
@@ -184,11 +184,11 @@ def start_prometheus(settings: Settings) -> tuple[int, bool]:
 
 def scrape_dir(settings: Settings) -> Path:
     """Where the stack's processes announce their metrics address to its Prometheus."""
-    return settings.local.data_dir / "prometheus" / "targets"
+    return settings.devstack.data_dir / "prometheus" / "targets"
 
 
 def stop_prometheus(settings: Settings, *, kill: bool = False) -> bool:
-    return _stop_process(settings.local.data_dir / "prometheus" / "prometheus.pid", kill=kill)
+    return _stop_process(settings.devstack.data_dir / "prometheus" / "prometheus.pid", kill=kill)
 
 
 def _stop_process(pidfile: Path, *, kill: bool, timeout_s: float = 30.0) -> bool:
@@ -206,11 +206,11 @@ def _stop_process(pidfile: Path, *, kill: bool, timeout_s: float = 30.0) -> bool
 
 
 def _workers_pidfile(settings: Settings) -> Path:
-    return settings.local.data_dir / "workers.pid"
+    return settings.devstack.data_dir / "workers.pid"
 
 
 def _workers_log(settings: Settings) -> Path:
-    return settings.local.data_dir / "workers.log"
+    return settings.devstack.data_dir / "workers.log"
 
 
 def workers_pid(settings: Settings) -> int | None:
@@ -226,7 +226,7 @@ def start_workers(
     running = workers_pid(settings)
     if running is not None:
         return running, False
-    settings.local.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.devstack.data_dir.mkdir(parents=True, exist_ok=True)
     logfile = _workers_log(settings)
     # The log is appended to across starts: only what this start writes counts.
     start_at = logfile.stat().st_size if logfile.exists() else 0
@@ -236,7 +236,7 @@ def start_workers(
         "RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "RAGSTREAM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
         "RAGSTREAM_KAFKA__REPLICATION_FACTOR": str(settings.kafka.replication_factor),
-        "RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir.resolve()),
+        "RAGSTREAM_DEVSTACK__DATA_DIR": str(settings.devstack.data_dir.resolve()),
         "RAGSTREAM_BLOBS__ROOT": str(settings.blob_root().resolve()),
         "RAGSTREAM_OBSERVABILITY__LOG_FORMAT": "json",
         "RAGSTREAM_OBSERVABILITY__SCRAPE_DIR": str(scrape_dir(settings)),

@@ -52,14 +52,14 @@ def classpath_cache_dir() -> Path:
 def new_local_kafka(directory: Path, *, secure: SecureSetup | None = None) -> LocalKafka:
     """A broker of the tests' own in `directory` on free ports (not started yet), with the
     configured version and heap and the tests' classpath cache; `secure`: SASL_SSL + ACLs."""
-    local = load_settings().local
+    devstack = load_settings().devstack
     return LocalKafka(
         directory,
         port=free_port(),
         controller_port=free_port(),
-        version=local.kafka_version,
-        heap=local.kafka_heap,
-        start_timeout_s=local.start_timeout_s,
+        version=devstack.kafka_version,
+        heap=devstack.kafka_heap,
+        start_timeout_s=devstack.start_timeout_s,
         classpath_cache_dir=classpath_cache_dir(),
         secure=secure,
     )
@@ -78,12 +78,12 @@ def running_kafka(kafka: LocalKafka, what: str) -> Iterator[LocalKafka]:
 
 def new_local_postgres(directory: Path) -> LocalPostgres:
     """A PostgreSQL of the tests' own in `directory` on a free port (not started yet)."""
-    local = load_settings().local
+    devstack = load_settings().devstack
     return LocalPostgres(
         directory,
         port=free_port(),
-        system_user=local.postgres_system_user,
-        start_timeout_s=local.start_timeout_s,
+        system_user=devstack.postgres_system_user,
+        start_timeout_s=devstack.start_timeout_s,
     )
 
 
@@ -179,7 +179,7 @@ def settings(kafka_bootstrap: str, database_url: str, prefix: str, tmp_path: Pat
     return load_settings(
         kafka={"bootstrap_servers": kafka_bootstrap, "topic_prefix": prefix, "partitions": 3},
         postgres={"url": database_url},
-        local={"data_dir": tmp_path / "data"},
+        devstack={"data_dir": tmp_path / "data"},
         observability={"metrics_port": 0},  # a free port per worker process
     )
 

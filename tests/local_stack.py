@@ -25,13 +25,13 @@ def own_stack(prefix: str) -> Iterator[dict[str, str]]:
     data = base / "ragstream"  # the default data directory under XDG_DATA_HOME=base
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
     env.update(
-        RAGSTREAM_LOCAL__DATA_DIR=str(data),
+        RAGSTREAM_DEVSTACK__DATA_DIR=str(data),
         XDG_DATA_HOME=str(base),
         RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
-        RAGSTREAM_LOCAL__KAFKA_CONTROLLER_PORT=str(free_port()),
+        RAGSTREAM_DEVSTACK__KAFKA_CONTROLLER_PORT=str(free_port()),
         RAGSTREAM_POSTGRES__PORT=str(free_port()),
         RAGSTREAM_OBSERVABILITY__METRICS_PORT=str(free_port()),
-        RAGSTREAM_LOCAL__PROMETHEUS_PORT=str(free_port()),
+        RAGSTREAM_DEVSTACK__PROMETHEUS_PORT=str(free_port()),
         COLUMNS="200",
     )
     try:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ragstream.samples import sample_dir
-from ragstream.settings import Settings, with_local_password
+from ragstream.settings import Settings, with_devstack_password
 from ragstream.stack import StackInfo, stack_down, stack_up
 from ragstream.store import Store
 from ragstream.store.models import SearchHit, Summary
@@ -63,7 +63,7 @@ async def run_demo(settings: Settings, console: Console, timeout_s: float = 300.
     t0 = time.monotonic()
     with console.status("starting Kafka and PostgreSQL (the first run resolves Kafka's jars)"):
         stack = await stack_up(settings, workers=False)
-        settings = with_local_password(settings)  # a first start made the server's password
+        settings = with_devstack_password(settings)  # a first start made the server's password
     console.print(
         f"kafka {stack.kafka_bootstrap}   postgresql {stack.postgres_dsn}", highlight=False
     )

@@ -7,8 +7,8 @@ and the quorum still survives the loss of any one node, which is what a local cl
 controllers; the settings that matter to ragstream (replication factor 3,
 `min.insync.replicas` 2, `acks=all`) are the same either way.
 
-Node n (1, 2, 3) lives in `<data_dir>/kafka-<n>`, listens on `local.kafka_port + 2(n-1)` and
-its controller on `local.kafka_controller_port + 2(n-1)` (9092/9093, 9094/9095, 9096/9097 by
+Node n (1, 2, 3) lives in `<data_dir>/kafka-<n>`, listens on `devstack.kafka_port + 2(n-1)` and
+its controller on `devstack.kafka_controller_port + 2(n-1)` (9092/9093, 9094/9095, 9096/9097 by
 default). All three are formatted with one cluster id, kept in `<data_dir>/kafka-cluster`,
 which also marks the data directory as a cluster's: `stack up` then runs three nodes without
 being told again.
@@ -72,16 +72,17 @@ class LocalKafkaCluster:
 
     @classmethod
     def from_settings(cls, settings: Settings, brokers: int = 3) -> LocalKafkaCluster:
-        local = settings.local
+        devstack = settings.devstack
         ports = [
-            (local.kafka_port + 2 * i, local.kafka_controller_port + 2 * i) for i in range(brokers)
+            (devstack.kafka_port + 2 * i, devstack.kafka_controller_port + 2 * i)
+            for i in range(brokers)
         ]
         return cls(
-            local.data_dir,
+            devstack.data_dir,
             ports,
-            version=local.kafka_version,
-            heap=local.kafka_heap,
-            start_timeout_s=local.start_timeout_s,
+            version=devstack.kafka_version,
+            heap=devstack.kafka_heap,
+            start_timeout_s=devstack.start_timeout_s,
         )
 
     @property
@@ -102,7 +103,7 @@ class LocalKafkaCluster:
             if (self.data_dir / "kafka" / "logs" / "meta.properties").exists():
                 raise InfrastructureError(
                     f"{self.data_dir} holds a single broker's data; a cluster needs a fresh "
-                    "local.data_dir (or remove its kafka directory, and its topics with it)"
+                    "devstack.data_dir (or remove its kafka directory, and its topics with it)"
                 )
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.marker.write_text(f"{self.cluster_id}\n")  # before any node is formatted
@@ -139,13 +140,13 @@ def local_kafka(
 ) -> LocalKafka | LocalKafkaCluster:
     """The stack's Kafka: a cluster when `brokers` asks for more than one or the data
     directory already holds one, else the single broker (secure or not)."""
-    data_dir = settings.local.data_dir
+    data_dir = settings.devstack.data_dir
     if brokers is not None and brokers not in (1, 3):
         raise ConfigError(f"--brokers {brokers}: the local stack runs 1 broker or 3")
     if brokers == 1 and is_cluster(data_dir):
         raise ConfigError(
             f"{data_dir} holds a 3-node cluster's data; leave out --brokers, or use a fresh "
-            "local.data_dir for a single broker"
+            "devstack.data_dir for a single broker"
         )
     if (brokers or 1) > 1 or (brokers is None and is_cluster(data_dir)):
         if secure is not None or (data_dir / "kafka" / "secure").exists():

@@ -124,14 +124,14 @@ class LocalKafka:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, secure: SecureSetup | None = None) -> LocalKafka:
-        local = settings.local
+        devstack = settings.devstack
         return cls(
-            data_dir=local.data_dir,
-            port=local.kafka_port,
-            controller_port=local.kafka_controller_port,
-            version=local.kafka_version,
-            heap=local.kafka_heap,
-            start_timeout_s=local.start_timeout_s,
+            data_dir=devstack.data_dir,
+            port=devstack.kafka_port,
+            controller_port=devstack.kafka_controller_port,
+            version=devstack.kafka_version,
+            heap=devstack.kafka_heap,
+            start_timeout_s=devstack.start_timeout_s,
             secure=secure,
         )
 
@@ -278,7 +278,7 @@ class LocalKafka:
                 raise InfrastructureError(
                     f"the broker in {self.home} was created without --secure, so it has no "
                     "SCRAM users; stop it and remove that directory (its topics go with it), "
-                    "or use another local.data_dir for the secure stack"
+                    "or use another devstack.data_dir for the secure stack"
                 )
             return
         cluster_id = self.format_cluster_id or new_cluster_id()

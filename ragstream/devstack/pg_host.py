@@ -61,7 +61,7 @@ class ServerUser:
                 raise InfrastructureError(
                     f"PostgreSQL runs as {self.name!r}, which cannot enter {parent} "
                     f"(on the way to {home}). Allow it (chmod o+x {parent}) or set "
-                    "local.data_dir (RAGSTREAM_LOCAL__DATA_DIR) to a directory it can reach."
+                    "devstack.data_dir (RAGSTREAM_DEVSTACK__DATA_DIR) to a directory it can reach."
                 )
 
     def own(self, path: Path, recursive: bool = False) -> None:

@@ -74,12 +74,12 @@ class LocalPostgres:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalPostgres:
-        local = settings.local
+        devstack = settings.devstack
         return cls(
-            data_dir=local.data_dir,
-            port=local.postgres_port,
-            system_user=local.postgres_system_user,
-            start_timeout_s=local.start_timeout_s,
+            data_dir=devstack.data_dir,
+            port=devstack.postgres_port,
+            system_user=devstack.postgres_system_user,
+            start_timeout_s=devstack.start_timeout_s,
         )
 
     @property

@@ -210,7 +210,7 @@ class _Run:
                 "partitions": plan.partitions,
             },
             postgres={"url": services.database_url},
-            local={"data_dir": work_dir / "data"},
+            devstack={"data_dir": work_dir / "data"},
             observability={"metrics_port": 0},
         )
         self.topology = Topology(prefix)

@@ -192,7 +192,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             # A killed member is dropped from its group after this long (the broker's minimum).
             "RAGSTREAM_KAFKA__SESSION_TIMEOUT_MS": "6000",
             "RAGSTREAM_POSTGRES__URL": settings.postgres.dsn(),
-            "RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir),
+            "RAGSTREAM_DEVSTACK__DATA_DIR": str(settings.devstack.data_dir),
             "RAGSTREAM_OBSERVABILITY__LOG_FORMAT": "json",
             "RAGSTREAM_OBSERVABILITY__LOG_LEVEL": "INFO",
             "RAGSTREAM_OBSERVABILITY__METRICS_PORT": "0",

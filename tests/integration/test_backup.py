@@ -164,7 +164,7 @@ async def test_a_backup_restores_documents_search_control_state_and_offsets(
     other = variant(
         settings,
         kafka={"topic_prefix": f"{settings.kafka.topic_prefix}b"},
-        local={"data_dir": str(tmp_path / "elsewhere")},
+        devstack={"data_dir": str(tmp_path / "elsewhere")},
     )
     async with fresh_database(other, f"{settings.kafka.topic_prefix}_b") as target:
         code, out, err = await ragstream(target, "restore", str(backup_dir))

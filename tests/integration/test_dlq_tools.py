@@ -106,7 +106,7 @@ def make_settings(kafka_bootstrap: str, database_url: str, data_dir: Path) -> Se
             "partitions": 3,
         },
         postgres={"url": database_url},
-        local={"data_dir": data_dir},
+        devstack={"data_dir": data_dir},
     )
 
 

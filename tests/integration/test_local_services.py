@@ -278,7 +278,7 @@ async def test_postgres_requires_the_generated_password(
     finally:
         await conn.close()
     local = load_settings(
-        local={"data_dir": own_postgres.data_dir, "postgres_port": own_postgres.port},
+        devstack={"data_dir": own_postgres.data_dir, "postgres_port": own_postgres.port},
         postgres={"port": own_postgres.port},
     )
     assert local.postgres.password is not None

@@ -283,7 +283,7 @@ async def test_a_worker_all_process_rides_out_a_20s_postgres_stop(
     every document is embedded and every usage event is in the ledger."""
     home = _home()
     postgres = LocalPostgres(
-        home, port=free_port(), system_user=settings.local.postgres_system_user
+        home, port=free_port(), system_user=settings.devstack.postgres_system_user
     )
     postgres.start()
     metrics_port = free_port()

@@ -509,7 +509,7 @@ def test_cli_upload_prints_refusals_and_exits_non_zero_when_nothing_is_published
         "RAGSTREAM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
         "RAGSTREAM_KAFKA__PARTITIONS": str(settings.kafka.partitions),
         "RAGSTREAM_POSTGRES__URL": settings.postgres.dsn(),
-        "RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir),
+        "RAGSTREAM_DEVSTACK__DATA_DIR": str(settings.devstack.data_dir),
         "RAGSTREAM_BLOBS__MAX_UPLOAD_BYTES": "4096",
         "RAGSTREAM_OBSERVABILITY__LOG_LEVEL": "ERROR",
         "COLUMNS": "200",

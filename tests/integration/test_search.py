@@ -237,7 +237,9 @@ async def test_upload_json_names_full_ids_and_refusals(
     good, empty = tmp_path / "notes.md", tmp_path / "empty.txt"
     good.write_text("# Notes\n\nPartitions keep one key's records in order.\n")
     empty.write_text("")
-    env = cli_env(settings, server) | {"RAGSTREAM_LOCAL__DATA_DIR": str(settings.local.data_dir)}
+    env = cli_env(settings, server) | {
+        "RAGSTREAM_DEVSTACK__DATA_DIR": str(settings.devstack.data_dir)
+    }
     tenant = f"t-upload-{uuid.uuid4().hex[:10]}"
     args = ["upload", str(good), str(empty), "--tenant", tenant, "--json"]
     result = await asyncio.to_thread(CliRunner().invoke, app, args, env=env)

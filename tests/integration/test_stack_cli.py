@@ -65,7 +65,7 @@ def ragstream(
 
 def _psql(env: dict[str, str], sql: str) -> subprocess.CompletedProcess[str]:
     """psql against the stack's PostgreSQL, with the password the stack generated."""
-    password = read_password(Path(env["RAGSTREAM_LOCAL__DATA_DIR"]))
+    password = read_password(Path(env["RAGSTREAM_DEVSTACK__DATA_DIR"]))
     assert password, "the stack's PostgreSQL has no generated password"
     return subprocess.run(
         [
@@ -119,9 +119,9 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
 
     # Prometheus finds every process the stack runs, and one started beside it, at the ports
     # they really bound, from the target files they write (file-based discovery).
-    data = Path(stack_env["RAGSTREAM_LOCAL__DATA_DIR"])
+    data = Path(stack_env["RAGSTREAM_DEVSTACK__DATA_DIR"])
     targets_dir = data / "prometheus" / "targets"
-    prometheus_api = f"http://127.0.0.1:{stack_env['RAGSTREAM_LOCAL__PROMETHEUS_PORT']}/api/v1"
+    prometheus_api = f"http://127.0.0.1:{stack_env['RAGSTREAM_DEVSTACK__PROMETHEUS_PORT']}/api/v1"
     worker_all = f"127.0.0.1:{stack_env['RAGSTREAM_OBSERVABILITY__METRICS_PORT']}"
     assert _wait_for_targets(prometheus_api, {worker_all}) == {worker_all: "worker all"}
     extra = subprocess.Popen(
@@ -191,7 +191,7 @@ def test_stack_up_serves_third_party_clients_and_a_running_pipeline(
     big = elsewhere / "long-espresso-notes.md"
     big.write_text("# Long notes\n\n" + doc.read_text() * (80 * 1024 // len(doc.read_text()) + 1))
     assert big.stat().st_size > 64 * 1024
-    default_env = {k: v for k, v in stack_env.items() if k != "RAGSTREAM_LOCAL__DATA_DIR"}
+    default_env = {k: v for k, v in stack_env.items() if k != "RAGSTREAM_DEVSTACK__DATA_DIR"}
     uploaded = ragstream(
         default_env, "upload", big.name, "--tenant", "stack-test", "--wait", "--timeout", "120",
         cwd=elsewhere,
@@ -277,7 +277,7 @@ def _positions(env: dict[str, str]) -> dict[str, dict[tuple[str, int], int]]:
 def test_each_part_stops_alone_and_up_restores_just_it(
     stack_env: dict[str, str], tmp_path: Path
 ) -> None:
-    data_dir = Path(stack_env["RAGSTREAM_LOCAL__DATA_DIR"])
+    data_dir = Path(stack_env["RAGSTREAM_DEVSTACK__DATA_DIR"])
     bootstrap = stack_env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
     ports = {
         "kafka": int(bootstrap.rsplit(":", 1)[1]),
@@ -356,7 +356,7 @@ def test_stack_up_secure_authenticates_every_client(stack_env: dict[str, str]) -
     publisher) and Kafka's own tools all authenticate; a client without credentials is refused."""
     up = ragstream(stack_env, "stack", "up", "--secure")
     assert up.returncode == 0, up.stdout + up.stderr
-    data = Path(stack_env["RAGSTREAM_LOCAL__DATA_DIR"])
+    data = Path(stack_env["RAGSTREAM_DEVSTACK__DATA_DIR"])
     secure_env = data / "secure.env"
     assert f"source {secure_env}" in up.stdout, up.stdout
     assert secure_env.stat().st_mode & 0o077 == 0

@@ -31,14 +31,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalKafkaCluster]:
-    local = load_settings().local
+    devstack = load_settings().devstack
     with tempfile.TemporaryDirectory(prefix="ragstream-cluster-") as tmp:
         nodes = LocalKafkaCluster(
             Path(tmp),
             [(free_port(), free_port()) for _ in range(3)],
-            version=local.kafka_version,
+            version=devstack.kafka_version,
             heap="384m",
-            start_timeout_s=local.start_timeout_s,
+            start_timeout_s=devstack.start_timeout_s,
             classpath_cache_dir=classpath_cache_dir(),
         )
         try:
@@ -111,7 +111,7 @@ async def test_a_broker_killed_while_documents_flow_loses_and_duplicates_nothing
 
 
 def test_the_stack_runs_one_broker_or_three_and_remembers(tmp_path: Path) -> None:
-    settings = load_settings(local={"data_dir": tmp_path})
+    settings = load_settings(devstack={"data_dir": tmp_path})
     with pytest.raises(ConfigError, match="runs 1 broker or 3"):
         local_kafka(settings, brokers=2)
     assert isinstance(local_kafka(settings, brokers=3), LocalKafkaCluster)

@@ -69,7 +69,7 @@ async def test_readiness_follows_the_database_and_live_metrics_cover_the_dashboa
     # A database of this test's own, so it can be stopped without touching the others.
     home = _home()
     postgres = LocalPostgres(
-        home, port=free_port(), system_user=settings.local.postgres_system_user
+        home, port=free_port(), system_user=settings.devstack.postgres_system_user
     )
     postgres.start()
     try:

@@ -73,7 +73,7 @@ class Runbook:
         self.held: list[str] = []  # documents a situation expects the page to get embedded
         self.deployed = False  # the bad deploy's reprocessing has run
         self.documents_at_backup = 0  # the tenant's documents when the backup was taken
-        data = env["RAGSTREAM_LOCAL__DATA_DIR"]
+        data = env["RAGSTREAM_DEVSTACK__DATA_DIR"]
         self.values = {
             "tenant": TENANT,
             "stage": "embed",
@@ -135,7 +135,7 @@ class Runbook:
         return load_settings(
             kafka={"bootstrap_servers": env["RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS"]},
             postgres={"url": None, "port": int(env["RAGSTREAM_POSTGRES__PORT"])},
-            local={"data_dir": env["RAGSTREAM_LOCAL__DATA_DIR"]},
+            devstack={"data_dir": env["RAGSTREAM_DEVSTACK__DATA_DIR"]},
         )
 
     def sql(self, query: str, *args: object) -> list[asyncpg.Record]:

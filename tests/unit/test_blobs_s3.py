@@ -110,7 +110,7 @@ async def test_claim_checks_are_read_by_scheme_and_only_the_configured_ones(
         await local.check("s3://[docs/x", "b")
 
     settings = load_settings(
-        local={"data_dir": tmp_path / "data"},
+        devstack={"data_dir": tmp_path / "data"},
         blobs={"store": "s3://docs/ragstream", "https_hosts": ["files.example.com"]},
     )
     configured = ClaimChecks.from_settings(settings)
@@ -118,7 +118,7 @@ async def test_claim_checks_are_read_by_scheme_and_only_the_configured_ones(
     await configured.check("s3://docs/ragstream/tenants/b/x", "b")
     writer = blob_writer(settings)
     assert writer.uri_for("b", A_SHA).startswith("s3://docs/ragstream/tenants/b/")
-    assert isinstance(blob_writer(load_settings(local={"data_dir": tmp_path})), BlobStore)
+    assert isinstance(blob_writer(load_settings(devstack={"data_dir": tmp_path})), BlobStore)
 
 
 # -- against moto's S3 server ------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_services_and_images_agree_with_config(compose: dict[str, Any]) -> None:
     settings = load_settings()
     services = compose["services"]
     assert {"kafka", "postgres", "init", *(s.value for s in Stage)} <= set(services)
-    assert services["kafka"]["image"] == f"apache/kafka:{settings.local.kafka_version}"
+    assert services["kafka"]["image"] == f"apache/kafka:{settings.devstack.kafka_version}"
     assert services["postgres"]["image"].startswith("pgvector/pgvector:pg18")
     kafka_port = settings.kafka.bootstrap_servers.rsplit(":", 1)[1]
     assert f"127.0.0.1:{kafka_port}:9092" in services["kafka"]["ports"]

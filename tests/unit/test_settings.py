@@ -36,8 +36,8 @@ def test_defaults_come_from_the_bundled_toml() -> None:
         3,
     )
     # The local servers listen where the clients look, unless told otherwise.
-    assert s.local.kafka_port == 9092
-    assert s.local.postgres_port == s.postgres.port
+    assert s.devstack.kafka_port == 9092
+    assert s.devstack.postgres_port == s.postgres.port
 
 
 def test_environment_overrides_nested_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,7 +48,7 @@ def test_environment_overrides_nested_keys(monkeypatch: pytest.MonkeyPatch) -> N
     assert s.kafka.partitions == 24
     assert s.services.openai.mode is Mode.HYBRID
     assert s.kafka.bootstrap_servers == "10.0.0.1:19092"
-    assert s.local.kafka_port == 19092
+    assert s.devstack.kafka_port == 19092
 
 
 def test_extra_config_file_merges_over_defaults(
@@ -156,7 +156,7 @@ def test_the_data_directory_is_absolute_and_does_not_depend_on_where_a_command_r
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     s = load_settings()
-    assert s.local.data_dir == tmp_path / "xdg" / "ragstream"
+    assert s.devstack.data_dir == tmp_path / "xdg" / "ragstream"
     assert s.blob_root() == tmp_path / "xdg" / "ragstream" / "blobs"
 
     # Without XDG_DATA_HOME: root's is /var/lib (PostgreSQL's system user cannot enter
@@ -176,7 +176,53 @@ def test_the_data_directory_is_absolute_and_does_not_depend_on_where_a_command_r
     conf.write_text('[local]\ndata_dir = "state"\n[blobs]\nroot = "~/blobs"\n')
     monkeypatch.setenv("RAGSTREAM_CONFIG", str(conf))
     s = load_settings()
-    assert s.local.data_dir == tmp_path / "conf" / "state"
+    assert s.devstack.data_dir == tmp_path / "conf" / "state"
     assert s.blob_root() == tmp_path / "home" / "blobs"
-    monkeypatch.setenv("RAGSTREAM_LOCAL__DATA_DIR", "here")
-    assert load_settings().local.data_dir == elsewhere / "here"
+    monkeypatch.setenv("RAGSTREAM_DEVSTACK__DATA_DIR", "here")
+    assert load_settings().devstack.data_dir == elsewhere / "here"
+
+
+def notices(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "ragstream.settings.sources"]
+
+
+def test_the_old_local_section_in_a_config_file_is_read_as_devstack_with_a_notice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    conf = tmp_path / "old.toml"
+    conf.write_text(
+        '[local]\ndata_dir = "state"\nkafka_port = 19092\nkafka_heap = "1g"\n'
+        '[devstack]\nkafka_heap = "2g"\n'
+    )
+    monkeypatch.setenv("RAGSTREAM_CONFIG", str(conf))
+    with caplog.at_level("WARNING", logger="ragstream.settings.sources"):
+        s = load_settings()
+    assert s.devstack.data_dir == tmp_path / "state"  # relative to the file, as before
+    assert s.devstack.kafka_port == 19092
+    assert s.devstack.kafka_heap == "2g"  # the new name wins within a file
+    assert s.blob_root() == tmp_path / "state" / "blobs"
+    [notice] = notices(caplog)
+    assert "\n" not in notice and str(conf) in notice and "[devstack]" in notice
+
+
+def test_old_local_environment_variables_are_read_as_devstack_with_a_notice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("RAGSTREAM_LOCAL__DATA_DIR", str(tmp_path / "old"))
+    monkeypatch.setenv("RAGSTREAM_LOCAL__KAFKA_PORT", "19092")
+    monkeypatch.setenv("RAGSTREAM_LOCAL__POSTGRES_PORT", "15433")
+    monkeypatch.setenv("RAGSTREAM_DEVSTACK__POSTGRES_PORT", "25433")
+    with caplog.at_level("WARNING", logger="ragstream.settings.sources"):
+        s = load_settings()
+    assert s.devstack.data_dir == tmp_path / "old"
+    assert s.devstack.kafka_port == 19092
+    assert s.devstack.postgres_port == 25433  # the new name wins
+    [notice] = notices(caplog)
+    assert "\n" not in notice
+    assert "RAGSTREAM_LOCAL__DATA_DIR" in notice and "RAGSTREAM_DEVSTACK__" in notice
+
+
+def test_no_notice_without_the_old_names(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="ragstream.settings.sources"):
+        load_settings()
+    assert notices(caplog) == []
