@@ -58,7 +58,7 @@ from ragstream.providers.select import (
 )
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
-from ragstream.store import Store
+from ragstream.store import StatusChange, Store
 from ragstream.store.migrate import migrate
 from ragstream.tokens import get_tokenizer
 from ragstream.topology import Stage
@@ -140,11 +140,13 @@ class JourneyRecorder:
         )
         if final:
             await self.store.advance_status(
-                event.document_id,
-                "dead-lettered",
-                reason=reason[:2000],
-                stage=stage,
-                tenant_id=event.tenant_id,
+                StatusChange(
+                    event.document_id,
+                    "dead-lettered",
+                    reason=reason[:2000],
+                    stage=stage,
+                    tenant_id=event.tenant_id,
+                )
             )
 
 

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from ragstream.control import publish_mode
 from ragstream.settings import Mode, Settings
-from ragstream.store import Store
+from ragstream.store import CacheLookup, Store
 from tests.integration.test_failures import pipeline, wait_status
 from tests.servers.openai_server import OpenAIServer
 
@@ -73,10 +73,12 @@ async def test_real_mode_stores_what_the_api_returned_then_switches_to_local(
                         r.document_id, doc.current_chunker_version or ""
                     )
                     stored = await store.cached_embeddings(
-                        "text-embedding-3-small",
-                        settings.embed.dimensions,
-                        [c.text_sha256 for c in chunks],
-                        cache_scope="svc",
+                        CacheLookup(
+                            "text-embedding-3-small",
+                            settings.embed.dimensions,
+                            [c.text_sha256 for c in chunks],
+                            cache_scope="svc",
+                        )
                     )
                     for c in chunks:  # exactly the vectors the server sent
                         assert stored[c.text_sha256] == pytest.approx(returned[c.text], abs=1e-6)
