@@ -86,23 +86,22 @@ from consumers.stage import Outcome, RecordContext
 from ragstream import tracing
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
-from ragstream.dlq import MESSAGE_LIMIT, dead_letter_headers, failure_headers, header
 from ragstream.errors import KAFKA, POSTGRES, DecodeError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
+from ragstream.headers import (
+    MESSAGE_LIMIT,
+    correlation_id,
+    dead_letter_headers,
+    is_replay_copy,
+    retry_attempt,
+    retry_due_ms,
+    retry_headers,
+)
 from ragstream.kafka_clients import bounded, started
 from ragstream.metrics import Metrics, observe_lag
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
-from ragstream.topology import (
-    H_ATTEMPT,
-    H_CORRELATION_ID,
-    H_DUE_AT,
-    H_ERR_DOCUMENT,
-    H_ERR_TENANT,
-    H_REPLAY,
-    Stage,
-    Topology,
-)
+from ragstream.topology import Stage, Topology
 
 log = structlog.get_logger(__name__)
 
@@ -151,24 +150,6 @@ Batching = Callable[[], AbstractAsyncContextManager[BatchScope]]
 
 COMMIT_TIMEOUT_S: Final = 2.0
 FETCH_MAX_WAIT_MS: Final = 100
-
-
-MAX_ATTEMPT_HEADER = 1000  # an attempt number past any retry policy's: read as this
-MAX_WAIT_MS = 2 * 86_400_000  # a due time further ahead than any wait the runtime sets: now
-
-
-def int_header(headers: Any, key: str, default: int) -> int:
-    """A header holding a decimal integer (the runtime's own retry headers), or `default` when
-    it is absent or is not one: anyone may publish to the topics, and a crafted header must
-    neither stop the worker nor hold a partition."""
-    raw = header(headers, key)
-    if raw is None:
-        return default
-    try:
-        text = raw.decode("ascii")
-        return int(text) if text.strip().lstrip("-").isdigit() else default
-    except UnicodeDecodeError:
-        return default
 
 
 def _now_ms() -> int:
@@ -546,8 +527,8 @@ class StageRunner:
 
     def _not_yet_due(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
         """Pause a retry partition at a record that is not due yet (other partitions go on)."""
-        due = int_header(record.headers, H_DUE_AT, 0)
-        if due <= _now_ms() or due > _now_ms() + MAX_WAIT_MS:  # past, or not one of ours
+        due = retry_due_ms(record.headers, _now_ms())
+        if due is None:
             return False
         assert self.consumer is not None
         self.consumer.seek(tp, record.offset)
@@ -587,13 +568,12 @@ class StageRunner:
     @contextmanager
     def _bound(self, record: ConsumerRecord[bytes, bytes]) -> Iterator[None]:
         """The record's place (and correlation id) on every log line of its handling."""
-        corr = (header(record.headers, H_CORRELATION_ID) or b"").decode(errors="replace") or None
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
             stage=self.name,
-            correlation_id=corr,
+            correlation_id=correlation_id(record.headers),
         ):
             yield
 
@@ -813,8 +793,8 @@ class StageRunner:
             record.topic,
             record.partition,
             record.offset,
-            max(1, min(int_header(record.headers, H_ATTEMPT, 1), MAX_ATTEMPT_HEADER)),
-            replay=header(record.headers, H_REPLAY) is not None,
+            retry_attempt(record.headers),
+            replay=is_replay_copy(record.headers),
             key=record.key,
         )
 
@@ -1007,11 +987,15 @@ class StageRunner:
     async def _send_retry(
         self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int, delay: float
     ) -> None:
-        headers = [
-            *failure_headers(record, exc, stage=self.name, group=self.group_id, scrub=self.scrub),
-            (H_ATTEMPT, str(attempt).encode()),
-            (H_DUE_AT, str(_now_ms() + int(delay * 1000)).encode()),
-        ]
+        headers = retry_headers(
+            record,
+            exc,
+            stage=self.name,
+            group=self.group_id,
+            scrub=self.scrub,
+            attempt=attempt,
+            due_ms=_now_ms() + int(delay * 1000),
+        )
         assert self.producer is not None
         await self.producer.send_and_wait(
             self.retry_topic, record.value, key=record.key, headers=tracing.inject(headers)
@@ -1026,6 +1010,7 @@ class StageRunner:
         *,
         kind: str,
     ) -> None:
+        tenant, document = getattr(event, "tenant_id", None), getattr(event, "document_id", None)
         headers = dead_letter_headers(
             record,
             exc,
@@ -1034,12 +1019,9 @@ class StageRunner:
             kind=kind,
             attempts=attempt,
             scrub=self.scrub,
+            tenant=None if tenant is None else str(tenant),
+            document=None if document is None else str(document),
         )
-        tenant, document = getattr(event, "tenant_id", None), getattr(event, "document_id", None)
-        if tenant is not None:
-            headers.append((H_ERR_TENANT, str(tenant).encode()))
-        if document is not None:
-            headers.append((H_ERR_DOCUMENT, str(document).encode()))
         assert self.producer is not None
         # Key and value exactly as they came: a poison pill stays the bytes it was.
         await self.producer.send_and_wait(

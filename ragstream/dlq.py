@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
@@ -48,110 +47,31 @@ from ragstream.admin import admin_client
 from ragstream.codec import Codec
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.events import Event
+from ragstream.headers import last_text, redrive_headers
 from ragstream.kafka_clients import unreachable
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.store._dlq import RedriveMark
 from ragstream.topology import (
-    H_ATTEMPT,
     H_CORRELATION_ID,
-    H_DUE_AT,
     H_ERR_ATTEMPTS,
     H_ERR_CLASS,
     H_ERR_DOCUMENT,
-    H_ERR_FIRST_FAILURE,
-    H_ERR_GROUP,
     H_ERR_KIND,
-    H_ERR_LAST_FAILURE,
     H_ERR_MESSAGE,
     H_ERR_OFFSET,
     H_ERR_PARTITION,
     H_ERR_PREFIX,
-    H_ERR_STACKTRACE,
     H_ERR_STAGE,
     H_ERR_TENANT,
-    H_ERR_TIMESTAMP,
     H_ERR_TOPIC,
     H_EVENT_TYPE,
-    H_REDRIVE_OF,
     Stage,
     Topology,
 )
 
-Headers = list[tuple[str, bytes]]
 POISON = "poison"
-_NOT_CARRIED = (H_ATTEMPT, H_DUE_AT, H_REDRIVE_OF)  # besides every ragstream.errors.* header
-
-
-# -- writing: what a retry copy and a dead letter carry (the runtime, the cost accountant) ----
-
-STACK_LIMIT = 4000  # characters of the stack trace a header keeps (its end)
-MESSAGE_LIMIT = 1000  # characters of the error message a header keeps
-
-
-def header(headers: Iterable[tuple[str, bytes]] | None, key: str) -> bytes | None:
-    """The first value of header `key`, or None."""
-    for k, v in headers or ():
-        if k == key:
-            return bytes(v)
-    return None
-
-
-def carried_headers(headers: Iterable[tuple[str, bytes]] | None) -> Headers:
-    """The record's own headers, without retry or error bookkeeping."""
-    return [
-        (k, bytes(v))
-        for k, v in headers or ()
-        if not k.startswith(H_ERR_PREFIX) and k not in (H_ATTEMPT, H_DUE_AT)
-    ]
-
-
-def failure_headers(
-    record: Any, exc: BaseException, *, stage: str, group: str, scrub: Scrubber
-) -> Headers:
-    """The record's own headers, where it first came from (kept from an earlier retry copy,
-    else this record) and why it failed now (message and stack trace scrubbed of secrets)."""
-    now = str(epoch_ms(datetime.now(UTC))).encode()
-    if header(record.headers, H_ERR_TOPIC) is not None:
-        keep = (H_ERR_TOPIC, H_ERR_PARTITION, H_ERR_OFFSET, H_ERR_TIMESTAMP, H_ERR_FIRST_FAILURE)
-        origin = [(k, v) for k in keep if (v := header(record.headers, k)) is not None]
-    else:
-        origin = [
-            (H_ERR_TOPIC, record.topic.encode()),
-            (H_ERR_PARTITION, str(record.partition).encode()),
-            (H_ERR_OFFSET, str(record.offset).encode()),
-            (H_ERR_TIMESTAMP, str(record.timestamp).encode()),
-            (H_ERR_FIRST_FAILURE, now),
-        ]
-    stack = scrub("".join(traceback.format_exception(exc)))[-STACK_LIMIT:]
-    return [
-        *carried_headers(record.headers),
-        *origin,
-        (H_ERR_STAGE, stage.encode()),
-        (H_ERR_GROUP, group.encode()),
-        (H_ERR_CLASS, type(exc).__name__.encode()),
-        (H_ERR_MESSAGE, scrub(str(exc))[:MESSAGE_LIMIT].encode()),
-        (H_ERR_STACKTRACE, stack.encode()),
-        (H_ERR_LAST_FAILURE, now),
-    ]
-
-
-def dead_letter_headers(
-    record: Any,
-    exc: BaseException,
-    *,
-    stage: str,
-    group: str,
-    kind: str,
-    attempts: int,
-    scrub: Scrubber,
-) -> Headers:
-    return [
-        *failure_headers(record, exc, stage=stage, group=group, scrub=scrub),
-        (H_ERR_KIND, kind.encode()),
-        (H_ERR_ATTEMPTS, str(attempts).encode()),
-    ]
 
 
 class InvalidInput(ConfigError):
@@ -271,11 +191,7 @@ class DlqRecord:
 
     def header(self, key: str) -> str | None:
         """A header's value as text (the last one if repeated), or None."""
-        found = None
-        for k, v in self.headers:
-            if k == key:
-                found = v.decode("utf-8", errors="replace")
-        return found
+        return last_text(self.headers, key)
 
     @property
     def stage(self) -> str | None:
@@ -309,15 +225,6 @@ class DlqRecord:
     def attempts(self) -> int | None:
         text = self.header(H_ERR_ATTEMPTS)
         return int(text) if text and text.isdigit() else None
-
-    def original_headers(self) -> Headers:
-        """The record's own headers: without `ragstream.errors.*`, retry bookkeeping and an
-        earlier `ragstream.redrive.of`."""
-        return [
-            (k, v)
-            for k, v in self.headers
-            if not k.startswith(H_ERR_PREFIX) and k not in _NOT_CARRIED
-        ]
 
     def summary(self) -> dict[str, Any]:
         """What `list --json` prints for the record."""
@@ -688,11 +595,6 @@ class RedriveReport:
     sent: int = 0
 
 
-def redrive_headers(record: DlqRecord) -> Headers:
-    """The original headers plus `ragstream.redrive.of: <dlq partition>:<dlq offset>`."""
-    return [*record.original_headers(), (H_REDRIVE_OF, record.position.encode())]
-
-
 async def redrive(
     settings: Settings,
     flt: DlqFilter | None = None,
@@ -792,7 +694,10 @@ def _failed(result: object) -> bool:
 async def _produce(producer: Any, record: DlqRecord) -> Any:
     """Send one copy and wait for the broker's acknowledgement (its RecordMetadata)."""
     future = await producer.send(
-        record.origin_topic, record.value, key=record.key, headers=redrive_headers(record)
+        record.origin_topic,
+        record.value,
+        key=record.key,
+        headers=redrive_headers(record.headers, record.position),
     )
     return await future
 
@@ -910,6 +815,5 @@ __all__ = [
     "plan_purge",
     "purge",
     "redrive",
-    "redrive_headers",
     "show_record",
 ]

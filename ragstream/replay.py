@@ -35,7 +35,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,12 +59,12 @@ from ragstream.dlq import (
 )
 from ragstream.errors import PermanentError, RagstreamError, RetryableError
 from ragstream.events import DocumentEvent
+from ragstream.headers import is_replay_copy, replay_headers
 from ragstream.kafka_clients import started_or_explained, unreachable
 from ragstream.settings import Settings
-from ragstream.topology import H_REPLAY, Stage, Topology
+from ragstream.topology import Stage, Topology
 
 OnProgress = Callable[[int, int], None]  # (records read so far, records in the range)
-Headers = list[tuple[str, bytes]]
 
 SKIP_COPY = "copies an earlier replay wrote"
 SKIP_UNDECODABLE = "undecodable (they would only be dead-lettered again)"
@@ -655,14 +655,9 @@ async def _reset(settings: Settings, plan: ReplayPlan, report: ReplayReport) -> 
     report.committed = {tp.partition: meta.offset for tp, meta in offsets.items()}
 
 
-def replay_headers(headers: Sequence[tuple[str, bytes]], replay_id: str) -> Headers:
-    """The record's headers with `ragstream.replay: <replay id>` (replacing an earlier one)."""
-    return [(k, bytes(v)) for k, v in headers if k != H_REPLAY] + [(H_REPLAY, replay_id.encode())]
-
-
 def _take(record: Any, flt: RecordFilter, codec: Codec) -> str | None:
     """None when the record is to be replayed, else why not."""
-    if any(k == H_REPLAY for k, _ in record.headers or ()):
+    if is_replay_copy(record.headers):
         return SKIP_COPY
     try:
         event = codec.decode(record.value or b"")
@@ -724,7 +719,7 @@ async def _send_copy(producer: Any, plan: ReplayPlan, record: Any) -> Any:
             key=key,
             # The partitioner places a keyed copy where the key's records go now.
             partition=record.partition if key is None else None,
-            headers=replay_headers(record.headers or (), plan.replay_id),
+            headers=replay_headers(record.headers, plan.replay_id),
         )
 
 
@@ -789,6 +784,5 @@ __all__ = [
     "parse_offset_ranges",
     "parse_when",
     "plan_replay",
-    "replay_headers",
     "run_replay",
 ]

@@ -17,12 +17,10 @@ from ragstream.dlq import (
     parse_positions,
     parse_stage,
     parse_time,
-    redrive_headers,
 )
 from ragstream.errors import ConfigError
 from ragstream.events import DocumentParsed
 from ragstream.topology import (
-    H_ATTEMPT,
     H_CORRELATION_ID,
     H_ERR_ATTEMPTS,
     H_ERR_CLASS,
@@ -32,7 +30,6 @@ from ragstream.topology import (
     H_ERR_TENANT,
     H_ERR_TOPIC,
     H_EVENT_TYPE,
-    H_REDRIVE_OF,
     Stage,
 )
 
@@ -185,16 +182,6 @@ def test_record_fields_come_from_the_error_headers() -> None:
     assert r.message == "bad ünïcode"
     assert r.origin_topic == "p.documents.uploaded"
     assert r.summary()["correlation_id"] == "corr-1"
-
-
-def test_redrive_headers_keep_the_originals_and_name_the_dlq_position() -> None:
-    r = record(extra=((H_ATTEMPT, b"3"), (H_REDRIVE_OF, b"0:1"), ("custom", b"\xff")))
-    assert redrive_headers(r) == [
-        (H_EVENT_TYPE, b"DocumentUploaded"),
-        (H_CORRELATION_ID, b"corr-1"),
-        ("custom", b"\xff"),
-        (H_REDRIVE_OF, b"1:7"),
-    ]
 
 
 def test_poison_is_what_was_dead_lettered_as_poison_or_does_not_decode() -> None:

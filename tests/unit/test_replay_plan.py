@@ -18,9 +18,8 @@ from ragstream.replay import (
     build_partitions,
     parse_offset_ranges,
     parse_when,
-    replay_headers,
 )
-from ragstream.topology import H_CORRELATION_ID, H_REPLAY, Stage
+from ragstream.topology import Stage
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 TOPIC = "t.documents.uploaded"
@@ -140,15 +139,6 @@ def test_filter_matches_fields_with_and_values_with_or() -> None:
     assert not flt.matches(event("c", "d", "c1")) and not flt.matches(event("a", "d", "c2"))
     assert RecordFilter().matches(event("z", "z", "z")) and RecordFilter().empty
     assert flt.describe() == "tenant a, b; correlation id c1"
-
-
-def test_replay_headers_keep_the_record_headers_and_replace_an_earlier_replay_id() -> None:
-    headers = [(H_CORRELATION_ID, b"c1"), (H_REPLAY, b"old"), ("x", b"1")]
-    assert replay_headers(headers, "new") == [
-        (H_CORRELATION_ID, b"c1"),
-        ("x", b"1"),
-        (H_REPLAY, b"new"),
-    ]
 
 
 # -- plans -------------------------------------------------------------------------------------
