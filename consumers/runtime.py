@@ -83,7 +83,7 @@ from consumers.policy import (
     retry_or_give_up,
 )
 from consumers.stage import Outcome, RecordContext
-from ragstream import tracing
+from ragstream import kafkaio, tracing
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
 from ragstream.errors import KAFKA, POSTGRES, DecodeError
@@ -287,9 +287,7 @@ class StageRunner:
         kafka = self.settings.kafka
 
         def make_producer() -> AIOKafkaProducer:
-            return AIOKafkaProducer(
-                **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
-            )
+            return kafkaio.producer(self.settings, linger_ms=5)
 
         def make_consumer() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(

@@ -32,23 +32,30 @@ import asyncio
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import RecordsToDelete
-from aiokafka.errors import KafkaError
 
 from ragstream.admin import admin_client
 from ragstream.codec import Codec
 from ragstream.errors import ConfigError, PermanentError, RagstreamError, RetryableError
 from ragstream.events import Event
 from ragstream.headers import last_text, redrive_headers
-from ragstream.kafka_clients import unreachable
+from ragstream.kafkaio import (
+    Extent,
+    extents,
+    group_less_consumer,
+    kafka_errors,
+    offsets_at,
+    read_to_end,
+    started_producer,
+)
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
 from ragstream.store import Store
@@ -317,27 +324,6 @@ def decode_value(record: DlqRecord, codec: Codec) -> tuple[Event | None, str | N
 # -- reading the topic -------------------------------------------------------------------------
 
 
-@contextmanager
-def kafka_errors(what: str) -> Iterator[None]:
-    """Kafka's errors as RetryableError naming what was being done."""
-    try:
-        yield
-    except KafkaError as exc:
-        raise RetryableError(f"{what}: {type(exc).__name__}: {exc}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """A partition's first offset and its end (the offset the next record will get)."""
-
-    low: int
-    end: int
-
-    @property
-    def count(self) -> int:
-        return max(0, self.end - self.low)
-
-
 class DeadLetters:
     """The DLQ topic, read with a plain consumer. `async with DeadLetters(settings) as dlq:`;
     `dlq.extents` is captured on entry and bounds every read."""
@@ -349,6 +335,7 @@ class DeadLetters:
         self.topics: set[str] = set()
         self._stall_s = settings.kafka.request_timeout_ms / 1000
         self._consumer: Any = None
+        self._stack = AsyncExitStack()
         self.scrub = Scrubber.from_settings(settings)
 
     async def __aenter__(self) -> DeadLetters:
@@ -363,26 +350,10 @@ class DeadLetters:
                     )
                 (described,) = await admin.describe_topics([self.topic])
         partitions = sorted(p["partition"] for p in described["partitions"])
-        tps = [TopicPartition(self.topic, p) for p in partitions]
-        self._consumer = AIOKafkaConsumer(
-            **self.settings.kafka.client_options(),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        try:
-            await self._consumer.start()
-        except KafkaError as exc:
-            await self._consumer.stop()
-            raise await unreachable(self.settings.kafka, exc) from exc
-        try:
-            with kafka_errors(f"reading {self.topic}"):
-                lows = await self._consumer.beginning_offsets(tps)
-                ends = await self._consumer.end_offsets(tps)
-        except BaseException:
-            await self._consumer.stop()
-            raise
-        self.extents = {tp.partition: Extent(lows[tp], ends[tp]) for tp in tps}
+        async with AsyncExitStack() as stack:
+            self._consumer = await stack.enter_async_context(group_less_consumer(self.settings))
+            self.extents = await extents(self._consumer, self.topic, partitions)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -391,7 +362,7 @@ class DeadLetters:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._consumer.stop()
+        await self._stack.aclose()
 
     @property
     def total(self) -> int:
@@ -400,17 +371,8 @@ class DeadLetters:
 
     async def first_offsets_at(self, moment_ms: int) -> dict[int, int]:
         """Per partition, the first offset whose record is at or after `moment_ms` (its end when
-        there is none). Records before it are all older (Kafka's time index holds the maximum
-        timestamp so far, so it never skips a later record)."""
-        tps = {TopicPartition(self.topic, p): moment_ms for p in self.extents}
-        with kafka_errors(f"looking up times in {self.topic}"):
-            found = await self._consumer.offsets_for_times(tps)
-        out = {}
-        for tp, hit in found.items():
-            extent = self.extents[tp.partition]
-            offset = extent.end if hit is None else hit.offset
-            out[tp.partition] = min(max(offset, extent.low), extent.end)
-        return out
+        there is none)."""
+        return await offsets_at(self._consumer, self.topic, self.extents, moment_ms)
 
     async def scan(self, flt: DlqFilter | None = None) -> AsyncIterator[DlqRecord]:
         """Every record up to the captured ends that `flt` takes, partition by partition in
@@ -419,43 +381,19 @@ class DeadLetters:
         starts = {p: e.low for p, e in self.extents.items()}
         if flt.since_ms is not None:
             starts = await self.first_offsets_at(flt.since_ms)
-        remaining = {
-            TopicPartition(self.topic, p): self.extents[p].end
+        ranges = {
+            TopicPartition(self.topic, p): Extent(start, self.extents[p].end)
             for p, start in starts.items()
             if start < self.extents[p].end
         }
-        if not remaining:
+        if not ranges:
             return
-        consumer = self._consumer
-        consumer.assign(list(remaining))
-        for tp in remaining:
-            consumer.seek(tp, starts[tp.partition])
-        last_progress = time.monotonic()
-        while remaining:
-            with kafka_errors(f"reading {self.topic}"):
-                batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for tp, records in batch.items():
-                end = remaining.get(tp)
-                if end is None:
-                    continue
-                for record in records:
-                    if record.offset >= end:
-                        break
-                    dead = DlqRecord.from_consumer(record, self.scrub)
-                    if flt.matches(dead):
-                        yield dead
-            for tp, end in list(remaining.items()):
-                with kafka_errors(f"reading {self.topic}"):
-                    position = await consumer.position(tp)
-                if position >= end:
-                    del remaining[tp]
-            if batch:
-                last_progress = time.monotonic()
-            elif remaining and time.monotonic() - last_progress > self._stall_s:
-                stuck = ", ".join(f"partition {tp.partition}" for tp in remaining)
-                raise RetryableError(
-                    f"reading {self.topic} made no progress for {self._stall_s:g}s ({stuck})"
-                )
+        self._consumer.assign(list(ranges))
+        async for batch in read_to_end(self._consumer, ranges, self._stall_s):
+            for record in batch:
+                dead = DlqRecord.from_consumer(record, self.scrub)
+                if flt.matches(dead):
+                    yield dead
 
     async def get(self, partition: int, offset: int) -> DlqRecord:
         """The record at `partition:offset`; InvalidInput when the DLQ does not hold it."""
@@ -646,14 +584,7 @@ async def _send(
     batch_size: int,
 ) -> None:
     total = len(report.selected)
-    producer: Any = AIOKafkaProducer(
-        **settings.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
-    )
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        await producer.stop()
-        raise await unreachable(settings.kafka, exc) from exc
+    producer: Any = await started_producer(settings, linger_ms=5)
     try:
         for start in range(0, total, batch_size):
             batch = report.selected[start : start + batch_size]

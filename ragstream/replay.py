@@ -32,35 +32,39 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from ragstream.admin import admin_client, describe_group
 from ragstream.codec import Codec
 from ragstream.dlq import (
-    Extent,
     InvalidInput,
     epoch_ms,
     format_ms,
-    kafka_errors,
     parse_stage,
     parse_time,
 )
 from ragstream.errors import PermanentError, RagstreamError, RetryableError
 from ragstream.events import DocumentEvent
 from ragstream.headers import is_replay_copy, replay_headers
-from ragstream.kafka_clients import started_or_explained, unreachable
+from ragstream.kafkaio import (
+    Extent,
+    extents,
+    group_less_consumer,
+    kafka_errors,
+    offsets_at,
+    read_to_end,
+    started_producer,
+)
 from ragstream.settings import Settings
 from ragstream.topology import Stage, Topology
 
@@ -476,26 +480,6 @@ def _reset_start(
 # -- reading the broker ------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def _plain_consumer(settings: Settings) -> AsyncIterator[Any]:
-    """A consumer without a group: assign(), read, nothing committed."""
-    consumer = AIOKafkaConsumer(
-        **settings.kafka.client_options(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        await consumer.stop()
-        raise await unreachable(settings.kafka, exc) from exc
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
-
-
 async def group_state(admin: Any, group_id: str) -> GroupState:
     """The group's state and live members (DescribeGroups); state Dead when unknown."""
     with kafka_errors(f"describing consumer group {group_id}"):
@@ -505,22 +489,6 @@ async def group_state(admin: Any, group_id: str) -> GroupState:
     return GroupState(
         group_id, group.state, tuple(f"{m.client_id}@{m.host}" for m in group.members)
     )
-
-
-async def _offsets_at(
-    consumer: Any, topic: str, extents: Mapping[int, Extent], moment_ms: int
-) -> dict[int, int]:
-    """Per partition, the first offset whose record is at or after `moment_ms` (the end when
-    there is none)."""
-    tps = {TopicPartition(topic, p): moment_ms for p in extents}
-    with kafka_errors(f"looking up times in {topic}"):
-        found = await consumer.offsets_for_times(tps)
-    out = {}
-    for tp, hit in found.items():
-        extent = extents[tp.partition]
-        offset = extent.end if hit is None else hit.offset
-        out[tp.partition] = min(max(offset, extent.low), extent.end)
-    return out
 
 
 async def plan_replay(settings: Settings, request: ReplayRequest) -> ReplayPlan:
@@ -548,19 +516,15 @@ async def plan_replay(settings: Settings, request: ReplayRequest) -> ReplayPlan:
     }
     if not request.live:
         _check_resettable(group, has_offsets=bool(offsets), bootstrap=bootstrap)
-    tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-    async with _plain_consumer(settings) as consumer:
-        with kafka_errors(f"reading the extents of {topic}"):
-            lows = await consumer.beginning_offsets(tps)
-            ends = await consumer.end_offsets(tps)
-        extents = {tp.partition: Extent(lows[tp], ends[tp]) for tp in tps}
+    async with group_less_consumer(settings) as consumer:
+        held = await extents(consumer, topic, (p["partition"] for p in described["partitions"]))
         at_from = at_until = None
         if request.from_ms is not None:
-            at_from = await _offsets_at(consumer, topic, extents, request.from_ms)
+            at_from = await offsets_at(consumer, topic, held, request.from_ms)
         if request.until_ms is not None:
-            at_until = await _offsets_at(consumer, topic, extents, request.until_ms)
+            at_until = await offsets_at(consumer, topic, held, request.until_ms)
     partitions = build_partitions(
-        request, extents, committed, topic=topic, at_from=at_from, at_until=at_until
+        request, held, committed, topic=topic, at_from=at_from, at_until=at_until
     )
     return ReplayPlan(
         request=request,
@@ -679,16 +643,10 @@ async def _republish(
     total = plan.records
     producer: Any = None
     if not report.dry_run and total:
-        kafka = settings.kafka
-        producer = await started_or_explained(
-            kafka,
-            lambda: AIOKafkaProducer(
-                **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
-            ),
-        )
+        producer = await started_producer(settings, linger_ms=5)
     pending: list[Any] = []
     try:
-        async with _plain_consumer(settings) as consumer:
+        async with group_less_consumer(settings) as consumer:
             async for batch in _read_ranges(settings, consumer, plan):
                 for record in batch:
                     report.read += 1
@@ -737,35 +695,17 @@ async def _read_ranges(
     settings: Settings, consumer: Any, plan: ReplayPlan
 ) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
     """The plan's ranges, batch by batch; each partition in offset order."""
-    stops = {TopicPartition(plan.topic, p.partition): p.stop for p in plan.partitions if p.records}
-    if not stops:
+    ranges = {
+        TopicPartition(plan.topic, p.partition): Extent(p.start, p.stop)
+        for p in plan.partitions
+        if p.records
+    }
+    if not ranges:
         return
-    consumer.assign(list(stops))
-    for p in plan.partitions:
-        if p.records:
-            consumer.seek(TopicPartition(plan.topic, p.partition), p.start)
+    consumer.assign(list(ranges))
     stall_s = settings.kafka.request_timeout_ms / 1000
-    last_progress = time.monotonic()
-    while stops:
-        with kafka_errors(f"reading {plan.topic}"):
-            fetched = await consumer.getmany(*stops, timeout_ms=500)
-        for tp, records in fetched.items():
-            stop = stops.get(tp)
-            if stop is not None:
-                yield [r for r in records if r.offset < stop]
-        for tp in list(stops):
-            with kafka_errors(f"reading {plan.topic}"):
-                done = await consumer.position(tp) >= stops[tp]
-            if done:
-                consumer.pause(tp)
-                del stops[tp]
-        if fetched:
-            last_progress = time.monotonic()
-        elif stops and time.monotonic() - last_progress > stall_s:
-            stuck = ", ".join(str(tp.partition) for tp in stops)
-            raise RetryableError(
-                f"reading {plan.topic} made no progress for {stall_s:g}s (partitions {stuck})"
-            )
+    async for batch in read_to_end(consumer, ranges, stall_s):
+        yield batch
 
 
 __all__ = [

@@ -39,7 +39,7 @@ from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState
 from ragstream.errors import ConfigError, DecodeError, RetryableError
 from ragstream.events import CircuitStateChanged, ThrottleEvent, ThrottleState, utc_now
-from ragstream.kafka_clients import closing
+from ragstream.kafkaio import Extent, group_less_consumer, read_to_end
 from ragstream.settings import Settings
 from ragstream.topology import COST as COST_GROUP
 from ragstream.topology import Stage, Topology
@@ -315,12 +315,9 @@ class StatusReader:
         try:
             admin = await self._stack.enter_async_context(admin_client(self.settings))
             self._admin = admin
-            consumer = AIOKafkaConsumer(
-                **self.settings.kafka.client_options(), group_id=None, enable_auto_commit=False
+            self._consumer = await self._stack.enter_async_context(
+                group_less_consumer(self.settings)
             )
-            self._stack.push_async_callback(closing(consumer.stop, "stop the status consumer"))
-            await consumer.start()
-            self._consumer = consumer
             existing = set(await patiently(admin.list_topics))
         except KafkaError as exc:
             await self._stack.aclose()
@@ -444,19 +441,18 @@ class StatusReader:
             consumer.assign(self._control_tps)
             await consumer.seek_to_beginning(*self._control_tps)
         if self._control_tps:
+            # From where the last snapshot stopped to the end now.
             ends = await consumer.end_offsets(self._control_tps)
-            deadline = time.monotonic() + self.settings.kafka.request_timeout_ms / 1000
-            while [tp for tp in self._control_tps if await consumer.position(tp) < ends[tp]]:
-                if time.monotonic() > deadline:
-                    raise RetryableError(f"could not read {topic} to its end")
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    for record in records:
-                        if record.key is None:
-                            continue
-                        if record.value is None:
-                            self._control.pop(record.key, None)
-                        else:
-                            self._control[record.key] = record.value
+            ranges = {tp: Extent(await consumer.position(tp), ends[tp]) for tp in ends}
+            stall_s = self.settings.kafka.request_timeout_ms / 1000
+            async for records in read_to_end(consumer, ranges, stall_s):
+                for record in records:
+                    if record.key is None:
+                        continue
+                    if record.value is None:
+                        self._control.pop(record.key, None)
+                    else:
+                        self._control[record.key] = record.value
         state = ControlState.from_settings(self.settings)
         circuits = []
         for value in self._control.values():
