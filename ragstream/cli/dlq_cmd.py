@@ -21,7 +21,6 @@ from rich.table import Table
 
 from ragstream.cli.common import EXIT_FAILURE, console, err_console, fail, run, settings_or_exit
 from ragstream.dlq import (
-    POSITION,
     DlqFilter,
     DlqRecord,
     DlqStats,
@@ -30,18 +29,15 @@ from ragstream.dlq import (
     RedriveReport,
     ShownRecord,
     dlq_stats,
-    format_ms,
     list_records,
     newest_of_document,
-    parse_position,
-    parse_positions,
-    parse_time,
     plan_purge,
     purge,
     redrive,
     show_record,
 )
 from ragstream.errors import RagstreamError
+from ragstream.operator_input import POSITION, format_ms, parse_offsets, parse_position, parse_time
 from ragstream.settings import Settings
 from ragstream.topology import (
     H_ERR_FIRST_FAILURE,
@@ -423,6 +419,11 @@ def redrive_cmd(
 # -- purge -------------------------------------------------------------------------------------
 
 
+def _positions(text: str) -> dict[int, int]:
+    """`--up-to P:O[,...]` → {partition: offset}."""
+    return {p: r.start for p, r in parse_offsets(text, option="--up-to", ends=False).items()}
+
+
 def _plan_table(plan: PurgePlan) -> Table:
     table = Table(title=f"purge of {plan.dlq_topic}")
     for col in ("partition", "first offset", "end offset", "delete before", "records deleted"):
@@ -457,7 +458,7 @@ def purge_cmd(
         return await plan_purge(
             settings,
             before=parse_time(before, option="--before") if before is not None else None,
-            up_to=parse_positions(up_to) if up_to is not None else None,
+            up_to=_positions(up_to) if up_to is not None else None,
         )
 
     plan = run(plan_it)
