@@ -8,17 +8,19 @@ shutdown at the edges are `ragstream.kafka_clients`'s):
     kafka_errors(what)                       Kafka's errors as RetryableError naming the work
     extents / offsets_at                     where partitions begin and end; offsets by time
     read_to_end(consumer, ranges, stall_s)   every record of given offset ranges, then stop
+    patiently(call)                          a call retried while Kafka's error is retriable
 
 Every client takes the connection and security settings from `kafka.client_options()`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from ragstream.settings import Settings
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+T = TypeVar("T")
 
 
 def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
@@ -157,3 +160,18 @@ async def read_to_end(
     finally:
         assigned = client.assignment()
         client.resume(*(tp for tp in done if tp in assigned))
+
+
+async def patiently(call: Callable[[], Awaitable[T]], timeout_s: float = 30.0) -> T:
+    """Retry a call while Kafka answers with a retriable error: a group coordinator that is
+    not ready yet, just after the broker or the offsets topic started, or a broker of a
+    cluster that just died, until the cluster notices and moves its partitions (a broker's
+    session timeout, 9 s by default)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await call()
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)

@@ -22,9 +22,9 @@ from ragstream.admin import admin_client, describe_group
 from ragstream.codec import Codec
 from ragstream.errors import DecodeError, RagstreamError
 from ragstream.kafka_clients import started_or_explained
-from ragstream.kafkaio import consumer, kafka_errors, started_producer
+from ragstream.kafkaio import consumer, kafka_errors, patiently, started_producer
 from ragstream.settings import Settings
-from ragstream.status import flow_groups, patiently
+from ragstream.status import flow_groups
 from ragstream.topology import CONTROL_MODE, CONTROL_THROTTLE, Topology
 
 Extents = dict[str, dict[int, tuple[int, int]]]  # topic -> partition -> (first offset, end)
