@@ -19,9 +19,10 @@ import structlog
 from consumers.chunk import ChunkDeps, chunk
 from consumers.cost import CostAccountant
 from consumers.embed import EmbedDeps, embed
+from consumers.handling import StageHandler
 from consumers.infrastructure import InfrastructureWatch, until_available, until_kafka
 from consumers.parse import ParseDeps, parse
-from consumers.runtime import StageHandler, StageRunner
+from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
 from ragstream.chunking import Chunker
 from ragstream.circuits import report_circuits
