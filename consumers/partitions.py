@@ -1,5 +1,5 @@
-"""A stage runner's partitions: each batch in a task of its own while its partition is paused,
-records in order per partition or per key, commits past the finished prefix, waits for due
+"""A stage runner's partitions: each partition's records in a task of its own (records fetched
+meanwhile queue behind it), in order per partition or per key, commits past the finished prefix, waits for due
 times and the budget, and hand-back on revocation or shutdown.
 """
 
@@ -30,16 +30,16 @@ log = structlog.get_logger("consumers.runtime")  # one logger for the runtime's 
 
 
 class PartitionWork:
-    """A stage runner's partitions: each batch in a task of its own while its partition is paused, (a part of StageRunner)."""
+    """A stage runner's partitions (a part of StageRunner)."""
 
     def _resume(self: StageRunner, tp: TopicPartition) -> None:  # type: ignore[misc]  # a part of StageRunner
-        """Resume a partition unless a task holds it, it waits for a due time, or the gate is
-        closed."""
+        """Resume a partition unless it waits for a due time, its queue is full, or the gate
+        is closed."""
         assert self.consumer is not None
         if (
             self.blocked is None
-            and tp not in self._inflight
             and tp not in self._waiting
+            and len(self._queued.get(tp, ())) < self.max_poll_records
             and tp in self.consumer.assignment()
         ):
             self.consumer.resume(tp)
@@ -58,14 +58,53 @@ class PartitionWork:
     def _dispatch(  # type: ignore[misc]  # a part of StageRunner
         self: StageRunner, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
     ) -> None:
-        """Hand a partition's records to a task of their own; the partition is paused until
-        the task is done, so the loop keeps polling (no max.poll.interval.ms breach, however
-        long a record takes) while one document's records stay in order."""
+        """Hand a partition's records to a task of their own, or queue them behind the task
+        it has, so the loop keeps polling (no max.poll.interval.ms breach, however long a
+        record takes) while one document's records stay in order. A full queue pauses the
+        partition until its task takes the queue."""
         assert self.consumer is not None
-        self.consumer.pause(tp)
+        if tp in self._inflight:
+            queue = self._queued.setdefault(tp, [])
+            queue.extend(records)
+            if len(queue) >= self.max_poll_records:
+                self.consumer.pause(tp)
+            return
         self._inflight[tp] = asyncio.create_task(self._run_partition(tp, records))
 
     async def _run_partition(  # type: ignore[misc]  # a part of StageRunner
+        self: StageRunner, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> None:
+        """Run the records, then what queued behind them meanwhile, while the partition may
+        go on."""
+        while records:
+            await self._run_records(tp, records)
+            records = self._take_queue(tp)
+
+    def _take_queue(  # type: ignore[misc]  # a part of StageRunner
+        self: StageRunner, tp: TopicPartition
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """The records queued behind a partition's task, if it may go on with them; else none
+        (fetched again later from the first of them, unless the partition is handed back)."""
+        more = self._queued.pop(tp, [])
+        if not more:
+            return []
+        stopped = self._stop is not None and self._stop.is_set()
+        handing_back = stopped or tp in self._stopping or tp not in self.assignment
+        if handing_back or self.blocked is not None or tp in self._waiting:
+            if not handing_back:
+                self._rewind(tp, more[0].offset)
+            return []
+        self._resume(tp)  # its queue is taken: a partition paused by a full queue goes on
+        return more
+
+    def _rewind(self: StageRunner, tp: TopicPartition, offset: int) -> None:  # type: ignore[misc]  # a part of StageRunner
+        """Fetch a partition again from `offset` (the record it stopped at): records queued
+        after it are dropped and come again, in order."""
+        assert self.consumer is not None
+        self._queued.pop(tp, None)
+        self.consumer.seek(tp, offset)
+
+    async def _run_records(  # type: ignore[misc]  # a part of StageRunner
         self: StageRunner, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
     ) -> None:
         if tp.topic == self.retry_topic or self.concurrency == 1:
@@ -145,14 +184,17 @@ class PartitionWork:
             self._pending[tp] = record.offset + 1
 
     async def _reap(self: StageRunner) -> None:  # type: ignore[misc]  # a part of StageRunner
-        """Collect finished partition tasks; resume their partitions (unless waiting on a retry)."""
+        """Collect finished partition tasks; start what queued behind them since they last
+        looked."""
         assert self.consumer is not None
         for tp, task in list(self._inflight.items()):
             if not task.done():
                 continue
             del self._inflight[tp]
             task.result()  # a failure here is a bug: the supervisor restarts this consumer
-            self._resume(tp)
+            more = self._take_queue(tp)  # queued after the task last looked
+            if more:
+                self._inflight[tp] = asyncio.create_task(self._run_partition(tp, more))
 
     async def _drain(  # type: ignore[misc]  # a part of StageRunner
         self: StageRunner, grace_s: float, only: set[TopicPartition] | None = None
@@ -184,7 +226,7 @@ class PartitionWork:
         if due is None:
             return False
         assert self.consumer is not None
-        self.consumer.seek(tp, record.offset)
+        self._rewind(tp, record.offset)
         self.consumer.pause(tp)
         self._waiting[tp] = due
         return True
@@ -193,6 +235,6 @@ class PartitionWork:
         """Keep a record the budget refused where it is: uncommitted, its partition paused,
         and try it again in a few seconds (sooner than the gate would reopen is harmless)."""
         assert self.consumer is not None
-        self.consumer.seek(tp, record.offset)
+        self._rewind(tp, record.offset)
         self.consumer.pause(tp)
         self._waiting[tp] = _now_ms() + int(Hold().recheck_s * 1000)

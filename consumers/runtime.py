@@ -5,8 +5,11 @@ after the stage's PostgreSQL writes are done and its output record (or its retry
 copy) is acknowledged by the broker (acks=all, idempotent producer). Stage functions know
 nothing of Kafka; they take a typed event and return an `Outcome`.
 
-Ordering: a partition's batch is handled by one task while the partition is paused, and the
-loop keeps polling meanwhile, so a slow record never exceeds `max.poll.interval.ms`. With
+Ordering: a partition's records are handled by one task at a time, and the loop keeps polling
+meanwhile, so a slow record never exceeds `max.poll.interval.ms`. Records fetched for a
+partition while its task runs queue behind it (the task takes them next, in offset order); the
+partition is paused only while that queue is full, so a busy partition never waits for a long
+poll of the idle ones to return. With
 `concurrency` 1, records are handled one at a time in offset order. With `concurrency` N, up to
 N records are handled at once in the process, across partitions and across keys within a
 batch: records are keyed by document_id and each key's records run in offset order, so one
@@ -110,7 +113,7 @@ from ragstream.topology import Stage, Topology
 log = structlog.get_logger(__name__)
 
 COMMIT_TIMEOUT_S: Final = 2.0
-FETCH_MAX_WAIT_MS: Final = 100
+FETCH_MAX_WAIT_MS: Final = 500
 
 
 class StageRunner(PartitionWork, MicroBatches, Failures):
@@ -176,6 +179,8 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
         self._pending: dict[TopicPartition, int] = {}
         self._waiting: dict[TopicPartition, int] = {}  # paused partition -> due (ms)
         self._inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+        # records fetched for a partition while its task runs: the task takes them next
+        self._queued: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
         self._stopping: set[TopicPartition] = set()  # finishing what is in hand, nothing more
         self._stop: asyncio.Event | None = None
         self.assignment: set[TopicPartition] = set()
@@ -199,8 +204,10 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
                 session_timeout_ms=kafka.session_timeout_ms,
                 heartbeat_interval_ms=min(3000, kafka.session_timeout_ms // 3),
                 max_poll_records=self.max_poll_records,
-                # A partition resumed after its batch is fetched with the next request; a
-                # long poll in flight for the other partitions holds that back at most this.
+                # A partition resumed (after a hold, a due time, a full queue or the gate) is
+                # fetched with the next request; a long poll in flight for the other
+                # partitions holds that back at most this. A partition being worked on is not
+                # paused (its records queue), so this wait is not on the busy path.
                 fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             )
             consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
@@ -446,6 +453,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await runner.commit_pending()
         for tp in revoked:
             self.runner._waiting.pop(tp, None)
+            self.runner._queued.pop(tp, None)  # uncommitted: the next owner reads them
         self.runner.assignment -= set(revoked)
         runner.metrics.drop_lag(runner.name, revoked)
 
