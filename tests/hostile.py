@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 
@@ -76,6 +77,20 @@ def descendants(pid: int) -> list[int]:
         found += below
         todo += below
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far, user and system (0 for one that is gone)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burning(pids: Iterable[int], since: Mapping[int, float], seconds: float = 0.1) -> list[int]:
+    """The processes that have used `seconds` of CPU more than `since` says they had (a process
+    not in `since` counts from nothing): those busy with a task."""
+    return [pid for pid in pids if cpu_seconds(pid) - since.get(pid, 0.0) >= seconds]
 
 
 def running(pid: int) -> bool:
