@@ -64,18 +64,21 @@ def _stat(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every living process below `pid` (children, their children, ...), zombies left out."""
+def descendants(pid: int, *, below: int = 1) -> list[int]:
+    """Every living process below `pid` (children, their children, ...), zombies left out;
+    `below=3` leaves out the children and grandchildren."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := _stat(int(entry))) is not None and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(entry))
     found: list[int] = []
-    todo = [pid]
+    todo = [(pid, 0)]
     while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
+        parent, depth = todo.pop()
+        for child in children.get(parent, []):
+            if depth + 1 >= below:
+                found.append(child)
+            todo.append((child, depth + 1))
     return found
 
 
