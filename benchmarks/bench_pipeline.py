@@ -40,7 +40,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,55 @@ def _tree(pid: int) -> Iterator[int]:
                 yield from _tree(int(child))
 
 
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds of `pid` and of its children it has reaped (user + system)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) * TICK_S  # utime stime cutime cstime
+
+
+def tree_cpu_s(roots: Iterable[int]) -> float:
+    """CPU seconds of these processes and every process under them, living or reaped."""
+    return sum(cpu_s(pid) for root in roots for pid in _tree(root))
+
+
+def servers_under(directory: Path) -> dict[str, list[int]]:
+    """The broker's and PostgreSQL's root processes started with `directory` in their command
+    line (this run's own), by name; empty for servers given on the command line."""
+    found: dict[str, list[int]] = {"kafka": [], "postgres": []}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            text = (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+            if str(directory) in text:
+                name = "postgres" if "postgres" in text.split()[0] else "kafka"
+                found[name].append(int(proc.name))
+    return {
+        name: [p for p in pids if not any(p in set(_tree(q)) - {q} for q in pids)]
+        for name, pids in found.items()
+    }
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds the run's broker and PostgreSQL spend between `start` and `stop`."""
+
+    servers: dict[str, list[int]]
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.spent = {name: -tree_cpu_s(pids) for name, pids in self.servers.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: s + tree_cpu_s(self.servers[name]) for name, s in self.spent.items()}
+
+
 def _label(pid: int, root: int, forkservers: set[int]) -> str:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -166,9 +215,11 @@ class PeakRss:
     root: int
     peaks_kib: dict[int, int] = field(default_factory=dict)
     labels: dict[int, str] = field(default_factory=dict)
+    cpu_s: float = 0.0  # the whole tree's CPU seconds, at the last sample
 
     def sample(self) -> None:
         forkservers: set[int] = set()
+        self.cpu_s = max(self.cpu_s, tree_cpu_s([self.root]))
         for pid in _tree(self.root):
             hwm = _status_kib(pid, "VmHWM")
             if hwm is not None:
@@ -233,6 +284,7 @@ class PassResult:
     chunks: int
     seconds: float
     note: str = ""
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds, by process group
 
     @property
     def docs_per_s(self) -> float:
@@ -468,19 +520,27 @@ async def stage_steps(dsn: str) -> dict[str, StageSteps]:
 
 
 async def pipeline_pass(
-    bootstrap: str, server_dsn: str, work: Path, paths: Sequence[Path], progress: Progress
+    bootstrap: str,
+    server_dsn: str,
+    work: Path,
+    paths: Sequence[Path],
+    progress: Progress,
+    meter: CpuMeter,
 ) -> tuple[PassResult, PeakRss, dict[str, StageSteps]]:
     pipeline = await Pipeline.start(bootstrap, server_dsn, work)
     try:
+        assert pipeline.rss is not None
+        workers_before = tree_cpu_s([pipeline.rss.root])
+        meter.start()
         started = time.time()
         publishing = asyncio.ensure_future(upload_all(pipeline.settings, paths, TENANT))
         end = await pipeline.run(publishing, len(paths), progress, "pipeline")
+        cpu = {"stages": pipeline.rss.cpu_s - workers_before, **meter.stop()}
         dsn = pipeline.settings.postgres.dsn()
         chunks = await count_rows(dsn, "chunks")
         steps = await stage_steps(dsn)
         note = f"uploads published in {publishing.result():.1f} s"
-        assert pipeline.rss is not None
-        result = PassResult("pipeline", len(paths), chunks, end - started, note)
+        result = PassResult("pipeline", len(paths), chunks, end - started, note, cpu)
         return result, pipeline.rss, steps
     finally:
         await pipeline.stop()
@@ -543,6 +603,7 @@ async def ceiling_pass(
     vectors: Sequence[Sequence[bytes]],
     partitions: int,
     progress: Progress,
+    meter: CpuMeter,
 ) -> tuple[PassResult, dict[str, ceiling.StageReport]]:
     name = f"ceiling{uuid4().hex[:8]}"
     dsn = await create_database(server_dsn, name)
@@ -553,9 +614,24 @@ async def ceiling_pass(
         await ceiling.prepare(config)
         stages = await ceiling.start_stages(config)
         try:
+            # sampled as they run: each stage process ends once it has seen every document
+            samplers = [PeakRss(stage.process.pid) for stage in stages]
+            for sampler in samplers:
+                sampler.sample()
+            stages_before = sum(sampler.cpu_s for sampler in samplers)
+            following = [asyncio.create_task(sampler.follow()) for sampler in samplers]
+            meter.start()
             started = time.time()
             publishing = asyncio.ensure_future(timed(ceiling.publish(config, paths, TENANT)))
-            end = await follow(dsn, len(paths), progress, "ceiling", alive=failed(publishing))
+            try:
+                end = await follow(dsn, len(paths), progress, "ceiling", alive=failed(publishing))
+            finally:
+                for task in following:
+                    task.cancel()
+            for sampler in samplers:
+                sampler.sample()
+            own = sum(sampler.cpu_s for sampler in samplers) - stages_before
+            cpu = {"stages": own, **meter.stop()}
             published_s = await publishing
             reports = await ceiling.finish_stages(stages, timeout_s=60)
         finally:
@@ -565,11 +641,11 @@ async def ceiling_pass(
         await drop_database(server_dsn, name)
         vectors_file.unlink(missing_ok=True)
     note = f"published in {published_s:.1f} s"
-    return PassResult("ceiling", len(paths), chunks, end - started, note), reports
+    return PassResult("ceiling", len(paths), chunks, end - started, note, cpu), reports
 
 
 async def logic_pass(
-    settings: Settings, paths: Sequence[Path], progress: Progress
+    settings: Settings, paths: Sequence[Path], progress: Progress, meter: CpuMeter
 ) -> tuple[PassResult, list[list[bytes]]]:
     """Parse, chunk and embed each document in turn, as the stages call them, in this process
     (the parser and chunker run their work in their child processes, as in the pipeline).
@@ -591,18 +667,22 @@ async def logic_pass(
     seconds = 0.0
     try:
         await one(*documents[0])  # starts the parser's and chunker's processes
+        meter.start()
+        own = -tree_cpu_s([os.getpid()])
         for name, data in documents:
             started = time.monotonic()
             made = await one(name, data)
             seconds += time.monotonic() - started
             vectors.append([ceiling.pack_vector(v) for v in made])
             progress.advance(task)
+        servers = meter.stop()  # this process's children, to be taken out of its own
+        own += tree_cpu_s([os.getpid()]) - sum(servers.values())
     finally:
         progress.remove_task(task)
         await parser.aclose()
         await chunker.aclose()
     chunks = sum(map(len, vectors))
-    return PassResult("logic", len(documents), chunks, seconds), vectors
+    return PassResult("logic", len(documents), chunks, seconds, cpu_s={"stages": own}), vectors
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -690,6 +770,15 @@ class Report:
                 stage, str(st.steps), f"{st.mean_ms:.1f}", f"{st.p50_ms:.1f}", f"{st.p99_ms:.1f}"
             )
         console.print(steps)
+        cpu = Table(title="CPU seconds per 1,000 documents (user + system)")
+        groups = ("stages", "postgres", "kafka")
+        for column in ("pass", "own processes", "PostgreSQL", "Kafka", "total"):
+            cpu.add_column(column, justify="left" if column == "pass" else "right")
+        for p in (self.pipeline, self.ceiling, self.logic):
+            per = {g: p.cpu_s.get(g, 0.0) * 1000 / p.documents for g in groups}
+            cells = [f"{per[g]:.0f}" if g in p.cpu_s else "" for g in groups]
+            cpu.add_row(p.name, *cells, f"{sum(per.values()):.0f}")
+        console.print(cpu)
         stages = Table(title="the ceiling's stage processes: where their time went")
         for column in ("stage", "busy s", "in PostgreSQL s", "in Kafka s"):
             stages.add_column(column, justify="left" if column == "stage" else "right")
@@ -720,17 +809,18 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
         console=console,
     )
     say = progress.console.print
+    meter = CpuMeter(servers_under(work))
     with progress:
         say("logic only: parsing, chunking and embedding in this process")
-        logic, vectors = await logic_pass(settings, paths, progress)
+        logic, vectors = await logic_pass(settings, paths, progress, meter)
         say("ceiling: starting its three stage processes")
         ceiling_result, stages = await ceiling_pass(
-            bootstrap, server_dsn, paths, vectors, settings.kafka.partitions, progress
+            bootstrap, server_dsn, paths, vectors, settings.kafka.partitions, progress, meter
         )
         del vectors
         say("pipeline: starting `ragstream worker all` as `stack up` does")
         pipeline, worker_rss, steps = await pipeline_pass(
-            bootstrap, server_dsn, work, paths, progress
+            bootstrap, server_dsn, work, paths, progress, meter
         )
         latency = None
         rss = [(f"pipeline: {n}", p, m) for n, p, m in worker_rss.rows()]

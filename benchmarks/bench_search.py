@@ -51,7 +51,16 @@ from pgvector.asyncpg import register_vector
 from benchmarks.bench_pipeline import _sample_prose, create_database, drop_database
 from ragstream.logs import configure_logging
 from ragstream.providers.embed.local import LOCAL_MODEL, LocalEmbedder
-from ragstream.store import ChunkRow, Store, ensure_vector_index, migrate
+from ragstream.store import (
+    ChunkRow,
+    ChunkSet,
+    EmbeddingSet,
+    StatusChange,
+    Store,
+    Upload,
+    ensure_vector_index,
+    migrate,
+)
 from ragstream.store import _sql as sql
 
 DIMS = 512
@@ -92,35 +101,44 @@ async def load_tenant(
         body = [" ".join(rng.sample(pool, 4)) for _ in range(PER_DOC)]
         markdown = "\n\n".join(body)
         await store.register_upload(
-            document_id=doc,
-            tenant_id=tenant,
-            filename=f"{doc}.md",
-            content_type="text/markdown",
-            size_bytes=len(markdown),
-            sha256=_sha(markdown),
-            source_uri=f"blob://{_sha(markdown)}",
-            metadata={},
-            correlation_id=f"corr-{doc}",
-            uploaded_at=datetime.now(UTC),
+            Upload(
+                document_id=doc,
+                tenant_id=tenant,
+                filename=f"{doc}.md",
+                content_type="text/markdown",
+                size_bytes=len(markdown),
+                sha256=_sha(markdown),
+                source_uri=f"blob://{_sha(markdown)}",
+                metadata={},
+                correlation_id=f"corr-{doc}",
+                uploaded_at=datetime.now(UTC),
+            )
         )
         rows = [
             ChunkRow(i, t, _sha(t), ["Doc", f"§{i}"], len(t.split()), 0, len(t), 1)
             for i, t in enumerate(body)
         ]
-        await store.save_chunks(doc, tenant, CHUNKER, {}, rows)
-        await store.advance_status(doc, "chunked", current_chunker_version=CHUNKER)
+        await store.save_chunks(ChunkSet(doc, tenant, CHUNKER, {}, rows))
+        await store.advance_status(StatusChange(doc, "chunked", current_chunker_version=CHUNKER))
         vectors = embedder.embed_sync(body).vectors
         await store.save_embeddings(
-            doc,
-            tenant,
-            CHUNKER,
-            LOCAL_MODEL,
-            DIMS,
-            "local",
-            [(r.index, r.text_sha256, v) for r, v in zip(rows, vectors, strict=True)],
+            EmbeddingSet(
+                doc,
+                tenant,
+                CHUNKER,
+                LOCAL_MODEL,
+                DIMS,
+                "local",
+                [(r.index, r.text_sha256, v) for r, v in zip(rows, vectors, strict=True)],
+            )
         )
         await store.advance_status(
-            doc, "embedded", current_embedding_model=LOCAL_MODEL, current_embedding_dimensions=DIMS
+            StatusChange(
+                doc,
+                "embedded",
+                current_embedding_model=LOCAL_MODEL,
+                current_embedding_dimensions=DIMS,
+            )
         )
         texts.extend(body)
     return texts

@@ -53,7 +53,8 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
-from consumers.runtime import StageRunner, batches
+from consumers.handling import batches
+from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
 from ragstream.codec import Codec
 from ragstream.events import DocumentChunked, DocumentParsed, Event

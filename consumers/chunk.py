@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from consumers.stage import Outcome, StatusStore, stale_input
 from ragstream.blobs import sha256_hex
 from ragstream.chunking import Chunker
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentParsed
-from ragstream.store.models import ChunkRow, ParseResult
+from ragstream.store.models import ChunkRow, ChunkSet, ParseResult, StatusChange
 
 
 class ChunkStore(StatusStore, Protocol):
@@ -21,16 +21,7 @@ class ChunkStore(StatusStore, Protocol):
         self, document_id: str, content_sha256: str
     ) -> Awaitable[ParseResult | None]: ...
 
-    def save_chunks(
-        self,
-        document_id: str,
-        tenant_id: str,
-        chunker_version: str,
-        chunker_settings: Mapping[str, Any],
-        chunks: Sequence[ChunkRow],
-        *,
-        parse_sha256: str | None = None,
-    ) -> Awaitable[int]: ...
+    def save_chunks(self, chunk_set: ChunkSet) -> Awaitable[int]: ...
 
 
 @dataclass(frozen=True)
@@ -72,25 +63,29 @@ async def chunk(parsed: DocumentParsed, deps: ChunkDeps) -> Outcome:
         for c in chunks
     ]
     await deps.store.save_chunks(
-        document_id=parsed.document_id,
-        tenant_id=parsed.tenant_id,
-        chunker_version=version,
-        chunker_settings={
-            "max_tokens": deps.chunker.max_tokens,
-            "overlap_tokens": deps.chunker.overlap_tokens,
-            "tokenizer": deps.chunker.tokenizer.name,
-        },
-        chunks=rows,
-        parse_sha256=parsed.content_sha256,
+        ChunkSet(
+            document_id=parsed.document_id,
+            tenant_id=parsed.tenant_id,
+            chunker_version=version,
+            chunker_settings={
+                "max_tokens": deps.chunker.max_tokens,
+                "overlap_tokens": deps.chunker.overlap_tokens,
+                "tokenizer": deps.chunker.tokenizer.name,
+            },
+            chunks=rows,
+            parse_sha256=parsed.content_sha256,
+        )
     )
     tokens = sum(c.token_count for c in chunks)
     await deps.store.advance_status(
-        parsed.document_id,
-        "chunked",
-        tenant_id=parsed.tenant_id,
-        chunk_count=len(chunks),
-        current_chunker_version=version,
-        current_parse_sha256=parsed.content_sha256,
+        StatusChange(
+            parsed.document_id,
+            "chunked",
+            tenant_id=parsed.tenant_id,
+            chunk_count=len(chunks),
+            current_chunker_version=version,
+            current_parse_sha256=parsed.content_sha256,
+        )
     )
     event = DocumentChunked(
         document_id=parsed.document_id,

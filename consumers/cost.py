@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from consumers.infrastructure import InfrastructureWatch, unavailable, until_kafka
 from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
+from ragstream import kafkaio
 from ragstream.codec import Codec
 from ragstream.control import SERVICES, ControlState, throttle_key
 from ragstream.cost.budget import Verdict, limit_for, verdict, windows
@@ -96,7 +97,7 @@ class CostAccountant:
         kafka = self.settings.kafka
 
         def make_producer() -> AIOKafkaProducer:
-            return AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True)
+            return kafkaio.producer(self.settings)
 
         producer = await until_kafka(kafka, lambda: started(make_producer), stop)
         if producer is None:

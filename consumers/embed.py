@@ -8,7 +8,7 @@ that another one has embedded the same text).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,7 +16,14 @@ from consumers.stage import Outcome, StatusStore, stale_input
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentEmbedded
 from ragstream.providers.embed.port import Embedder
-from ragstream.store.models import SHARED_CACHE, ChunkRow
+from ragstream.store.models import (
+    SHARED_CACHE,
+    CacheLookup,
+    ChunkRow,
+    EmbeddingRow,
+    EmbeddingSet,
+    StatusChange,
+)
 
 
 class EmbedStore(StatusStore, Protocol):
@@ -24,22 +31,9 @@ class EmbedStore(StatusStore, Protocol):
 
     def load_chunks(self, document_id: str, chunker_version: str) -> Awaitable[list[ChunkRow]]: ...
 
-    def cached_embeddings(
-        self, model: str, dimensions: int, text_sha256s: Sequence[str], *, cache_scope: str
-    ) -> Awaitable[dict[str, list[float]]]: ...
+    def cached_embeddings(self, lookup: CacheLookup) -> Awaitable[dict[str, list[float]]]: ...
 
-    def save_embeddings(
-        self,
-        document_id: str,
-        tenant_id: str,
-        chunker_version: str,
-        model: str,
-        dimensions: int,
-        provider: str,
-        rows: Sequence[tuple[int, str, Sequence[float]]],
-        *,
-        cache_scope: str | None = None,
-    ) -> Awaitable[int]: ...
+    def save_embeddings(self, embeddings: EmbeddingSet) -> Awaitable[int]: ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +90,7 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
     texts = {c.text_sha256: c.text for c in chunks}
     scope = deps.cache_scope(chunked.tenant_id)
     vectors = await deps.store.cached_embeddings(
-        embedder.model, dimensions, sorted(texts), cache_scope=scope
+        CacheLookup(embedder.model, dimensions, sorted(texts), cache_scope=scope)
     )
     cached = len(vectors)
     todo = {sha: text for sha, text in texts.items() if sha not in vectors}
@@ -109,22 +103,26 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
     else:
         vectors.update(fresh)
     await deps.store.save_embeddings(
-        document_id=chunked.document_id,
-        tenant_id=chunked.tenant_id,
-        chunker_version=chunked.chunker_version,
-        model=model,
-        dimensions=dimensions,
-        provider=provider,
-        rows=[(c.index, c.text_sha256, vectors[c.text_sha256]) for c in chunks],
-        cache_scope=scope,
+        EmbeddingSet(
+            document_id=chunked.document_id,
+            tenant_id=chunked.tenant_id,
+            chunker_version=chunked.chunker_version,
+            model=model,
+            dimensions=dimensions,
+            provider=provider,
+            rows=[EmbeddingRow(c.index, c.text_sha256, vectors[c.text_sha256]) for c in chunks],
+            cache_scope=scope,
+        )
     )
     await deps.store.advance_status(
-        chunked.document_id,
-        "embedded",
-        tenant_id=chunked.tenant_id,
-        current_embedding_model=model,
-        current_embedding_dimensions=dimensions,
-        current_chunker_version=chunked.chunker_version,
+        StatusChange(
+            chunked.document_id,
+            "embedded",
+            tenant_id=chunked.tenant_id,
+            current_embedding_model=model,
+            current_embedding_dimensions=dimensions,
+            current_chunker_version=chunked.chunker_version,
+        )
     )
     event = DocumentEmbedded(
         document_id=chunked.document_id,

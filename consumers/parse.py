@@ -8,10 +8,9 @@ within its rules) and its claim check against the tenant's own blob areas (`rags
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from consumers.stage import Outcome, RecordContext, StatusStore
 from ragstream.blobs import ClaimCheckReader, ClaimChecks, sha256_hex
@@ -19,39 +18,16 @@ from ragstream.errors import PermanentError
 from ragstream.events import DocumentParsed, DocumentUploaded
 from ragstream.providers.parse.port import Parser
 from ragstream.settings import Settings
-from ragstream.store.models import UploadDecision
+from ragstream.store.models import ParsedContent, StatusChange, Upload, UploadDecision
 from ragstream.validation import check_key, check_upload
 
 
 class ParseStore(StatusStore, Protocol):
     """What the parse stage needs of the store."""
 
-    def register_upload(
-        self,
-        document_id: str,
-        tenant_id: str,
-        filename: str | None,
-        content_type: str | None,
-        size_bytes: int | None,
-        sha256: str,
-        source_uri: str | None,
-        metadata: Mapping[str, Any] | None,
-        correlation_id: str | None,
-        uploaded_at: datetime | None,
-        force: bool = False,
-    ) -> Awaitable[UploadDecision]: ...
+    def register_upload(self, upload: Upload) -> Awaitable[UploadDecision]: ...
 
-    def save_parse(
-        self,
-        document_id: str,
-        tenant_id: str,
-        content_sha256: str,
-        parser: str,
-        parser_version: str,
-        markdown: str,
-        page_count: int | None,
-        title: str | None,
-    ) -> Awaitable[bool]: ...
+    def save_parse(self, parsed: ParsedContent) -> Awaitable[bool]: ...
 
 
 @dataclass(frozen=True)
@@ -95,17 +71,19 @@ async def parse(uploaded: DocumentUploaded, deps: ParseDeps, ctx: RecordContext)
         # Where it points is checked before any write; the bytes are read after registration.
         await deps.claims.check(uploaded.source_uri, uploaded.tenant_id)
     decision = await deps.store.register_upload(
-        document_id=uploaded.document_id,
-        tenant_id=uploaded.tenant_id,
-        filename=uploaded.filename,
-        content_type=uploaded.content_type,
-        size_bytes=uploaded.size_bytes,
-        sha256=uploaded.sha256,
-        source_uri=uploaded.source_uri,
-        metadata=dict(uploaded.metadata),
-        correlation_id=uploaded.correlation_id,
-        uploaded_at=uploaded.occurred_at,
-        force=uploaded.force,
+        Upload(
+            document_id=uploaded.document_id,
+            tenant_id=uploaded.tenant_id,
+            filename=uploaded.filename,
+            content_type=uploaded.content_type,
+            size_bytes=uploaded.size_bytes,
+            sha256=uploaded.sha256,
+            source_uri=uploaded.source_uri,
+            metadata=dict(uploaded.metadata),
+            correlation_id=uploaded.correlation_id,
+            uploaded_at=uploaded.occurred_at,
+            force=uploaded.force,
+        )
     )
     if not decision.proceed:
         return Outcome(None, "duplicate", {"duplicate_of": decision.duplicate_of})
@@ -115,21 +93,25 @@ async def parse(uploaded: DocumentUploaded, deps: ParseDeps, ctx: RecordContext)
     )
     content_sha = sha256_hex(result.markdown.encode())
     await deps.store.save_parse(
-        document_id=uploaded.document_id,
-        tenant_id=uploaded.tenant_id,
-        content_sha256=content_sha,
-        parser=result.parser,
-        parser_version=result.parser_version,
-        markdown=result.markdown,
-        page_count=result.page_count,
-        title=result.title,
+        ParsedContent(
+            document_id=uploaded.document_id,
+            tenant_id=uploaded.tenant_id,
+            content_sha256=content_sha,
+            parser=result.parser,
+            parser_version=result.parser_version,
+            markdown=result.markdown,
+            page_count=result.page_count,
+            title=result.title,
+        )
     )
     await deps.store.advance_status(
-        uploaded.document_id,
-        "parsed",
-        tenant_id=uploaded.tenant_id,
-        page_count=result.page_count,
-        current_parse_sha256=content_sha,
+        StatusChange(
+            uploaded.document_id,
+            "parsed",
+            tenant_id=uploaded.tenant_id,
+            page_count=result.page_count,
+            current_parse_sha256=content_sha,
+        )
     )
     parsed = DocumentParsed(
         document_id=uploaded.document_id,

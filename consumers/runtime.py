@@ -5,8 +5,11 @@ after the stage's PostgreSQL writes are done and its output record (or its retry
 copy) is acknowledged by the broker (acks=all, idempotent producer). Stage functions know
 nothing of Kafka; they take a typed event and return an `Outcome`.
 
-Ordering: a partition's batch is handled by one task while the partition is paused, and the
-loop keeps polling meanwhile, so a slow record never exceeds `max.poll.interval.ms`. With
+Ordering: a partition's records are handled by one task at a time, and the loop keeps polling
+meanwhile, so a slow record never exceeds `max.poll.interval.ms`. Records fetched for a
+partition while its task runs queue behind it (the task takes them next, in offset order); the
+partition is paused only while that queue is full, so a busy partition never waits for a long
+poll of the idle ones to return. With
 `concurrency` 1, records are handled one at a time in offset order. With `concurrency` N, up to
 N records are handled at once in the process, across partitions and across keys within a
 batch: records are keyed by document_id and each key's records run in offset order, so one
@@ -48,21 +51,22 @@ Traces (`ragstream.tracing`, while tracing is on): each record's handling is one
 of the context in its `traceparent` header, however it ends (in a batch, or alone after its
 try in a batch failed); its output, retry copy and dead letter carry that span's context in
 place of the trace headers it came with.
+
+The runner's parts: `consumers.partitions` (tasks per partition, ordering, commits, waits),
+`consumers.batch` (micro-batches), `consumers.failures` (carrying out the policy's decisions and
+the copies that leave the runner), `consumers.handling` (what they share); headers are read and
+built by `ragstream.headers`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, contextmanager
-from contextvars import Token
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from enum import Enum
-from typing import Any, Final, Protocol, TypeVar
+from typing import Final
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -71,166 +75,48 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from opentelemetry.trace import Span
 
+from consumers.batch import MicroBatches
+from consumers.failures import Failures
+from consumers.handling import (
+    WAS_UP_LIMIT,
+    Batching,
+    Handled,
+    RunnerStats,
+    StageHandler,
+    StepRecorder,
+    _Released,
+)
 from consumers.infrastructure import InfrastructureWatch, Waited, until_kafka
+from consumers.partitions import PartitionWork
 from consumers.policy import (
-    Action,
-    DeadLetter,
-    Hold,
-    Park,
-    Retry,
     WaitForInfrastructure,
     decide,
     retry_or_give_up,
 )
 from consumers.stage import Outcome, RecordContext
-from ragstream import tracing
+from ragstream import kafkaio, tracing
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
-from ragstream.dlq import MESSAGE_LIMIT, dead_letter_headers, failure_headers, header
-from ragstream.errors import KAFKA, POSTGRES, DecodeError
+from ragstream.errors import DecodeError
 from ragstream.events import DocumentEmbedded, DocumentEvent, Event
+from ragstream.headers import (
+    correlation_id,
+    is_replay_copy,
+    retry_attempt,
+)
 from ragstream.kafka_clients import bounded, started
 from ragstream.metrics import Metrics, observe_lag
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
-from ragstream.topology import (
-    H_ATTEMPT,
-    H_CORRELATION_ID,
-    H_DUE_AT,
-    H_ERR_DOCUMENT,
-    H_ERR_TENANT,
-    H_REPLAY,
-    Stage,
-    Topology,
-)
+from ragstream.topology import Stage, Topology
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
-StageHandler = Callable[[Event, RecordContext], Awaitable[Outcome]]
-
-# After this many waits in which the dependency answered at the first probe, the error is
-# taken to be the record's own (a statement that always times out): it spends an attempt.
-WAS_UP_LIMIT: Final = 3
-
-
-class StepRecorder(Protocol):
-    """Where each record's handling is written down (the document's journey)."""
-
-    async def step_done(
-        self,
-        event: DocumentEvent,
-        stage: str,
-        outcome: Outcome,
-        ctx: RecordContext,
-        started_at: datetime,
-        finished_at: datetime,
-    ) -> None: ...
-
-    async def step_failed(
-        self,
-        event: DocumentEvent,
-        stage: str,
-        error: BaseException,
-        ctx: RecordContext,
-        started_at: datetime,
-        finished_at: datetime,
-        *,
-        final: bool,
-    ) -> None: ...
-
-
-class BatchScope(Protocol):
-    """One transaction around a batch of records (`Store.batch()`); a record's own writes run in
-    a savepoint, so one record failing does not undo the others."""
-
-    def savepoint(self) -> AbstractAsyncContextManager[None]: ...
-
-
-Batching = Callable[[], AbstractAsyncContextManager[BatchScope]]
-
 COMMIT_TIMEOUT_S: Final = 2.0
-FETCH_MAX_WAIT_MS: Final = 100
+FETCH_MAX_WAIT_MS: Final = 500
 
 
-MAX_ATTEMPT_HEADER = 1000  # an attempt number past any retry policy's: read as this
-MAX_WAIT_MS = 2 * 86_400_000  # a due time further ahead than any wait the runtime sets: now
-
-
-def int_header(headers: Any, key: str, default: int) -> int:
-    """A header holding a decimal integer (the runtime's own retry headers), or `default` when
-    it is absent or is not one: anyone may publish to the topics, and a crafted header must
-    neither stop the worker nor hold a partition."""
-    raw = header(headers, key)
-    if raw is None:
-        return default
-    try:
-        text = raw.decode("ascii")
-        return int(text) if text.strip().lstrip("-").isdigit() else default
-    except UnicodeDecodeError:
-        return default
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Handled(Enum):
-    DONE = "done"  # finished (output, retry or dead letter acknowledged): commit past it
-    HOLD = "hold"  # the budget refused it: keep it where it is, try again soon
-    RELEASED = "released"  # shutting down or revoked while waiting: hand it back uncommitted
-
-
-class _Released(BaseException):
-    """Raised inside a record's handling when its partition is handed back mid-wait (a
-    BaseException, like cancellation, so no handler's `except Exception` takes it)."""
-
-
-@dataclass
-class _Tried:
-    """A record's try inside a batch: its outcome, or the error to handle it alone with."""
-
-    record: ConsumerRecord[bytes, bytes]
-    event: Event
-    ctx: RecordContext
-    started: datetime
-    t0: float
-    span: Span | None = None
-    outcome: Outcome | None = None
-    error: Exception | None = None
-
-
-def batches(
-    records: Sequence[ConsumerRecord[bytes, bytes]], size: int
-) -> Iterator[list[ConsumerRecord[bytes, bytes]]]:
-    """A partition's records in runs of at most `size`, a key (document) at most once in each,
-    in offset order: a record handled alone after its batch never overtakes its document's
-    next record."""
-    run: list[ConsumerRecord[bytes, bytes]] = []
-    keys: set[bytes | None] = set()
-    for record in records:
-        if len(run) >= size or record.key in keys:
-            yield run
-            run, keys = [], set()
-        run.append(record)
-        keys.add(record.key)
-    if run:
-        yield run
-
-
-@dataclass
-class RunnerStats:
-    processed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    poison: int = 0
-    held_for_infrastructure: int = 0
-    batches: int = 0  # micro-batches written (each one transaction)
-    largest_batch: int = 0
-    by_partition: dict[int, int] = field(default_factory=dict)
-
-
-class StageRunner:
+class StageRunner(PartitionWork, MicroBatches, Failures):
     """Runs one consumer (a stage, or the cost accountant) as a member of its group until
     `stop` is set.
 
@@ -293,12 +179,12 @@ class StageRunner:
         self._pending: dict[TopicPartition, int] = {}
         self._waiting: dict[TopicPartition, int] = {}  # paused partition -> due (ms)
         self._inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+        # records fetched for a partition while its task runs: the task takes them next
+        self._queued: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
         self._stopping: set[TopicPartition] = set()  # finishing what is in hand, nothing more
         self._stop: asyncio.Event | None = None
         self.assignment: set[TopicPartition] = set()
         self.blocked: str | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         self._reset()
@@ -306,9 +192,7 @@ class StageRunner:
         kafka = self.settings.kafka
 
         def make_producer() -> AIOKafkaProducer:
-            return AIOKafkaProducer(
-                **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=5
-            )
+            return kafkaio.producer(self.settings, linger_ms=5)
 
         def make_consumer() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(
@@ -320,8 +204,10 @@ class StageRunner:
                 session_timeout_ms=kafka.session_timeout_ms,
                 heartbeat_interval_ms=min(3000, kafka.session_timeout_ms // 3),
                 max_poll_records=self.max_poll_records,
-                # A partition resumed after its batch is fetched with the next request; a
-                # long poll in flight for the other partitions holds that back at most this.
+                # A partition resumed (after a hold, a due time, a full queue or the gate) is
+                # fetched with the next request; a long poll in flight for the other
+                # partitions holds that back at most this. A partition being worked on is not
+                # paused (its records queue), so this wait is not on the busy path.
                 fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             )
             consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
@@ -405,164 +291,6 @@ class StageRunner:
             for tp in self.consumer.assignment():
                 self._resume(tp)
 
-    def _resume(self, tp: TopicPartition) -> None:
-        """Resume a partition unless a task holds it, it waits for a due time, or the gate is
-        closed."""
-        assert self.consumer is not None
-        if (
-            self.blocked is None
-            and tp not in self._inflight
-            and tp not in self._waiting
-            and tp in self.consumer.assignment()
-        ):
-            self.consumer.resume(tp)
-
-    def _resume_due(self) -> int:
-        """Resume partitions whose wait is over; return how long to poll (ms)."""
-        now = _now_ms()
-        for tp, due in list(self._waiting.items()):
-            if due <= now:
-                del self._waiting[tp]
-                self._resume(tp)
-        if not self._waiting:
-            return 500
-        return max(10, min(500, min(self._waiting.values()) - now))
-
-    # -- records ---------------------------------------------------------------------------
-
-    def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Hand a partition's records to a task of their own; the partition is paused until
-        the task is done, so the loop keeps polling (no max.poll.interval.ms breach, however
-        long a record takes) while one document's records stay in order."""
-        assert self.consumer is not None
-        self.consumer.pause(tp)
-        self._inflight[tp] = asyncio.create_task(self._run_partition(tp, records))
-
-    async def _run_partition(
-        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
-    ) -> None:
-        if tp.topic == self.retry_topic or self.concurrency == 1:
-            async with self._gate:
-                if tp.topic != self.retry_topic and self.batching is not None:
-                    await self._run_batches(tp, records)
-                    return
-                for record in records:
-                    if tp in self._stopping:
-                        return  # revoked or shutting down: the rest go back uncommitted
-                    if tp.topic == self.retry_topic and self._not_yet_due(tp, record):
-                        return
-                    if not self._settle(tp, record, await self._handle_record(record)):
-                        return
-            return
-        await self._run_by_key(tp, records)
-
-    async def _run_batches(
-        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
-    ) -> None:
-        """Run a partition's records as micro-batches (see `_handle_batch`); the committed offset
-        is the end of the finished prefix, as record by record."""
-        for run in batches(records, self.batch_size):
-            if tp in self._stopping:
-                return  # revoked or shutting down: the rest go back uncommitted
-            for record, handled in zip(run, await self._handle_batch(run), strict=True):
-                if not self._settle(tp, record, handled):
-                    return
-
-    def _settle(
-        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], handled: Handled
-    ) -> bool:
-        """Move the partition's commit past a finished record; False when the partition stops
-        at it (handed back, or held by the budget)."""
-        if handled is Handled.RELEASED:
-            return False
-        if handled is Handled.HOLD:
-            self._hold(tp, record)
-            return False
-        self._pending[tp] = record.offset + 1
-        return True
-
-    async def _run_by_key(
-        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
-    ) -> None:
-        """Run a batch as one lane per key (document): lanes run at once, up to `concurrency`
-        records in the process, and each lane in offset order, so one document's records keep
-        their order. The committed offset is the end of the batch's finished prefix; if the
-        budget held a record, the partition is held at the first unfinished one (records after
-        it that finished are handled again later: every write is idempotent)."""
-        lanes: dict[bytes | None, list[ConsumerRecord[bytes, bytes]]] = {}
-        for record in records:
-            lanes.setdefault(record.key, []).append(record)
-        done: set[int] = set()
-        held = asyncio.Event()
-
-        async def lane(queue: list[ConsumerRecord[bytes, bytes]]) -> None:
-            for record in queue:
-                if held.is_set() or tp in self._stopping:
-                    return  # the budget said no, or the partition is being handed back
-                async with self._gate:
-                    handled = await self._handle_record(record)
-                if handled is not Handled.DONE:
-                    held.set()
-                    return
-                done.add(record.offset)
-
-        await asyncio.gather(*(lane(queue) for queue in lanes.values()))
-        for record in records:
-            if record.offset not in done:
-                if tp not in self._stopping:  # held by the budget: wait here
-                    self._hold(tp, record)
-                break
-            self._pending[tp] = record.offset + 1
-
-    async def _reap(self) -> None:
-        """Collect finished partition tasks; resume their partitions (unless waiting on a retry)."""
-        assert self.consumer is not None
-        for tp, task in list(self._inflight.items()):
-            if not task.done():
-                continue
-            del self._inflight[tp]
-            task.result()  # a failure here is a bug: the supervisor restarts this consumer
-            self._resume(tp)
-
-    async def _drain(self, grace_s: float, only: set[TopicPartition] | None = None) -> None:
-        """Let the records in hand finish for up to `grace_s` and start no more of the batch;
-        then hand the rest back (cancel). Offsets of records not finished stay uncommitted, so
-        the next owner processes them."""
-        tasks = {tp: t for tp, t in self._inflight.items() if only is None or tp in only}
-        if not tasks:
-            return
-        self._stopping |= set(tasks)
-        try:
-            _, late = await asyncio.wait(tasks.values(), timeout=grace_s)
-        finally:
-            self._stopping -= set(tasks)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-        for tp in tasks:
-            self._inflight.pop(tp, None)
-        if late:
-            log.warning("in-flight records handed back", records=len(late))
-
-    def _not_yet_due(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> bool:
-        """Pause a retry partition at a record that is not due yet (other partitions go on)."""
-        due = int_header(record.headers, H_DUE_AT, 0)
-        if due <= _now_ms() or due > _now_ms() + MAX_WAIT_MS:  # past, or not one of ours
-            return False
-        assert self.consumer is not None
-        self.consumer.seek(tp, record.offset)
-        self.consumer.pause(tp)
-        self._waiting[tp] = due
-        return True
-
-    def _hold(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        """Keep a record the budget refused where it is: uncommitted, its partition paused,
-        and try it again in a few seconds (sooner than the gate would reopen is harmless)."""
-        assert self.consumer is not None
-        self.consumer.seek(tp, record.offset)
-        self.consumer.pause(tp)
-        self._waiting[tp] = _now_ms() + int(Hold().recheck_s * 1000)
-
     async def _handle_record(
         self,
         record: ConsumerRecord[bytes, bytes],
@@ -587,13 +315,12 @@ class StageRunner:
     @contextmanager
     def _bound(self, record: ConsumerRecord[bytes, bytes]) -> Iterator[None]:
         """The record's place (and correlation id) on every log line of its handling."""
-        corr = (header(record.headers, H_CORRELATION_ID) or b"").decode(errors="replace") or None
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
             stage=self.name,
-            correlation_id=corr,
+            correlation_id=correlation_id(record.headers),
         ):
             yield
 
@@ -629,165 +356,6 @@ class StageRunner:
             with structlog.contextvars.bound_contextvars(**self._ids(event)):
                 return await self._attempt(record, event, first)
 
-    # -- micro-batches -----------------------------------------------------------------------
-
-    async def _handle_batch(self, records: list[ConsumerRecord[bytes, bytes]]) -> list[Handled]:
-        """Handle records of distinct documents as one batch: each record's stage work in a
-        savepoint of one transaction, with its journey step; the transaction committed once;
-        the outputs sent together and flushed once. A record whose try failed (or that cannot
-        be decoded) is then handled alone from that error (its retry, dead letter or wait), so
-        it never fails its neighbours. When the batch itself cannot be written (PostgreSQL
-        away) it waits and runs again; any other failure of the batch as a whole runs its
-        records one at a time. On shutdown or revocation the batch starts no more records:
-        those done are written and committed, the rest are handed back."""
-        items: list[tuple[ConsumerRecord[bytes, bytes], Event]] = []
-        for record in records:
-            with contextlib.suppress(DecodeError):  # a poison pill: dead-lettered alone below
-                items.append((record, self._decode(record)))
-        if not items:  # a batch of one is still one transaction instead of one per write
-            return [await self._handle_record(record) for record in records]
-        spans: dict[int, Span | None] = {}  # by offset: each record's span, however it ends
-        try:
-            return await self._run_batch(records, items, spans)
-        finally:
-            tracing.end(spans.values())
-
-    async def _run_batch(
-        self,
-        records: list[ConsumerRecord[bytes, bytes]],
-        items: list[tuple[ConsumerRecord[bytes, bytes], Event]],
-        spans: dict[int, Span | None],
-    ) -> list[Handled]:
-        was_up = 0
-        while True:
-            try:
-                with self.metrics.inflight(self.name):
-                    tried = {t.record.offset: t for t in await self._try_batch(items, spans)}
-                break
-            except Exception as exc:
-                action = decide(exc, 1, self.settings.retry)
-                if isinstance(action, WaitForInfrastructure) and was_up < WAS_UP_LIMIT:
-                    try:
-                        waited = await self._wait_for(records[0], action.dependency, exc)
-                    except _Released:
-                        return [Handled.RELEASED] * len(records)
-                    was_up = was_up + 1 if waited is Waited.WAS_UP else 0
-                    continue
-                log.warning(
-                    "batch failed; handling its records one at a time",
-                    stage=self.name,
-                    records=len(records),
-                    error_class=type(exc).__name__,
-                    error=str(exc)[:MESSAGE_LIMIT],
-                )
-                return [
-                    await self._handle_record(record, span=spans.get(record.offset))
-                    for record in records
-                ]
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(records))
-        self.metrics.record_batch(self.name, len(records))
-        published = await asyncio.gather(
-            *(self._publish_tried(t) for t in tried.values()), return_exceptions=True
-        )
-        results = dict(zip(tried, published, strict=True))
-        handled: list[Handled] = []
-        decoded = {record.offset for record, _ in items}
-        for record in records:
-            t, result = tried.get(record.offset), results.get(record.offset)
-            if handled and handled[-1] is not Handled.DONE:
-                handled.append(Handled.RELEASED)  # after a held record: handed back
-            elif t is None and record.offset in decoded:
-                handled.append(Handled.RELEASED)  # not tried: the batch stopped before it
-            elif isinstance(result, _Released):
-                handled.append(Handled.RELEASED)
-            elif isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result
-            elif t is not None and t.outcome is not None and result is None:
-                with (
-                    self._bound(record),
-                    structlog.contextvars.bound_contextvars(**self._ids(t.event)),
-                    tracing.active(t.span),
-                ):
-                    self._finished(t.event, t.outcome, t.ctx, t.t0)
-                handled.append(Handled.DONE)
-            else:  # undecodable, or its try failed: alone, from that error
-                error = t.error or result if t is not None else None
-                assert error is None or isinstance(error, Exception)
-                handled.append(await self._handle_record(record, error, spans.get(record.offset)))
-        return handled
-
-    async def _try_batch(
-        self,
-        items: list[tuple[ConsumerRecord[bytes, bytes], Event]],
-        spans: dict[int, Span | None],
-    ) -> list[_Tried]:
-        """Each record's stage work and journey step in one transaction (see _handle_batch);
-        a record's span is made at its first try and kept in `spans`."""
-        assert self.batching is not None
-        tried: list[_Tried] = []
-        commit: Token[Any] | None = None
-        try:
-            async with self.batching() as scope:
-                for record, event in items:
-                    if tried and self._released(record):
-                        break  # revoked or shutting down: what is done commits, the rest goes back
-                    tried.append(self._tried(record, event, spans))
-                    await self._try(tried[-1], scope)
-                commit = tracing.batch_parent([t.span for t in tried])  # the commit's parent
-        finally:
-            tracing.detach(commit)
-        return tried
-
-    def _tried(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        event: Event,
-        spans: dict[int, Span | None],
-    ) -> _Tried:
-        if record.offset not in spans:
-            spans[record.offset] = span = tracing.record_span(self.name, self.group_id, record)
-            tracing.describe(span, event)
-        return _Tried(
-            record,
-            event,
-            self._context(record),
-            datetime.now(UTC),
-            time.perf_counter(),
-            spans[record.offset],
-        )
-
-    async def _try(self, t: _Tried, scope: BatchScope) -> None:
-        """A record's stage work in its savepoint of the batch, and its journey step."""
-        record, event = t.record, t.event
-        with (
-            self._bound(record),
-            structlog.contextvars.bound_contextvars(**self._ids(event)),
-            tracing.active(t.span),
-        ):
-            try:
-                async with scope.savepoint():
-                    with self._call_context(event):
-                        t.outcome = await self.handler(event, t.ctx)
-            except Exception as exc:
-                action = decide(exc, t.ctx.attempt, self.settings.retry)
-                if isinstance(action, WaitForInfrastructure) and action.dependency == POSTGRES:
-                    raise  # the batch's connection: the batch waits as a whole
-                t.error = exc
-                return
-            if self.recorder is not None and isinstance(event, DocumentEvent):
-                await self.recorder.step_done(
-                    event, self.name, t.outcome, t.ctx, t.started, datetime.now(UTC)
-                )
-
-    async def _publish_tried(self, t: _Tried) -> None:
-        """Publish a batch record's output (waiting for Kafka as long as it is away)."""
-        if t.error is not None or t.outcome is None or t.outcome.output is None:
-            return
-        output = t.outcome.output
-        with tracing.active(t.span):  # the output carries the record's span
-            await self._steadily(t.record, lambda: self._publish(output))
-
     @contextmanager
     def _call_context(self, event: Event) -> Iterator[None]:
         """Name the document behind every paid call the handler makes (for cost usage)."""
@@ -813,8 +381,8 @@ class StageRunner:
             record.topic,
             record.partition,
             record.offset,
-            max(1, min(int_header(record.headers, H_ATTEMPT, 1), MAX_ATTEMPT_HEADER)),
-            replay=header(record.headers, H_REPLAY) is not None,
+            retry_attempt(record.headers),
+            replay=is_replay_copy(record.headers),
             key=record.key,
         )
 
@@ -872,193 +440,6 @@ class StageRunner:
             duration_ms=round(seconds * 1000, 1),
         )
 
-    async def _carry_out(
-        self,
-        action: Action,
-        record: ConsumerRecord[bytes, bytes],
-        event: Event,
-        exc: Exception,
-        ctx: RecordContext,
-        started: datetime,
-        t0: float,
-    ) -> Handled:
-        """Do what the policy decided for a record whose handling failed."""
-        elapsed = time.perf_counter() - t0
-        if isinstance(action, Hold):
-            self.metrics.record_handled(self.name, "waiting", elapsed)
-            tracing.outcome("waiting", exc)
-            log.info("waiting for budget", reason=str(exc))
-            return Handled.HOLD
-        if isinstance(action, Park):
-            self.metrics.record_handled(self.name, "waiting", elapsed)
-            tracing.outcome("waiting", exc)
-            delay = action.delay_s
-            await self._steadily(record, lambda: self._send_retry(record, exc, ctx.attempt, delay))
-            log.info("parked: the call was not made", reason=str(exc), delay_s=delay)
-            return Handled.DONE
-        if isinstance(action, Retry):
-            await self._record_failure(record, event, exc, ctx, started, final=False)
-            nxt, delay = action.attempt, action.delay_s
-            await self._steadily(record, lambda: self._send_retry(record, exc, nxt, delay))
-            self.stats.retried += 1
-            self.metrics.record_retry(self.name, type(exc).__name__)
-            self.metrics.record_handled(self.name, "retried", elapsed)
-            tracing.outcome("retried", exc)
-            log.info("sent to retry", next_attempt=nxt, delay_s=round(delay, 3))
-            return Handled.DONE
-        assert isinstance(action, DeadLetter)
-        # The failure is written before the record reaches the DLQ: the document's status
-        # never lags behind a dead letter.
-        await self._record_failure(record, event, exc, ctx, started, final=True)
-        kind = action.kind
-        await self._steadily(
-            record, lambda: self._dead_letter(record, event, exc, ctx.attempt, kind=kind)
-        )
-        self.metrics.record_handled(self.name, "dead-lettered", elapsed)
-        tracing.outcome("dead-lettered", exc)
-        return Handled.DONE
-
-    # -- waiting for our own dependencies ----------------------------------------------------
-
-    def _released(self, record: ConsumerRecord[bytes, bytes]) -> bool:
-        tp = TopicPartition(record.topic, record.partition)
-        return tp in self._stopping or (self._stop is not None and self._stop.is_set())
-
-    async def _wait_for(
-        self, record: ConsumerRecord[bytes, bytes], dependency: str, exc: BaseException
-    ) -> Waited:
-        """Hold `record` until `dependency` answers again; raise _Released when the partition
-        is handed back meanwhile."""
-        self.stats.held_for_infrastructure += 1
-        log.warning(
-            "dependency unavailable: record held, no attempt spent",
-            dependency=dependency or "infrastructure",
-            error_class=type(exc).__name__,
-            error=str(exc)[:MESSAGE_LIMIT],
-        )
-        probe = self._probe_kafka if dependency == KAFKA else None
-        waited = await self.watch.wait(dependency, exc, lambda: self._released(record), probe)
-        if waited is Waited.ABANDONED:
-            raise _Released
-        return waited
-
-    async def _probe_kafka(self) -> bool:
-        """Does the broker answer a metadata request (through this runner's own producer)?"""
-        if self.producer is None:
-            return False
-        return bool(await self.producer.client.force_metadata_update())
-
-    async def _steadily(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        write: Callable[[], Awaitable[T]],
-        *,
-        what: str | None = None,
-    ) -> T | None:
-        """Run a write that follows the record's handling (publish a copy, write the journey)
-        until it gets through, waiting for our own dependencies as long as they are away.
-
-        With `what` the write is best effort once the dependency answers: another error is
-        logged and the record goes on (None). Without it, that error is raised."""
-        was_up = 0
-        while True:
-            try:
-                return await write()
-            except Exception as exc:
-                action = decide(exc, 1, self.settings.retry)
-                if isinstance(action, WaitForInfrastructure) and was_up < WAS_UP_LIMIT:
-                    waited = await self._wait_for(record, action.dependency, exc)
-                    was_up = was_up + 1 if waited is Waited.WAS_UP else 0
-                    continue
-                if what is None:
-                    raise
-                log.error(f"could not write the {what}", error=str(exc)[:MESSAGE_LIMIT])
-                return None
-
-    async def _record_failure(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        event: Event,
-        exc: BaseException,
-        ctx: RecordContext,
-        started: datetime,
-        *,
-        final: bool,
-    ) -> None:
-        log.warning(
-            "record failed" if final else "record will be retried",
-            attempt=ctx.attempt,
-            error_class=type(exc).__name__,
-            error=str(exc)[:MESSAGE_LIMIT],
-        )
-        if self.recorder is None or not isinstance(event, DocumentEvent):
-            return
-        recorder = self.recorder
-        await self._steadily(
-            record,
-            lambda: recorder.step_failed(
-                event, self.name, exc, ctx, started, datetime.now(UTC), final=final
-            ),
-            what="failure",
-        )
-
-    # -- publishing --------------------------------------------------------------------------
-
-    async def _send_retry(
-        self, record: ConsumerRecord[bytes, bytes], exc: BaseException, attempt: int, delay: float
-    ) -> None:
-        headers = [
-            *failure_headers(record, exc, stage=self.name, group=self.group_id, scrub=self.scrub),
-            (H_ATTEMPT, str(attempt).encode()),
-            (H_DUE_AT, str(_now_ms() + int(delay * 1000)).encode()),
-        ]
-        assert self.producer is not None
-        await self.producer.send_and_wait(
-            self.retry_topic, record.value, key=record.key, headers=tracing.inject(headers)
-        )
-
-    async def _dead_letter(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        event: Event | None,
-        exc: BaseException,
-        attempt: int,
-        *,
-        kind: str,
-    ) -> None:
-        headers = dead_letter_headers(
-            record,
-            exc,
-            stage=self.name,
-            group=self.group_id,
-            kind=kind,
-            attempts=attempt,
-            scrub=self.scrub,
-        )
-        tenant, document = getattr(event, "tenant_id", None), getattr(event, "document_id", None)
-        if tenant is not None:
-            headers.append((H_ERR_TENANT, str(tenant).encode()))
-        if document is not None:
-            headers.append((H_ERR_DOCUMENT, str(document).encode()))
-        assert self.producer is not None
-        # Key and value exactly as they came: a poison pill stays the bytes it was.
-        await self.producer.send_and_wait(
-            self.topology.dlq, record.value, key=record.key, headers=tracing.inject(headers)
-        )
-        self.stats.dead_lettered += 1
-        self.metrics.record_dead_letter(self.name, type(exc).__name__)
-        log.error("dead-lettered", kind=kind, attempts=attempt, error_class=type(exc).__name__)
-
-    async def _publish(self, event: Event) -> None:
-        assert self.producer is not None and self.output_topic is not None
-        key = event.document_id.encode() if isinstance(event, DocumentEvent) else None
-        await self.producer.send_and_wait(
-            self.output_topic,
-            self.codec.encode(event),
-            key=key,
-            headers=tracing.inject(self.codec.headers_for(event)),
-        )
-
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Finish the records in hand and commit them before giving partitions away."""
@@ -1072,6 +453,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await runner.commit_pending()
         for tp in revoked:
             self.runner._waiting.pop(tp, None)
+            self.runner._queued.pop(tp, None)  # uncommitted: the next owner reads them
         self.runner.assignment -= set(revoked)
         runner.metrics.drop_lag(runner.name, revoked)
 

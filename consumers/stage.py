@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from ragstream.errors import TenantConflict
 from ragstream.events import Event
-from ragstream.store.models import Document
+from ragstream.store.models import Document, StatusChange
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,7 @@ class StatusStore(Protocol):
     """The store's forward-only status move (see ragstream.store), which every stage uses.
     With `tenant_id`, a document of another tenant is refused (TenantConflict)."""
 
-    def advance_status(
-        self,
-        document_id: str,
-        status: str,
-        reason: str | None = None,
-        *,
-        tenant_id: str | None = None,
-        stage: str | None = None,
-        current_parse_sha256: str | None = None,
-        current_chunker_version: str | None = None,
-        current_embedding_model: str | None = None,
-        current_embedding_dimensions: int | None = None,
-        page_count: int | None = None,
-        chunk_count: int | None = None,
-    ) -> Awaitable[bool]: ...
+    def advance_status(self, change: StatusChange) -> Awaitable[bool]: ...
 
     def get_document(self, document_id: str) -> Awaitable[Document | None]: ...
 

@@ -19,9 +19,10 @@ import structlog
 from consumers.chunk import ChunkDeps, chunk
 from consumers.cost import CostAccountant
 from consumers.embed import EmbedDeps, embed
+from consumers.handling import StageHandler
 from consumers.infrastructure import InfrastructureWatch, until_available, until_kafka
 from consumers.parse import ParseDeps, parse
-from consumers.runtime import StageHandler, StageRunner
+from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
 from ragstream.chunking import Chunker
 from ragstream.codec import Codec
@@ -63,7 +64,7 @@ from ragstream.providers.select import (
 )
 from ragstream.scrub import Scrubber
 from ragstream.settings import Settings
-from ragstream.store import Store
+from ragstream.store import StatusChange, Store
 from ragstream.store.migrate import migrate
 from ragstream.tokens import get_tokenizer
 from ragstream.topology import Stage
@@ -145,11 +146,13 @@ class JourneyRecorder:
         )
         if final:
             await self.store.advance_status(
-                event.document_id,
-                "dead-lettered",
-                reason=reason[:2000],
-                stage=stage,
-                tenant_id=event.tenant_id,
+                StatusChange(
+                    event.document_id,
+                    "dead-lettered",
+                    reason=reason[:2000],
+                    stage=stage,
+                    tenant_id=event.tenant_id,
+                )
             )
 
 

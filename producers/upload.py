@@ -22,10 +22,9 @@ from types import TracebackType
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ragstream import tracing
+from ragstream import kafkaio, tracing
 from ragstream.blobs import blob_writer, sha256_hex
 from ragstream.codec import Codec
 from ragstream.content_types import detect_content_type
@@ -100,9 +99,7 @@ class Uploader:
         self.codec = codec or Codec()
         self.topic = Topology(settings.kafka.topic_prefix).uploaded
         self.blobs = blob_writer(settings)
-        self._producer = AIOKafkaProducer(
-            **settings.kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=10
-        )
+        self._producer = kafkaio.producer(settings, linger_ms=10)
         self.window = window
         self._pending: deque[tuple[UploadReceipt, asyncio.Future[Any]]] = deque()
         self._failed: list[tuple[UploadReceipt, BaseException]] = []

@@ -35,8 +35,8 @@ from fastavro.validation import ValidationError, validate
 
 from ragstream.errors import ConfigError, DecodeError, PermanentError
 from ragstream.events import EVENT_TYPES, Event
+from ragstream.headers import event_headers
 from ragstream.resources import schemas_dir
-from ragstream.topology import H_CORRELATION_ID, H_EVENT_TYPE
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
@@ -278,11 +278,10 @@ class Codec:
 
     def headers_for(self, event: Event) -> list[tuple[str, bytes]]:
         """Kafka headers for an event: its type and, where it has one, its correlation id."""
-        headers = [(H_EVENT_TYPE, event.EVENT_TYPE.encode())]
-        correlation_id = getattr(event, "correlation_id", None)
-        if isinstance(correlation_id, str):
-            headers.append((H_CORRELATION_ID, correlation_id.encode()))
-        return headers
+        correlation = getattr(event, "correlation_id", None)
+        return event_headers(
+            event.EVENT_TYPE, correlation if isinstance(correlation, str) else None
+        )
 
     # -- internals --------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ragstream import kafkaio
 from ragstream.codec import Codec
 from ragstream.errors import ConfigError, DecodeError
 from ragstream.events import Event, ServiceMode, ServiceModeChanged, ThrottleEvent, ThrottleState
@@ -114,17 +115,22 @@ class ControlFollower:
         """Catch up with everything on the topic, then keep following in the background."""
         kafka = self.settings.kafka
         consumer = await started_or_explained(
-            kafka, lambda: AIOKafkaConsumer(**kafka.client_options(), enable_auto_commit=False)
+            kafka, lambda: kafkaio.consumer(self.settings, auto_offset_reset="latest")
         )
         self._consumer = consumer
-        await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(self.topic) or {0}
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            self._apply_batch(await consumer.getmany(timeout_ms=1000))
+        try:
+            await consumer._client.force_metadata_update()
+            partitions = sorted(consumer.partitions_for_topic(self.topic) or {0})
+            consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+            held = await kafkaio.extents(consumer, self.topic, partitions)
+            ranges = {TopicPartition(self.topic, p): e for p, e in held.items()}
+            async for records in kafkaio.read_to_end(
+                consumer, ranges, kafka.request_timeout_ms / 1000
+            ):
+                self._apply(records)
+        except BaseException:
+            await consumer.stop()
+            raise
         self._task = asyncio.create_task(self._follow(), name="control-follower")
 
     async def _follow(self) -> None:
@@ -134,14 +140,17 @@ class ControlFollower:
 
     def _apply_batch(self, batch: dict[TopicPartition, list[object]]) -> None:
         for records in batch.values():
-            for record in records:
-                value = getattr(record, "value", None)
-                if value is None:  # a tombstone: the key's state was removed
-                    continue
-                try:
-                    self.state.apply(self.codec.decode(value))
-                except DecodeError as exc:
-                    log.error("undecodable control record skipped", error=str(exc))
+            self._apply(records)
+
+    def _apply(self, records: list[object]) -> None:
+        for record in records:
+            value = getattr(record, "value", None)
+            if value is None:  # a tombstone: the key's state was removed
+                continue
+            try:
+                self.state.apply(self.codec.decode(value))
+            except DecodeError as exc:
+                log.error("undecodable control record skipped", error=str(exc))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -163,11 +172,7 @@ async def snapshot(settings: Settings) -> ControlState:
 
 async def publish_control(settings: Settings, key: bytes, event: Event) -> None:
     codec = Codec()
-    kafka = settings.kafka
-    producer = await started_or_explained(
-        kafka,
-        lambda: AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True),
-    )
+    producer = await kafkaio.started_producer(settings)
     try:
         await producer.send_and_wait(
             Topology(settings.kafka.topic_prefix).control,

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ragstream.dlq import InvalidInput
 from ragstream.errors import RagstreamError
+from ragstream.operator_input import InvalidInput
 from ragstream.settings import Settings
 from ragstream.store import Store, VersionMove
 from ragstream.store._versions import LACKING_NAMED

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 
@@ -63,19 +64,36 @@ def _stat(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every living process below `pid` (children, their children, ...), zombies left out."""
+def descendants(pid: int, *, below: int = 1) -> list[int]:
+    """Every living process below `pid` (children, their children, ...), zombies left out;
+    `below=3` leaves out the children and grandchildren."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := _stat(int(entry))) is not None and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(entry))
     found: list[int] = []
-    todo = [pid]
+    todo = [(pid, 0)]
     while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
+        parent, depth = todo.pop()
+        for child in children.get(parent, []):
+            if depth + 1 >= below:
+                found.append(child)
+            todo.append((child, depth + 1))
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far, user and system (0 for one that is gone)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burning(pids: Iterable[int], since: Mapping[int, float], seconds: float = 0.1) -> list[int]:
+    """The processes that have used `seconds` of CPU more than `since` says they had (a process
+    not in `since` counts from nothing): those busy with a task."""
+    return [pid for pid in pids if cpu_seconds(pid) - since.get(pid, 0.0) >= seconds]
 
 
 def running(pid: int) -> bool:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ragstream.dlq import InvalidInput
 from ragstream.errors import RagstreamError
+from ragstream.operator_input import InvalidInput
 
 MANIFEST = "manifest.json"
 FORMAT = "ragstream-backup"

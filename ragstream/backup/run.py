@@ -28,8 +28,8 @@ from typing import Any
 from ragstream.admin import ensure_topics
 from ragstream.backup import blobfiles, pgtools, streams
 from ragstream.backup.manifest import FileEntry, Manifest, entry_for, read_manifest, verify
-from ragstream.dlq import InvalidInput
 from ragstream.errors import RagstreamError
+from ragstream.operator_input import InvalidInput
 from ragstream.settings import Settings
 
 DUMP = "postgres.dump"

@@ -15,16 +15,16 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from ragstream.admin import admin_client, describe_group
 from ragstream.codec import Codec
-from ragstream.dlq import kafka_errors
 from ragstream.errors import DecodeError, RagstreamError
 from ragstream.kafka_clients import started_or_explained
+from ragstream.kafkaio import consumer, kafka_errors, patiently, started_producer
 from ragstream.settings import Settings
-from ragstream.status import flow_groups, patiently
+from ragstream.status import flow_groups
 from ragstream.topology import CONTROL_MODE, CONTROL_THROTTLE, Topology
 
 Extents = dict[str, dict[int, tuple[int, int]]]  # topic -> partition -> (first offset, end)
@@ -58,17 +58,13 @@ class SavedGroup:
 
 @asynccontextmanager
 async def _consumer(settings: Settings, group_id: str | None = None) -> AsyncIterator[Any]:
-    kafka = settings.kafka
-    consumer = await started_or_explained(
-        kafka,
-        lambda: AIOKafkaConsumer(
-            **kafka.client_options(), group_id=group_id, enable_auto_commit=False
-        ),
+    client = await started_or_explained(
+        settings.kafka, lambda: consumer(settings, group_id=group_id, auto_offset_reset="latest")
     )
     try:
-        yield consumer
+        yield client
     finally:
-        await consumer.stop()
+        await client.stop()
 
 
 async def read_groups(settings: Settings) -> list[SavedGroup]:
@@ -169,12 +165,8 @@ async def republish_control(settings: Settings, records: list[dict[str, Any]]) -
     chosen = [r for r in records if r["key"].split(":", 1)[0] in RESTORED_KINDS]
     if not chosen:
         return 0
-    kafka = settings.kafka
-    producer = await started_or_explained(
-        kafka,
-        lambda: AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True),
-    )
-    topic = Topology(kafka.topic_prefix).control
+    producer = await started_producer(settings)
+    topic = Topology(settings.kafka.topic_prefix).control
     try:
         with kafka_errors(f"publishing to {topic}"):
             for r in chosen:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from datetime import datetime
 from typing import Annotated, Any
 
 import click
@@ -19,9 +18,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ragstream.cli import dlq_views as views
 from ragstream.cli.common import EXIT_FAILURE, console, err_console, fail, run, settings_or_exit
 from ragstream.dlq import (
-    POSITION,
     DlqFilter,
     DlqRecord,
     DlqStats,
@@ -30,24 +29,18 @@ from ragstream.dlq import (
     RedriveReport,
     ShownRecord,
     dlq_stats,
-    format_ms,
     list_records,
     newest_of_document,
-    parse_position,
-    parse_positions,
-    parse_time,
     plan_purge,
     purge,
     redrive,
     show_record,
 )
 from ragstream.errors import RagstreamError
+from ragstream.operator_input import POSITION, format_ms, parse_offsets, parse_position, parse_time
 from ragstream.settings import Settings
 from ragstream.topology import (
-    H_ERR_FIRST_FAILURE,
-    H_ERR_LAST_FAILURE,
     H_ERR_STACKTRACE,
-    H_ERR_TIMESTAMP,
 )
 
 app = typer.Typer(
@@ -55,8 +48,6 @@ app = typer.Typer(
 )
 
 EMPTY = "the DLQ is empty"
-HEX_PREVIEW = 64
-_TIME_HEADERS = (H_ERR_TIMESTAMP, H_ERR_FIRST_FAILURE, H_ERR_LAST_FAILURE)
 
 StageOpt = Annotated[
     list[str], typer.Option("--stage", "-s", help="parse | chunk | embed (repeatable).")
@@ -94,11 +85,6 @@ def _filter(
     return DlqFilter.build(
         stages=stages, error_classes=error_classes, tenants=tenants, since=since, until=until
     )
-
-
-def _snippet(text: str, width: int = 60) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _echo_json(data: Any) -> None:
@@ -153,7 +139,7 @@ def list_cmd(
             escape(r.tenant or ""),
             escape(r.document or ""),
             escape(filenames.get(r.document or "", "")),
-            escape(_snippet(r.message)),
+            escape(views.snippet(r.message)),
         )
     console.print(table)
     if listing.matched > len(listing.records):
@@ -181,67 +167,6 @@ async def _filenames(settings: Settings, records: list[DlqRecord]) -> dict[str, 
 # -- show --------------------------------------------------------------------------------------
 
 
-def _text_or_hex(data: bytes | None) -> str | None:
-    """UTF-8 text as it is; other bytes as `hex:...`."""
-    if data is None:
-        return None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return "hex:" + data.hex()
-    return text if text.isprintable() or not text else "hex:" + data.hex()
-
-
-def _header_text(key: str, value: bytes) -> str:
-    text = _text_or_hex(value) or ""
-    if key in _TIME_HEADERS and text.isdigit():
-        text += f"  ({format_ms(int(text))})"
-    return text
-
-
-def _hex_preview(data: bytes) -> str:
-    head = data[:HEX_PREVIEW]
-    lines = [head[i : i + 16].hex(" ") for i in range(0, len(head), 16)]
-    more = f"\n… ({len(data)} bytes in all)" if len(data) > HEX_PREVIEW else ""
-    return "\n".join(lines) + more
-
-
-def _field_text(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict | list | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
-def _shown_json(shown: ShownRecord) -> dict[str, Any]:
-    r = shown.record
-    payload = None
-    if shown.event is not None:
-        payload = {
-            "event_type": shown.event.EVENT_TYPE,
-            **{
-                f.name: _field_text(getattr(shown.event, f.name))
-                for f in dataclasses.fields(shown.event)
-            },
-        }
-    return {
-        "position": r.position,
-        "topic": r.topic,
-        "time": format_ms(r.timestamp_ms),
-        "key": _text_or_hex(r.key),
-        "headers": {k: _text_or_hex(v) for k, v in r.headers},
-        "payload": payload,
-        "undecodable": shown.undecodable,
-        "value_size": None if r.value is None else len(r.value),
-        "value_hex_preview": None
-        if shown.event is not None or r.value is None
-        else r.value[:HEX_PREVIEW].hex(),
-    }
-
-
 @app.command("show")
 def show_cmd(
     position: Annotated[
@@ -265,12 +190,12 @@ def show_cmd(
 
     shown = run(load)
     if as_json:
-        _echo_json(_shown_json(shown))
+        _echo_json(views.shown_json(shown))
         return
     r = shown.record
     console.print(
         f"[bold]{r.topic}[/] {r.position}  time {format_ms(r.timestamp_ms)}  "
-        f"key {escape(str(_text_or_hex(r.key)))}",
+        f"key {escape(str(views.text_or_hex(r.key)))}",
         highlight=False,
     )
     headers = Table(title="headers", show_header=False)
@@ -278,7 +203,7 @@ def show_cmd(
     headers.add_column("value", overflow="fold")
     stack = None
     for key, value in r.headers:
-        text = _header_text(key, value)
+        text = views.header_text(key, value)
         if key == H_ERR_STACKTRACE:
             stack = value.decode("utf-8", errors="replace")
             text = f"({stack.count(chr(10)) + 1} lines, below)"
@@ -289,12 +214,12 @@ def show_cmd(
         payload.add_column("field", style="cyan", no_wrap=True)
         payload.add_column("value", overflow="fold")
         for f in dataclasses.fields(shown.event):
-            payload.add_row(f.name, escape(str(_field_text(getattr(shown.event, f.name)))))
+            payload.add_row(f.name, escape(str(views.field_text(getattr(shown.event, f.name)))))
         console.print(payload)
     else:
         console.print(f"undecodable: {escape(shown.undecodable or '')}", highlight=False)
         if r.value:
-            console.print(_hex_preview(r.value), highlight=False)
+            console.print(views.hex_preview(r.value), highlight=False)
     if stack:
         console.print("[bold]stack trace[/] (truncated at the source)")
         console.print(escape(stack), highlight=False)
@@ -354,21 +279,6 @@ def _report_skips(report: RedriveReport) -> None:
         )
 
 
-def _moves_table(records: list[DlqRecord]) -> Table:
-    table = Table(title="would redrive")
-    for col in ("at", "stage", "error class", "document", "to topic"):
-        table.add_column(col, overflow="fold")
-    for r in records:
-        table.add_row(
-            r.position,
-            r.stage or "",
-            r.error_class or "",
-            escape(r.document or ""),
-            r.origin_topic or "",
-        )
-    return table
-
-
 @app.command("redrive")
 def redrive_cmd(
     stage: StageOpt = [],  # noqa: B006
@@ -411,7 +321,7 @@ def redrive_cmd(
     if not report.selected:
         console.print("nothing to redrive")
     elif dry_run:
-        console.print(_moves_table(report.selected))
+        console.print(views.moves_table(report.selected))
         console.print(f"dry run: would redrive {len(report.selected)} record(s); nothing sent")
     else:
         topics = ", ".join(sorted({r.origin_topic or "" for r in report.selected}))
@@ -423,13 +333,9 @@ def redrive_cmd(
 # -- purge -------------------------------------------------------------------------------------
 
 
-def _plan_table(plan: PurgePlan) -> Table:
-    table = Table(title=f"purge of {plan.dlq_topic}")
-    for col in ("partition", "first offset", "end offset", "delete before", "records deleted"):
-        table.add_column(col, justify="right")
-    for p in plan.partitions:
-        table.add_row(str(p.partition), str(p.low), str(p.end), str(p.delete_before), str(p.count))
-    return table
+def _positions(text: str) -> dict[int, int]:
+    """`--up-to P:O[,...]` → {partition: offset}."""
+    return {p: r.start for p, r in parse_offsets(text, option="--up-to", ends=False).items()}
 
 
 @app.command("purge")
@@ -457,14 +363,14 @@ def purge_cmd(
         return await plan_purge(
             settings,
             before=parse_time(before, option="--before") if before is not None else None,
-            up_to=parse_positions(up_to) if up_to is not None else None,
+            up_to=_positions(up_to) if up_to is not None else None,
         )
 
     plan = run(plan_it)
     if plan.total == 0:
         console.print("nothing to purge")
         return
-    console.print(_plan_table(plan))
+    console.print(views.plan_table(plan))
     if dry_run:
         console.print(f"dry run: would delete {plan.total} record(s); nothing deleted")
         return

@@ -38,7 +38,7 @@ from ragstream.cost.budget import DAY, HOUR, limit_for, usd, window
 from ragstream.cost.pricing import Price
 from ragstream.errors import BudgetExceeded
 from ragstream.events import CostUsage, ThrottleEvent, ThrottleState
-from ragstream.kafka_clients import started_or_explained
+from ragstream.kafkaio import started_producer
 from ragstream.settings import BudgetSettings, Settings
 from ragstream.topology import Topology
 
@@ -74,11 +74,7 @@ class KafkaUsageSink:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        kafka = self._settings.kafka
-        self._producer = await started_or_explained(
-            kafka,
-            lambda: AIOKafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True),
-        )
+        self._producer = await started_producer(self._settings)
 
     async def stop(self) -> None:
         if self._producer is not None:

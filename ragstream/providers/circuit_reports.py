@@ -28,6 +28,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from ragstream import kafkaio
 from ragstream.codec import Codec
 from ragstream.events import CircuitState, CircuitStateChanged, utc_now
 from ragstream.kafka_clients import closing
@@ -83,9 +84,7 @@ class CircuitReporter:
             breaker.add_listener(self._on_change)
 
     async def start(self) -> None:
-        producer = AIOKafkaProducer(
-            **self.settings.kafka.client_options(), acks="all", enable_idempotence=True
-        )
+        producer = kafkaio.producer(self.settings)
         try:
             await producer.start()
         except KafkaError as exc:

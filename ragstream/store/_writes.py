@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -25,9 +25,14 @@ from ragstream.store.models import (
     OUTCOMES,
     STAGES,
     SUCCESS_STATUSES,
+    CacheLookup,
     ChunkRow,
-    EmbeddingRow,
+    ChunkSet,
+    EmbeddingSet,
+    ParsedContent,
     ParseResult,
+    StatusChange,
+    Upload,
     UploadDecision,
 )
 from ragstream.validation import check_no_nul
@@ -51,23 +56,11 @@ class WriteOperations(OnConnection):
     """What the stages write: documents and their status, steps, parses, chunks, embeddings.
 
     Every write for a document checks its tenant: a write whose tenant is not the document's
-    changes nothing and raises TenantConflict (`advance_status` when given a `tenant_id`)."""
+    changes nothing and raises TenantConflict (`advance_status` when given a `tenant_id`).
+    The writes take one record each (see ragstream.store.models)."""
 
     @translate_errors
-    async def register_upload(
-        self,
-        document_id: str,
-        tenant_id: str,
-        filename: str | None,
-        content_type: str | None,
-        size_bytes: int | None,
-        sha256: str,
-        source_uri: str | None,
-        metadata: Mapping[str, Any] | None,
-        correlation_id: str | None,
-        uploaded_at: datetime | None,
-        force: bool = False,
-    ) -> UploadDecision:
+    async def register_upload(self, upload: Upload) -> UploadDecision:
         """Register a document (idempotent on document_id) and decide whether it is a duplicate.
 
         A duplicate is a later document of the same tenant with the same sha256 while an earlier
@@ -77,6 +70,9 @@ class WriteOperations(OnConnection):
         it into an original. A document id another tenant holds is a TenantConflict; one the
         tenant holds with other content, a PermanentError.
         """
+        document_id, tenant_id, sha256 = upload.document_id, upload.tenant_id, upload.sha256
+        filename, content_type, source_uri = upload.filename, upload.content_type, upload.source_uri
+        metadata, correlation_id, force = upload.metadata, upload.correlation_id, upload.force
         check_no_nul(
             document_id=document_id,
             tenant_id=tenant_id,
@@ -103,12 +99,12 @@ class WriteOperations(OnConnection):
                     tenant_id,
                     filename,
                     content_type,
-                    size_bytes,
+                    upload.size_bytes,
                     sha256,
                     source_uri,
                     dict(metadata or {}),
                     correlation_id,
-                    uploaded_at,
+                    upload.uploaded_at,
                     status,
                     original,
                     force,
@@ -135,21 +131,7 @@ class WriteOperations(OnConnection):
             return UploadDecision(proceed=True, status=existing["status"])
 
     @translate_errors
-    async def advance_status(
-        self,
-        document_id: str,
-        status: str,
-        reason: str | None = None,
-        *,
-        tenant_id: str | None = None,
-        stage: str | None = None,
-        current_parse_sha256: str | None = None,
-        current_chunker_version: str | None = None,
-        current_embedding_model: str | None = None,
-        current_embedding_dimensions: int | None = None,
-        page_count: int | None = None,
-        chunk_count: int | None = None,
-    ) -> bool:
+    async def advance_status(self, change: StatusChange) -> bool:
         """Move a document forward; True if applied. A stale result (a late 'chunked' after
         'embedded', an embedding of a chunker version the document has left) changes nothing.
 
@@ -162,24 +144,27 @@ class WriteOperations(OnConnection):
         is refused (TenantConflict). Every caller should pass it; without it nothing is checked.
         """
         async with self._conn() as conn:
-            if tenant_id is not None:
-                await check_tenant(conn, document_id, tenant_id)
+            if change.tenant_id is not None:
+                await check_tenant(conn, change.document_id, change.tenant_id)
+            status = change.status
             if status in FAILURE_STATUSES:
-                if stage is not None and stage not in STAGES:
-                    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-                row = await conn.fetchval(sql.ADVANCE_FAILURE, document_id, status, reason, stage)
+                if change.stage is not None and change.stage not in STAGES:
+                    raise ValueError(f"stage must be one of {STAGES}, got {change.stage!r}")
+                row = await conn.fetchval(
+                    sql.ADVANCE_FAILURE, change.document_id, status, change.reason, change.stage
+                )
             elif status in SUCCESS_STATUSES:
                 row = await conn.fetchval(
                     sql.ADVANCE_SUCCESS,
-                    document_id,
+                    change.document_id,
                     status,
-                    reason,
-                    current_parse_sha256,
-                    current_chunker_version,
-                    current_embedding_model,
-                    current_embedding_dimensions,
-                    page_count,
-                    chunk_count,
+                    change.reason,
+                    change.current_parse_sha256,
+                    change.current_chunker_version,
+                    change.current_embedding_model,
+                    change.current_embedding_dimensions,
+                    change.page_count,
+                    change.chunk_count,
                 )
             else:
                 raise ValueError(f"advance_status cannot set status {status!r}")
@@ -227,30 +212,20 @@ class WriteOperations(OnConnection):
             )
 
     @translate_errors
-    async def save_parse(
-        self,
-        document_id: str,
-        tenant_id: str,
-        content_sha256: str,
-        parser: str,
-        parser_version: str,
-        markdown: str,
-        page_count: int | None,
-        title: str | None,
-    ) -> bool:
+    async def save_parse(self, parsed: ParsedContent) -> bool:
         """Keep a parse result, keyed by its content hash; True if it was new."""
         async with self._conn() as conn:
-            await check_tenant(conn, document_id, tenant_id)
+            await check_tenant(conn, parsed.document_id, parsed.tenant_id)
             row = await conn.fetchval(
                 sql.INSERT_PARSE,
-                document_id,
-                content_sha256,
-                tenant_id,
-                parser,
-                parser_version,
-                markdown,
-                page_count,
-                title,
+                parsed.document_id,
+                parsed.content_sha256,
+                parsed.tenant_id,
+                parsed.parser,
+                parsed.parser_version,
+                parsed.markdown,
+                parsed.page_count,
+                parsed.title,
             )
         return bool(row)
 
@@ -265,16 +240,7 @@ class WriteOperations(OnConnection):
     # -- chunks -------------------------------------------------------------------------------
 
     @translate_errors
-    async def save_chunks(
-        self,
-        document_id: str,
-        tenant_id: str,
-        chunker_version: str,
-        chunker_settings: Mapping[str, Any],
-        chunks: Sequence[ChunkRow],
-        *,
-        parse_sha256: str | None = None,
-    ) -> int:
+    async def save_chunks(self, chunk_set: ChunkSet) -> int:
         """Keep a document's chunks for one chunker version; the number of rows written.
 
         With `parse_sha256` (the parse content they were cut from): when the stored set of this
@@ -282,10 +248,12 @@ class WriteOperations(OnConnection):
         set (and its embeddings) is replaced; a set cut from a parse the document has left is
         stale and not written.
         """
+        document_id, chunker_version = chunk_set.document_id, chunk_set.chunker_version
+        chunks, parse_sha256 = chunk_set.chunks, chunk_set.parse_sha256
         if not chunks:
             return 0
         async with self._conn() as conn, atomic(conn):
-            await check_tenant(conn, document_id, tenant_id)
+            await check_tenant(conn, document_id, chunk_set.tenant_id)
             if parse_sha256 is not None:
                 state = await conn.fetchrow(sql.CHUNK_SET, document_id, chunker_version)
                 current = state["current"] if state else None
@@ -304,8 +272,8 @@ class WriteOperations(OnConnection):
                 sql.INSERT_CHUNKS,
                 document_id,
                 chunker_version,
-                tenant_id,
-                dict(chunker_settings),
+                chunk_set.tenant_id,
+                dict(chunk_set.chunker_settings),
                 parse_sha256,
                 [c.index for c in chunks],
                 [c.text for c in chunks],
@@ -339,52 +307,42 @@ class WriteOperations(OnConnection):
     # -- embeddings ---------------------------------------------------------------------------
 
     @translate_errors
-    async def cached_embeddings(
-        self, model: str, dimensions: int, text_sha256s: Iterable[str], *, cache_scope: str
-    ) -> dict[str, list[float]]:
+    async def cached_embeddings(self, lookup: CacheLookup) -> dict[str, list[float]]:
         """The cached vectors among these texts (by sha256) in one cache scope (a tenant id, or
         SHARED_CACHE); each hit is counted. Another scope's rows are never read."""
-        keys = sorted(set(text_sha256s))
+        keys = sorted(set(lookup.text_sha256s))
         if not keys:
             return {}
+        dimensions = check_dimensions(lookup.dimensions)
         async with self._conn() as conn:
             rows = await conn.fetch(
-                sql.CACHE_HITS, cache_scope, model, check_dimensions(dimensions), keys
+                sql.CACHE_HITS, lookup.cache_scope, lookup.model, dimensions, keys
             )
         return {r["text_sha256"]: r["embedding"].to_list() for r in rows}
 
     @translate_errors
-    async def save_embeddings(
-        self,
-        document_id: str,
-        tenant_id: str,
-        chunker_version: str,
-        model: str,
-        dimensions: int,
-        provider: str,
-        rows: Sequence[EmbeddingRow | tuple[int, str, Sequence[float]]],
-        *,
-        cache_scope: str | None = None,
-    ) -> int:
+    async def save_embeddings(self, embeddings: EmbeddingSet) -> int:
         """Keep a document's chunk embeddings and cache them; the number of embedding rows written.
 
         They are cached in `cache_scope`: the tenant's own by default, or SHARED_CACHE. An
         embedding whose text_sha256 is not the chunk's current text is not written (a late
         result for replaced text) but is cached.
         """
+        document_id, tenant_id, rows = embeddings.document_id, embeddings.tenant_id, embeddings.rows
+        model, dimensions, provider = embeddings.model, embeddings.dimensions, embeddings.provider
         check_dimensions(dimensions)
         if not rows:
             return 0
         indexes = [int(r[0]) for r in rows]
         shas = [str(r[1]) for r in rows]
         vectors = [check_vector(r[2], dimensions, f"chunk {r[0]}") for r in rows]
-        scope = tenant_id if cache_scope is None else cache_scope
+        scope = tenant_id if embeddings.cache_scope is None else embeddings.cache_scope
         async with self._conn() as conn, atomic(conn):
             await check_tenant(conn, document_id, tenant_id)
             status = await conn.execute(
                 sql.INSERT_EMBEDDINGS,
                 document_id,
-                chunker_version,
+                embeddings.chunker_version,
                 model,
                 dimensions,
                 tenant_id,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal, NamedTuple, TypedDict
 
@@ -60,10 +60,111 @@ class ParseResult(NamedTuple):
     title: str | None
 
 
+# -- what the stages hand the store: one record per document, so a batch is a list of them -----
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A document to register (`register_upload`): who uploaded what, and where it is.
+    `force` lets a duplicate of content the tenant already has proceed."""
+
+    document_id: str
+    tenant_id: str
+    filename: str | None
+    content_type: str | None
+    size_bytes: int | None
+    sha256: str
+    source_uri: str | None
+    metadata: Mapping[str, Any] | None
+    correlation_id: str | None
+    uploaded_at: datetime | None
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedContent:
+    """A parse result to keep (`save_parse`), keyed by the sha256 of its Markdown."""
+
+    document_id: str
+    tenant_id: str
+    content_sha256: str
+    parser: str
+    parser_version: str
+    markdown: str
+    page_count: int | None
+    title: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSet:
+    """A document's chunks for one chunker version (`save_chunks`). `parse_sha256` names the
+    parse content they were cut from, so a set cut from a parse the document has left is
+    recognised as stale."""
+
+    document_id: str
+    tenant_id: str
+    chunker_version: str
+    chunker_settings: Mapping[str, Any]
+    chunks: Sequence[ChunkRow]
+    _: KW_ONLY
+    parse_sha256: str | None = None
+
+
 class EmbeddingRow(NamedTuple):
     chunk_index: int
     text_sha256: str
     vector: Sequence[float]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingSet:
+    """A document's chunk embeddings from one model (`save_embeddings`), cached in
+    `cache_scope`: a tenant id, SHARED_CACHE, or None for the document's tenant."""
+
+    document_id: str
+    tenant_id: str
+    chunker_version: str
+    model: str
+    dimensions: int
+    provider: str
+    rows: Sequence[EmbeddingRow | tuple[int, str, Sequence[float]]]
+    _: KW_ONLY
+    cache_scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    """Which cached vectors to read (`cached_embeddings`): texts by sha256, of one model and
+    dimensions, in one cache scope (a tenant id, or SHARED_CACHE)."""
+
+    model: str
+    dimensions: int
+    text_sha256s: Sequence[str]
+    _: KW_ONLY
+    cache_scope: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """One forward move of a document's status (`advance_status`).
+
+    A success carries the pointers its stage produced and the ones it read (the
+    `current_*` fields, as on Document), so a stale result is recognised; a failure
+    ('failed', 'dead-lettered') names its `stage`. `tenant_id` is the tenant of the record
+    behind the move: a document of another tenant is refused. Without it nothing is checked."""
+
+    document_id: str
+    status: str
+    reason: str | None = None
+    _: KW_ONLY
+    tenant_id: str | None = None
+    stage: str | None = None
+    current_parse_sha256: str | None = None
+    current_chunker_version: str | None = None
+    current_embedding_model: str | None = None
+    current_embedding_dimensions: int | None = None
+    page_count: int | None = None
+    chunk_count: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,17 @@
 
     store = await Store.connect(dsn)            # or Store.from_settings(settings.postgres)
     await store.migrate(dimensions=512)         # at worker start: schema + HNSW index
-    decision = await store.register_upload(...)
+    decision = await store.register_upload(Upload(...))
     async with store.transaction() as tx:       # several writes, one transaction
-        await tx.save_chunks(...)
-        await tx.advance_status(...)
+        await tx.save_chunks(ChunkSet(...))
+        await tx.advance_status(StatusChange(document_id, "chunked", ...))
     async with store.batch() as batch:          # every call of `store` in this task on one
         async with batch.savepoint():           # connection, in one transaction; a savepoint
             await store.save_chunks(...)        # per unit that may fail alone
 
 Every write is an idempotent upsert keyed by what makes the row unique, so redelivery and replay
-leave no duplicates. The store takes plain values, never event objects. asyncpg's errors are
+leave no duplicates. The store takes plain values (the records of `models`), never event
+objects. asyncpg's errors are
 translated at this boundary (see `_errors`): callers only ever see ragstream errors.
 """
 

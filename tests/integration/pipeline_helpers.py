@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -598,6 +598,39 @@ async def committed_offsets(settings: Settings, group_id: str) -> dict[TopicPart
     async with admin_client(settings) as admin:
         offsets = await admin.list_consumer_group_offsets(group_id)
     return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+async def uncommitted(settings: Settings, group_id: str, topic: str) -> int:
+    """Records on `topic` that `group_id` has not committed (the group has not finished them)."""
+    ends = await end_offsets(settings, topic)
+    committed = await committed_offsets(settings, group_id)
+    return sum(max(0, end - committed.get(tp, 0)) for tp, end in ends.items())
+
+
+async def caught_up(settings: Settings, stages: Iterable[Stage | str] = tuple(Stage)) -> bool:
+    """Every group named has committed everything on its input topic. Checked in flow order,
+    so with the stages before it done, a stage's input holds all that is coming."""
+    topology = Topology(settings.kafka.topic_prefix)
+    for stage in stages:
+        if await uncommitted(settings, topology.group(stage), topology.input_topic(stage)):
+            return False
+    return True
+
+
+def count_loops(runner: StageRunner) -> Callable[[], int]:
+    """From now on, count the runner's poll loops (it asks its gate once a loop, whether or
+    not the gate is closed); returns the count so far. A runner that has looped twice since
+    a record became fetchable has seen it, or kept it paused on purpose."""
+    gate = runner.gate
+    loops = 0
+
+    def counted() -> str | None:
+        nonlocal loops
+        loops += 1
+        return gate() if gate is not None else None
+
+    runner.gate = counted
+    return lambda: loops
 
 
 async def reset_group_to_earliest(settings: Settings, group_id: str, topic: str) -> None:

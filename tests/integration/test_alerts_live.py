@@ -103,8 +103,12 @@ async def test_the_alerts_fire_in_the_outages_they_are_for(
             stop = asyncio.Event()
             parse = asyncio.create_task(run_workers(settings, [Stage.PARSE], stop=stop))
             try:
-                await prometheus.wait_for('ragstream_group_members{group="parse"} == 1', 60)
-                await asyncio.sleep(2)  # a few more scrapes with the new member
+                joined = await prometheus.wait_for(
+                    'timestamp(ragstream_group_members{group="parse"} == 1)', 60
+                )
+                seen = max(float(series["value"][1]) for series in joined)
+                # Scrapes (every second) after the one that first showed the new member.
+                await prometheus.wait_for(f"timestamp(ragstream_dlq_depth) > {seen + 1}", 30)
                 assert prometheus.query("ragstream_dlq_depth == 1"), "the DLQ depth changed"
                 # The dashboard's panels on the exporter's figures all have data.
                 exporter_panels = [

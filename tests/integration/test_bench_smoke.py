@@ -62,3 +62,8 @@ async def test_bench_pipeline_reports_rates_ratio_latency_and_memory(
     )
     assert all(mib > 0 for mib in processes.values()), processes
     assert "ratio pipeline / combined" in done.stdout
+    # CPU by process group: the broker and PostgreSQL are this session's (not the run's own), so
+    # only the passes' own processes are measured
+    for name in ("pipeline", "ceiling", "logic"):
+        assert report[name]["cpu_s"]["stages"] > 0, (name, report[name]["cpu_s"])
+    assert "CPU seconds per 1,000 documents" in done.stdout

@@ -28,10 +28,11 @@ from ragstream.cost.pricing import PriceTable
 from ragstream.events import CostUsage, DocumentEmbedded, ThrottleEvent, ThrottleState
 from ragstream.settings import Mode, Settings
 from ragstream.store import Store
-from ragstream.topology import Stage, Topology
+from ragstream.topology import COST, Stage, Topology
 from tests.integration.pipeline_helpers import (
-    committed_offsets,
-    end_offsets,
+    caught_up,
+    count_loops,
+    uncommitted,
     variant,
     wait_until,
 )
@@ -97,9 +98,18 @@ async def following(settings: Settings) -> AsyncIterator[ControlState]:
 async def embed_lag(settings: Settings) -> int:
     """Committed offsets of the embed group against the log end of its input topic."""
     topology = Topology(settings.kafka.topic_prefix)
-    ends = await end_offsets(settings, topology.chunked)
-    committed = await committed_offsets(settings, topology.group(Stage.EMBED))
-    return sum(end - committed.get(tp, 0) for tp, end in ends.items())
+    return await uncommitted(settings, topology.group(Stage.EMBED), topology.chunked)
+
+
+async def held_with_its_input_in_reach(settings: Settings, runner: StageRunner) -> None:
+    """Parse and chunk have committed everything (every document not embedded waits on the
+    embed stage's input topic), and the paused runner has polled twice since: had it not held
+    its partitions, it would have fetched those records and called the API by now."""
+    await wait_until(
+        lambda: caught_up(settings, [Stage.PARSE, Stage.CHUNK]), 30, "parse and chunk to commit"
+    )
+    loops = count_loops(runner)
+    await wait_until(lambda: loops() >= 2, 10, "the embed runner to poll again")
 
 
 async def cli(settings: Settings, *args: str) -> Result:
@@ -144,7 +154,7 @@ async def test_budget_throttles_the_paid_stage_and_raising_it_lets_every_documen
             (embed_runner,) = [r for r in runners if r.stage is Stage.EMBED]
             await wait_until(lambda: embed_runner.blocked is not None, 10, "embed paused")
             calls = len(server.calls)
-            await asyncio.sleep(3)
+            await held_with_its_input_in_reach(settings, embed_runner)
             assert len(server.calls) == calls
             statuses = [(await store.get_document(r.document_id)) for r in receipts]
             waiting = [d for d in statuses if d is not None and d.status != "embedded"]
@@ -246,7 +256,9 @@ async def test_a_usage_event_delivered_twice_counts_once_and_garbage_is_dead_let
 
         await wait_until(one_row, 30, "the usage event in the ledger")
         dlq = await read_all(settings, topology.dlq, want=1)
-        await asyncio.sleep(1)  # the duplicate is behind the garbage: it has been read too
+        # The duplicate is behind the garbage: once the group has committed all three, it has
+        # been handled too.
+        await wait_until(lambda: caught_up(settings, [COST]), 30, "the accountant's commit")
         assert (await store.ledger_totals())["openai"] == (1, 1234, Decimal("0.00002468"))
         spend = await store.spend_by_day(datetime.now(UTC) - timedelta(days=1), 86400)
         assert [(r.tenant_id, r.requests) for r in spend] == [("twice", 1)]
@@ -283,7 +295,7 @@ async def test_a_worker_started_while_throttled_starts_paused_and_hybrid_falls_b
             (embed_runner,) = [r for r in runners if r.stage is Stage.EMBED]
             receipt = await up.upload_bytes(text(1), "paused.md", tenant_id="paused")
             assert await wait_status(store, receipt.document_id, {"chunked"}) == "chunked"
-            await asyncio.sleep(3)
+            await held_with_its_input_in_reach(settings, embed_runner)
             assert embed_runner.blocked is not None and "test budget" in embed_runner.blocked
             assert len(server.calls) == 0
             doc = await store.get_document(receipt.document_id)
@@ -390,7 +402,9 @@ async def test_known_documents_and_a_warm_cache_cost_nothing(
             assert isinstance(again_embedded, DocumentEmbedded)
             assert again_embedded.new_embeddings == 0
             assert again_embedded.cached_embeddings == again_embedded.chunk_count > 0
-            await asyncio.sleep(1)
+            # A usage event of the replay would be on the usage topic before its output: the
+            # accountant has handled everything there.
+            await wait_until(lambda: caught_up(settings, [COST]), 30, "the accountant's commit")
             assert await ledgered() == before
             assert len(server.ok_calls()) == before[0]
 
@@ -578,15 +592,23 @@ async def test_the_report_names_the_window_that_throttles_and_prints_sub_cent_mo
     assert "$0.00002 / $0.00002" in row and "$0.00 " not in row
 
 
-async def quiet(server: OpenAIServer, seconds: float, within_s: float) -> None:
-    """Wait until the server has seen no new request for `seconds`."""
-    deadline = time.monotonic() + within_s
-    seen, since = len(server.calls), time.monotonic()
-    while time.monotonic() - since < seconds:
-        assert time.monotonic() < deadline, "the paid calls did not stop"
-        await asyncio.sleep(0.2)
-        if len(server.calls) != seen:
-            seen, since = len(server.calls), time.monotonic()
+def in_hand(runner: StageRunner) -> float:
+    """Records the runner is handling now (its in-flight gauge)."""
+    value = runner.metrics.registry.get_sample_value(
+        "ragstream_inflight_records", {"stage": runner.name}
+    )
+    return value or 0.0
+
+
+async def stopped_calling(runners: list[StageRunner]) -> None:
+    """Every runner holds its partitions back with no record in hand, and has polled twice
+    since: no paid call is under way, and none is coming while the budget stays spent."""
+    await wait_until(
+        lambda: all(r.blocked is not None for r in runners), 60, "every member held back"
+    )
+    await wait_until(lambda: not any(in_hand(r) for r in runners), 30, "the calls in hand")
+    loops = [count_loops(r) for r in runners]
+    await wait_until(lambda: all(n() >= 2 for n in loops), 10, "every member to poll again")
 
 
 @pytest.mark.parametrize(
@@ -606,9 +628,7 @@ async def test_one_process_at_concurrency_8_never_crosses_a_budget_a_few_calls_w
         ):
             for i in range(24):
                 await up.upload_bytes(text(i), f"c{i}.md", tenant_id="conc")
-            (embed_runner,) = [r for r in runners if r.stage is Stage.EMBED]
-            await wait_until(lambda: embed_runner.blocked is not None, 60, "embed held back")
-            await quiet(server, 4, 60)
+            await stopped_calling([r for r in runners if r.stage is Stage.EMBED])
             billed = [c.tokens for c in server.ok_calls()]
     cost = sum(billed) * PER_TOKEN
     limit = Decimal(str(budget.get("daily_usd", "5.00")))
@@ -638,10 +658,7 @@ async def test_three_processes_overspend_at_most_the_documented_bound(
                 await up.upload_bytes(text(i), f"p{i}.md", tenant_id="procs")
             embeds = [r for r in [*runners, *second, *third] if r.stage is Stage.EMBED]
             assert len(embeds) == 3
-            await wait_until(
-                lambda: all(r.blocked is not None for r in embeds), 60, "every member held back"
-            )
-            await quiet(server, 4, 60)
+            await stopped_calling(embeds)
             billed = [c.tokens for c in server.ok_calls()]
     cost = sum(billed) * PER_TOKEN
     overshoot = max(Decimal(0), cost - budget)

@@ -39,7 +39,7 @@ from ragstream.events import (
     DocumentUploaded,
 )
 from ragstream.settings import Settings, load_settings
-from ragstream.store import Store
+from ragstream.store import Store, Upload
 from ragstream.store.migrate import migrate
 from ragstream.topology import (
     H_ERR_ATTEMPTS,
@@ -600,10 +600,10 @@ def test_missing_topics_and_unreachable_services_are_one_line(
 async def _register_doc_3(settings: Settings) -> None:
     await migrate(settings.postgres.dsn(), dimensions=settings.embed.dimensions)
     async with await Store.connect(settings.postgres.dsn(), min_size=1, max_size=1) as store:
-        await store.register_upload(
+        await store.register_upload(Upload(
             "doc-3", "acme", "quarterly-report.md", "text/markdown", 5, "c" * 64,
             None, None, "corr-3", None,
-        )  # fmt: skip
+        ))  # fmt: skip
 
 
 def test_list_names_tenant_and_file_and_show_takes_a_document_id(own_database: Settings) -> None:

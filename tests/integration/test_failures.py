@@ -47,7 +47,7 @@ from ragstream.topology import (
     Stage,
     Topology,
 )
-from tests.integration.pipeline_helpers import wait_until
+from tests.integration.pipeline_helpers import caught_up, end_offsets, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -428,6 +428,7 @@ async def test_redrive_after_the_fix_completes_the_documents_once(settings: Sett
             for r in receipts:
                 assert await wait_status(store, r.document_id, {"dead-lettered"}) == "dead-lettered"
     # The fix is deployed (the local parser); the operator sends the parse dead letters back.
+    topology = Topology(settings.kafka.topic_prefix)
     runner = CliRunner()
     env = {
         "RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
@@ -442,17 +443,20 @@ async def test_redrive_after_the_fix_completes_the_documents_once(settings: Sett
         async with await Store.connect(settings.postgres.dsn()) as store:
             for r in receipts:
                 assert await wait_status(store, r.document_id, {"embedded"}) == "embedded"
-            # The embed step is recorded just after the status: wait until the rows settle.
-            counts, previous = await store.count_rows("t1"), {}
-            while counts != previous:
-                await asyncio.sleep(0.5)
-                counts, previous = await store.count_rows("t1"), counts
+            # The embed step is recorded just after the status, and the commit after both:
+            # once every group has committed its input, the rows are final.
+            await wait_until(lambda: caught_up(settings), 30, "the groups to commit everything")
+            counts = await store.count_rows("t1")
+        uploads = await end_offsets(settings, topology.uploaded)
         second = await asyncio.to_thread(
             runner.invoke, app, ["dlq", "redrive", "--stage", "parse"], env=env
         )
         assert second.exit_code == 0, second.output
         assert "nothing to redrive" in second.output
-        await asyncio.sleep(2)
+        assert await end_offsets(settings, topology.uploaded) == uploads, "a record was sent back"
+        # Anything sent back would have gone through every stage by the time they have all
+        # committed their input again.
+        await wait_until(lambda: caught_up(settings), 30, "the groups to commit everything")
         async with await Store.connect(settings.postgres.dsn()) as store:
             assert await store.count_rows("t1") == counts
             assert not any((await store.duplicate_rows("t1")).values())

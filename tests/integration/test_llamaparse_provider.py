@@ -12,11 +12,12 @@ from pydantic import SecretStr
 
 from ragstream.errors import PermanentError, RetryableError
 from ragstream.providers.circuit import CircuitBreaker, CircuitState
-from ragstream.providers.parse.jobs import FIRST_POLL_S, JobState
+from ragstream.providers.parse.jobs import FIRST_POLL_S, JobState, JobStatus
 from ragstream.providers.parse.llamaparse import LlamaParseParser, LlamaParseResult
 from ragstream.providers.parse.local import LocalParser
 from ragstream.providers.select import GuardedParser, parser_for
 from ragstream.settings import LlamaParseSettings, Mode, ServicesSettings, Settings
+from tests.integration.pipeline_helpers import wait_until
 from tests.servers.llamaparse_server import LlamaParseServer
 
 DOC = b"# Field guide\n\nFirst page.\f## Second\n\nSecond page.\fThird page."
@@ -81,9 +82,13 @@ async def test_submit_poll_result_separately(
     first = await parser.poll(job_id)
     assert first.job_id == job_id and first.state in (JobState.PENDING, JobState.RUNNING)
     assert not first.done
-    await asyncio.sleep(0.25)
-    done = await parser.poll(job_id)
-    assert done.state is JobState.COMPLETED and done.done
+
+    async def finished() -> JobStatus | None:
+        status = await parser.poll(job_id)
+        return status if status.done else None
+
+    done = await wait_until(finished, 10, "the job to finish")
+    assert done.state is JobState.COMPLETED
     result = await parser.result(job_id)
     assert result.page_count == 3 and result.credits == 9.0
 
@@ -315,11 +320,13 @@ async def test_hybrid_parser_falls_back_to_local_and_comes_back(
     llamaparse = llamaparse_settings(server).model_copy(update={"mode": Mode.HYBRID})
     settings = Settings(services=ServicesSettings(llamaparse=llamaparse))
     transitions: list[CircuitState] = []
+    now = [0.0]  # the breaker's clock, moved by hand: the cooldown passes when the test says
     breaker = CircuitBreaker(
         "llamaparse",
         failure_threshold=1,
         cooldown_s=0.3,
         listener=lambda _name, _old, new: transitions.append(new),
+        clock=lambda: now[0],
     )
     parser = parser_for(settings, breaker=breaker)
     assert isinstance(parser, GuardedParser) and parser.name == "hybrid"
@@ -339,7 +346,7 @@ async def test_hybrid_parser_falls_back_to_local_and_comes_back(
         assert fallback.parser == "local"
 
         server.start()
-        await asyncio.sleep(0.35)
+        now[0] += 0.3
         back = await parser.parse(text, filename="n.md", content_type="text/markdown")
         assert back.parser == "llamaparse"
         assert transitions == [CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.CLOSED]

@@ -336,12 +336,14 @@ async def test_hybrid_falls_back_when_the_circuit_opens_and_comes_back(
     server: OpenAIServer,
 ) -> None:
     transitions: list[CircuitState] = []
+    now = [0.0]  # the breaker's clock, moved by hand: the cooldown passes when the test says
     breaker = CircuitBreaker(
         "openai",
         failure_threshold=2,
         window_s=30,
         cooldown_s=0.5,
         listener=lambda _name, _old, new: transitions.append(new),
+        clock=lambda: now[0],
     )
     settings = settings_for(server, Mode.HYBRID)
     embedder = embedder_for(settings, breaker=breaker)
@@ -366,7 +368,7 @@ async def test_hybrid_falls_back_when_the_circuit_opens_and_comes_back(
         calls_before = len(server.calls)
         assert (await embedder.embed(["more"])).provider == "local"  # still cooling down
         assert len(server.calls) == calls_before
-        await asyncio.sleep(0.55)
+        now[0] += 0.5
         probe = await embedder.embed(["back again"])  # half-open: the probe goes to openai
         assert probe.provider == "openai"
         assert breaker.state is CircuitState.CLOSED

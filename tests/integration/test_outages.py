@@ -33,8 +33,10 @@ from ragstream.topology import Stage, Topology
 from tests.conftest import free_port, new_local_kafka
 from tests.integration.pipeline_helpers import (
     WorkerProcess,
+    caught_up,
     end_offsets,
     make_corpus,
+    status_counts,
     variant,
     wait_for_statuses,
     wait_until,
@@ -105,7 +107,9 @@ async def test_a_record_whose_output_was_published_is_never_dead_lettered(
     async with _Runner(runner):
         await wait_for_statuses(store, [doc], 30, statuses=frozenset({"parsed"}))
         await wait_until(lambda: runner.stats.processed == 1, 10, "not handled")
-        await asyncio.sleep(1.5)  # long enough for several retries, were there any
+        # Committed: the runner is done with the record (a retry would have been decided and
+        # sent before the commit).
+        await wait_until(lambda: caught_up(settings, [Stage.PARSE]), 30, "the parse commit")
         assert recorder.refused == 1
         assert runner.stats.retried == 0 and runner.stats.dead_lettered == 0
     assert await _count(settings, topology.parsed) == 1
@@ -123,6 +127,7 @@ async def test_a_failure_that_cannot_be_recorded_is_not_dead_lettered_until_it_i
     settings = _impatient(settings)
     await ensure_topics(settings)
     database_down = True
+    probes = 0
 
     class DownJourney(JourneyRecorder):
         async def step_failed(self, *args: object, **kwargs: object) -> None:
@@ -131,6 +136,8 @@ async def test_a_failure_that_cannot_be_recorded_is_not_dead_lettered_until_it_i
             await super().step_failed(*args, **kwargs)  # type: ignore[arg-type]
 
     async def probe() -> bool:
+        nonlocal probes
+        probes += 1
         return not database_down
 
     watch = InfrastructureWatch({"postgres": probe}, base_s=0.1, cap_s=0.2)
@@ -148,7 +155,8 @@ async def test_a_failure_that_cannot_be_recorded_is_not_dead_lettered_until_it_i
     topology = Topology(settings.kafka.topic_prefix)
     async with _Runner(runner):
         await wait_until(lambda: not watch.ready(), 30, "the runner never waited")
-        await asyncio.sleep(1.5)
+        # Held through several probes of the database: past the failure's decision.
+        await wait_until(lambda: probes >= 3, 10, "the watch to probe the database")
         assert await _count(settings, topology.dlq) == 0, "dead-lettered before it was recorded"
         assert runner.blocked and "postgres" in runner.blocked
         database_down = False
@@ -191,7 +199,11 @@ async def test_a_database_outage_mid_flow_holds_records_and_spends_no_attempt(
         await wait_until(lambda: sum(r.stats.processed for r in runners) >= 3, 30, "no progress")
         await proxy.close()
         await _until(ready, 503, within_s=15)
-        await asyncio.sleep(4)
+        # Records met the outage and are held (with one attempt allowed, spending one would
+        # dead-letter them at once).
+        await wait_until(
+            lambda: sum(r.stats.held_for_infrastructure for r in runners) >= 1, 30, "a record held"
+        )
         assert not task.done()
         await proxy.open()
         await _until(ready, 200, within_s=20)
@@ -306,12 +318,15 @@ async def test_a_worker_all_process_rides_out_a_20s_postgres_stop(
             await _until(ready, 200, within_s=60)
             paths = make_corpus(tmp_path / "in", 60)
             ids = await _upload(settings, paths[:30], tenant)
-            await asyncio.sleep(0.5)  # some in flight
+            await wait_until(  # some in flight
+                lambda: _moved(settings, tenant), 30, "the first documents to be parsed"
+            )
             await asyncio.to_thread(postgres.stop)
             stopped_at = time.monotonic()
             ids += await _upload(settings, paths[30:], tenant)
             usage = await _publish_usage(settings, 5)
             await _until(ready, 503, within_s=15)
+            # The stop lasts 20 s: its length is what this test is about.
             await asyncio.sleep(max(0.0, 20 - (time.monotonic() - stopped_at)))
             assert proc.alive(), proc.tail()
             await asyncio.to_thread(postgres.start)
@@ -338,6 +353,12 @@ async def test_a_worker_all_process_rides_out_a_20s_postgres_stop(
     assert _log_events(
         proc, "dependency unavailable: record held, no attempt spent"
     ) or _log_events(proc, "dependency unavailable; records held, nothing dead-lettered")
+
+
+async def _moved(settings: Settings, tenant: str) -> bool:
+    """Some document of the tenant is past its upload."""
+    counts = await status_counts(settings, tenant)
+    return any(n for status, n in counts.items() if status in ("parsed", "chunked", "embedded"))
 
 
 async def _publish_usage(settings: Settings, count: int) -> list[str]:
@@ -403,13 +424,15 @@ async def test_sigterm_stops_a_worker_in_time_while_the_broker_is_down(
             },
         ).start()
         try:
-            await _until(f"http://127.0.0.1:{metrics_port}/ready", 200, within_s=60)
+            ready = f"http://127.0.0.1:{metrics_port}/ready"
+            await _until(ready, 200, within_s=60)
             ids = await _upload(
                 settings, make_corpus(tmp_path / "in", 6), settings.kafka.topic_prefix
             )
-            await asyncio.sleep(1.0)
+            await wait_until(proc.handled, 30, "a record handled", explain=proc.tail)
             await asyncio.to_thread(kafka.stop, kill=True)
-            await asyncio.sleep(3.0)
+            # The records in hand have met the outage: the worker holds them, not ready.
+            await _until(ready, 503, within_s=60)
             assert proc.alive()
             began = time.monotonic()
             code = await proc.stop(timeout_s=30)

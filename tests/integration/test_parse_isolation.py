@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import WorkerProcess, wait_for_statuses
+from pipeline_helpers import WorkerProcess, wait_for_statuses, wait_until
 
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.settings import Settings
 from ragstream.store import Store
 from ragstream.topology import Topology
-from tests.hostile import cpu_bomb_pdf, descendants, rss_bytes, running
+from tests.hostile import burning, cpu_bomb_pdf, cpu_seconds, descendants, rss_bytes, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -120,14 +120,22 @@ async def test_crafted_pdfs_are_killed_at_the_limit_and_cannot_hold_the_worker(
             assert watch.peak_children <= 5 + PARSE_WORKERS + 2 + 2 * 2, watch.peak_children
             assert watch.peak_rss < MEMORY_BOUND
 
-            # SIGTERM while every parsing process is busy with a bomb: the worker stops within
-            # the shutdown grace and 5 s, and leaves no process behind.
+            # SIGTERM while a parsing process is busy with a bomb: the worker stops within the
+            # shutdown grace and 5 s, and leaves no process behind.
+            idle = {pid: cpu_seconds(pid) for pid in descendants(worker.pid)}
             async with Uploader(settings) as uploader:
                 for n in range(7, 7 + PARSE_WORKERS):
                     await uploader.upload_bytes(
                         cpu_bomb_pdf(tag=f"bomb {n}"), f"bomb-{n}.pdf", tenant_id=tenant
                     )
-            await asyncio.sleep(1.0)
+            # worker all > parse stage process > forkserver > the pool's parsing processes
+            await wait_until(
+                lambda: burning(descendants(worker.pid, below=3), idle),
+                TIMEOUT_S,
+                "a parsing process busy with a bomb",
+                poll_s=0.05,
+                explain=worker.tail,
+            )
             below = descendants(worker.pid)
         assert worker.proc is not None
         started = time.monotonic()

@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from aiokafka import TopicPartition
 from pipeline_helpers import (
+    caught_up,
     committed_offsets,
     end_offsets,
     read_topic,
@@ -115,17 +116,6 @@ async def replay_cli(settings: Settings, *args: str) -> Ran:
 
 
 # -- reading back ------------------------------------------------------------------------------
-
-
-async def caught_up(settings: Settings, stages: Iterable[Stage] = tuple(Stage)) -> bool:
-    """Every group has committed everything on its input topic (nothing more is coming)."""
-    topology = Topology(settings.kafka.topic_prefix)
-    for stage in stages:
-        ends = await end_offsets(settings, topology.input_topic(stage))
-        committed = await committed_offsets(settings, topology.group(stage))
-        if any(committed.get(tp, 0) < end for tp, end in ends.items()):
-            return False
-    return True
 
 
 async def steps(store: Store, document_id: str) -> Counter[str]:

@@ -28,7 +28,7 @@ from ragstream.cli import app
 from ragstream.replay import ReplayRequest, plan_replay, run_replay
 from ragstream.search import search
 from ragstream.settings import Settings
-from ragstream.store import ChunkRow, Document, Store
+from ragstream.store import ChunkRow, ChunkSet, Document, EmbeddingSet, StatusChange, Store, Upload
 from tests.integration.test_dlq_tools import cli_env
 from tests.integration.test_replay import caught_up, ids, tenant_rows, upload
 from tests.integration.test_services_pipeline import real_openai
@@ -290,29 +290,33 @@ async def put_document(
     """A document whose chunks of each version in `versions` (cut from parse content `parse`)
     are stored, embedded at MODEL:8 when the value is True; it points at the last version
     (embedded there, or on its way: chunked)."""
-    await store.register_upload(
+    await store.register_upload(Upload(
         doc_id, tenant, f"{doc_id}.md", "text/markdown", 10, sha256_hex(doc_id.encode()),
         None, {}, None, None,
-    )  # fmt: skip
-    await store.advance_status(doc_id, "parsed", tenant_id=tenant, current_parse_sha256=parse)
+    ))  # fmt: skip
+    await store.advance_status(
+        StatusChange(doc_id, "parsed", tenant_id=tenant, current_parse_sha256=parse)
+    )
     for version, embedded in versions.items():
         texts = [f"{doc_id} {version} chunk {i}" for i in range(3)]
         rows = [
             ChunkRow(i, t, sha256_hex(t.encode()), ["h"], 5, 0, len(t), None)
             for i, t in enumerate(texts)
         ]
-        await store.save_chunks(doc_id, tenant, version, {}, rows, parse_sha256=parse)
-        await store.advance_status(
+        await store.save_chunks(ChunkSet(doc_id, tenant, version, {}, rows, parse_sha256=parse))
+        await store.advance_status(StatusChange(
             doc_id, "chunked", tenant_id=tenant, current_parse_sha256=parse,
             current_chunker_version=version, chunk_count=len(rows),
-        )  # fmt: skip
+        ))  # fmt: skip
         if embedded:
             vectors = [(r.index, r.text_sha256, [1.0] + [0.0] * 7) for r in rows]
-            await store.save_embeddings(doc_id, tenant, version, MODEL, 8, "openai", vectors)
-            await store.advance_status(
+            await store.save_embeddings(
+                EmbeddingSet(doc_id, tenant, version, MODEL, 8, "openai", vectors)
+            )
+            await store.advance_status(StatusChange(
                 doc_id, "embedded", tenant_id=tenant, current_chunker_version=version,
                 current_embedding_model=MODEL, current_embedding_dimensions=8,
-            )  # fmt: skip
+            ))  # fmt: skip
 
 
 async def test_only_documents_holding_the_version_move_and_bad_input_is_one_line(
@@ -325,7 +329,9 @@ async def test_only_documents_holding_the_version_move_and_bad_input_is_one_line
     await put_document(store, tenant, on_the_way, "p", {V1: True, V2: False})  # chunked at V2
     reparsed = f"{tenant}-r"  # V1 was cut from a parse the document has since left
     await put_document(store, tenant, reparsed, "old", {V1: True})
-    await store.advance_status(reparsed, "parsed", tenant_id=tenant, current_parse_sha256="new")
+    await store.advance_status(
+        StatusChange(reparsed, "parsed", tenant_id=tenant, current_parse_sha256="new")
+    )
     await put_document(store, tenant, reparsed, "new", {V2: True})
     assert (await document(store, on_the_way)).status == "chunked"
 
@@ -348,10 +354,10 @@ async def test_only_documents_holding_the_version_move_and_bad_input_is_one_line
     again = await store.point_at_chunker_version(V1, tenants=[tenant])
     assert (again.moved, again.already, again.lacking) == (0, 2, 3)
     # A stage event of the version the document has left is skipped: nothing points at B now.
-    assert not await store.advance_status(
+    assert not await store.advance_status(StatusChange(
         both, "embedded", tenant_id=tenant, current_chunker_version=V2,
         current_embedding_model=MODEL, current_embedding_dimensions=8,
-    )  # fmt: skip
+    ))  # fmt: skip
 
     for args, code, text in (
         (["chunker", "--to", "md-9:none", "--tenant", tenant], 1,

@@ -11,7 +11,8 @@ from pydantic import SecretStr
 
 from ragstream.control import publish_mode
 from ragstream.settings import Mode, Settings
-from ragstream.store import Store
+from ragstream.store import CacheLookup, Store
+from tests.integration.pipeline_helpers import wait_until
 from tests.integration.test_failures import pipeline, wait_status
 from tests.servers.openai_server import OpenAIServer
 
@@ -73,20 +74,36 @@ async def test_real_mode_stores_what_the_api_returned_then_switches_to_local(
                         r.document_id, doc.current_chunker_version or ""
                     )
                     stored = await store.cached_embeddings(
-                        "text-embedding-3-small",
-                        settings.embed.dimensions,
-                        [c.text_sha256 for c in chunks],
-                        cache_scope="svc",
+                        CacheLookup(
+                            "text-embedding-3-small",
+                            settings.embed.dimensions,
+                            [c.text_sha256 for c in chunks],
+                            cache_scope="svc",
+                        )
                     )
                     for c in chunks:  # exactly the vectors the server sent
                         assert stored[c.text_sha256] == pytest.approx(returned[c.text], abs=1e-6)
                 assert tokens_recorded == tokens_reported
 
-                # The operator switches OpenAI to local; the running workers follow, no restart.
-                calls_before = len(server.calls)
+                # The operator switches OpenAI to local; the running workers follow, no restart:
+                # soon a document uploaded after the switch is embedded locally.
                 switched_at = time.monotonic()
                 await publish_mode(settings, "openai", "local", requested_by="test")
-                await asyncio.sleep(1.5)  # the followers poll the control topic every second
+                probes = 0
+
+                async def embedded_locally() -> bool:
+                    nonlocal probes
+                    probes += 1
+                    probe = await up.upload_bytes(
+                        f"# Probe {probes}\n\nWritten after the switch.".encode(),
+                        f"probe{probes}.md",
+                        tenant_id="svc",
+                    )
+                    assert await wait_status(store, probe.document_id, {"embedded"}) == "embedded"
+                    return (await embed_step(store, probe.document_id))["provider"] == "local"
+
+                await wait_until(embedded_locally, 10, "a document embedded locally")
+                calls_before = len(server.calls)
                 later = await up.upload_bytes(
                     b"# Later\n\nWritten after the switch.", "later.md", tenant_id="svc"
                 )

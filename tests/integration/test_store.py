@@ -32,9 +32,15 @@ from ragstream.errors import (
 )
 from ragstream.store import (
     SHARED_CACHE,
+    CacheLookup,
     ChunkRow,
+    ChunkSet,
+    EmbeddingSet,
     MigrationError,
+    ParsedContent,
+    StatusChange,
     Store,
+    Upload,
     available_migrations,
     ensure_vector_index,
     migrate,
@@ -102,17 +108,19 @@ async def fresh_schema(migrated: str) -> AsyncIterator[str]:
 
 async def register(store: Store, doc: str, tenant: str, content: str, **kw: Any) -> Any:
     return await store.register_upload(
-        document_id=doc,
-        tenant_id=tenant,
-        filename=f"{doc}.md",
-        content_type="text/markdown",
-        size_bytes=len(content),
-        sha256=sha(content),
-        source_uri=f"blob://{sha(content)}",
-        metadata={"source": "test"},
-        correlation_id=f"corr-{doc}",
-        uploaded_at=NOW,
-        force=kw.pop("force", False),
+        Upload(
+            document_id=doc,
+            tenant_id=tenant,
+            filename=f"{doc}.md",
+            content_type="text/markdown",
+            size_bytes=len(content),
+            sha256=sha(content),
+            source_uri=f"blob://{sha(content)}",
+            metadata={"source": "test"},
+            correlation_id=f"corr-{doc}",
+            uploaded_at=NOW,
+            force=kw.pop("force", False),
+        )
     )
 
 
@@ -151,25 +159,31 @@ async def ingest(
     markdown = markdown if markdown is not None else "\n\n".join(texts)
     await register(store, doc, tenant, markdown)
     psha = sha(markdown)
-    await store.save_parse(doc, tenant, psha, "local", "1", markdown, 1, "Title")
-    await store.advance_status(doc, "parsed", current_parse_sha256=psha, page_count=1)
+    await store.save_parse(ParsedContent(doc, tenant, psha, "local", "1", markdown, 1, "Title"))
+    await store.advance_status(StatusChange(doc, "parsed", current_parse_sha256=psha, page_count=1))
     chunks = make_chunks(texts)
-    await store.save_chunks(doc, tenant, chunker, {"max_tokens": 400}, chunks, parse_sha256=psha)
+    await store.save_chunks(
+        ChunkSet(doc, tenant, chunker, {"max_tokens": 400}, chunks, parse_sha256=psha)
+    )
     await store.advance_status(
-        doc,
-        "chunked",
-        current_parse_sha256=psha,
-        current_chunker_version=chunker,
-        chunk_count=len(chunks),
+        StatusChange(
+            doc,
+            "chunked",
+            current_parse_sha256=psha,
+            current_chunker_version=chunker,
+            chunk_count=len(chunks),
+        )
     )
     rows = [(c.index, c.text_sha256, v) for c, v in zip(chunks, vectors, strict=True)]
-    await store.save_embeddings(doc, tenant, chunker, model, dims, "local", rows)
+    await store.save_embeddings(EmbeddingSet(doc, tenant, chunker, model, dims, "local", rows))
     await store.advance_status(
-        doc,
-        "embedded",
-        current_chunker_version=chunker,
-        current_embedding_model=model,
-        current_embedding_dimensions=dims,
+        StatusChange(
+            doc,
+            "embedded",
+            current_chunker_version=chunker,
+            current_embedding_model=model,
+            current_embedding_dimensions=dims,
+        )
     )
 
 
@@ -277,7 +291,9 @@ async def test_register_upload_is_idempotent_and_recognises_duplicates(store: St
     # A failed original no longer counts: the next upload of that content proceeds.
     t2, d2 = ids("dup-failed")
     await register(store, f"{d2}-a", t2, "content")
-    assert await store.advance_status(f"{d2}-a", "failed", "parse blew up", stage="parse")
+    assert await store.advance_status(
+        StatusChange(f"{d2}-a", "failed", "parse blew up", stage="parse")
+    )
     assert (await register(store, f"{d2}-b", t2, "content")).proceed
 
     assert (await store.duplicate_rows(tenant))["documents_same_content"] == 0
@@ -320,19 +336,21 @@ async def test_every_write_for_a_document_checks_its_tenant(store: Store) -> Non
     writes: dict[str, Any] = {
         "register_upload": lambda: register(store, doc, intruder, markdown),
         "save_parse": lambda: store.save_parse(
-            doc, intruder, sha("other"), "local", "1", "other", 1, None
+            ParsedContent(doc, intruder, sha("other"), "local", "1", "other", 1, None)
         ),
         "save_chunks": lambda: store.save_chunks(
-            doc, intruder, "md-v2", {}, chunks, parse_sha256=sha(markdown)
+            ChunkSet(doc, intruder, "md-v2", {}, chunks, parse_sha256=sha(markdown))
         ),
         "save_embeddings": lambda: store.save_embeddings(
-            doc, intruder, "md-v1", "other-model", DIMS, "local", [(0, sha("alpha"), axis(3))]
+            EmbeddingSet(
+                doc, intruder, "md-v1", "other-model", DIMS, "local", [(0, sha("alpha"), axis(3))]
+            )
         ),
         "advance_status failure": lambda: store.advance_status(
-            doc, "dead-lettered", "parse: refused", tenant_id=intruder, stage="parse"
+            StatusChange(doc, "dead-lettered", "parse: refused", tenant_id=intruder, stage="parse")
         ),
         "advance_status success": lambda: store.advance_status(
-            doc, "parsed", tenant_id=intruder, current_parse_sha256=sha("other")
+            StatusChange(doc, "parsed", tenant_id=intruder, current_parse_sha256=sha("other"))
         ),
         "record_step": lambda: store.record_step(
             doc, intruder, "parse", "e9", "dead-lettered", 1, NOW, NOW, {"error": "x"}
@@ -355,7 +373,7 @@ async def test_every_write_for_a_document_checks_its_tenant(store: Store) -> Non
     await store.record_step(doc, owner, "chunk", "e2", "ok", 1, NOW, NOW)
     # Already embedded: a failure of an earlier stage changes nothing (and raises nothing).
     moved = await store.advance_status(
-        doc, "dead-lettered", "chunk: failed", tenant_id=owner, stage="chunk"
+        StatusChange(doc, "dead-lettered", "chunk: failed", tenant_id=owner, stage="chunk")
     )
     assert moved is False
 
@@ -375,11 +393,13 @@ async def test_a_nul_byte_is_refused_naming_its_field(store: Store) -> None:
     tenant, doc = ids("nul")
     with pytest.raises(InvalidEvent, match=r"^invalid filename: contains a NUL byte"):
         await store.register_upload(
-            doc, tenant, "a\x00.md", "text/markdown", 1, sha("x"), None, {}, None, NOW
+            Upload(doc, tenant, "a\x00.md", "text/markdown", 1, sha("x"), None, {}, None, NOW)
         )
     with pytest.raises(InvalidEvent, match=r"^invalid metadata\['k'\]: contains a NUL byte"):
         await store.register_upload(
-            doc, tenant, "a.md", "text/markdown", 1, sha("x"), None, {"k": "\x00"}, None, NOW
+            Upload(
+                doc, tenant, "a.md", "text/markdown", 1, sha("x"), None, {"k": "\x00"}, None, NOW
+            )
         )
     with pytest.raises(InvalidEvent, match=r"^invalid tenant_id: contains a NUL byte"):
         await store.record_step(doc, "t\x00", "parse", "e1", "dead-lettered", 1, NOW, NOW)
@@ -422,13 +442,15 @@ async def test_every_write_is_idempotent(store: Store) -> None:
     # Several writes in one transaction; a failure inside rolls all of them back.
     with pytest.raises(RuntimeError):
         async with store.transaction() as tx:
-            await tx.save_parse(doc, tenant, sha("v2"), "local", "2", "v2", 1, None)
-            await tx.advance_status(doc, "parsed", current_parse_sha256=sha("v2"))
+            await tx.save_parse(ParsedContent(doc, tenant, sha("v2"), "local", "2", "v2", 1, None))
+            await tx.advance_status(StatusChange(doc, "parsed", current_parse_sha256=sha("v2")))
             raise RuntimeError("crash before commit")
     assert await store.load_parse(doc, sha("v2")) is None
     assert (await store.get_document(doc)).status == "embedded"  # type: ignore[union-attr]
     async with store.transaction() as tx:
-        assert await tx.save_parse(doc, tenant, sha("v2"), "local", "2", "v2", 1, None)
+        assert await tx.save_parse(
+            ParsedContent(doc, tenant, sha("v2"), "local", "2", "v2", 1, None)
+        )
     assert await store.load_parse(doc, sha("v2")) == ("v2", 1, None)
 
 
@@ -439,16 +461,20 @@ async def test_chunks_round_trip_and_a_new_parse_replaces_the_set(store: Store) 
     assert await store.load_chunks(doc, "md-v1") == make_chunks(texts)
 
     # Re-parse (another parser) gives new content B: same chunker version, other chunks.
-    await store.save_parse(doc, tenant, sha("B"), "llamaparse", "9", "B", 1, None)
-    assert await store.advance_status(doc, "parsed", current_parse_sha256=sha("B"))
+    await store.save_parse(ParsedContent(doc, tenant, sha("B"), "llamaparse", "9", "B", 1, None))
+    assert await store.advance_status(StatusChange(doc, "parsed", current_parse_sha256=sha("B")))
     new = make_chunks(["uno", "dos"])
-    written = await store.save_chunks(doc, tenant, "md-v1", {}, new, parse_sha256=sha("B"))
+    written = await store.save_chunks(
+        ChunkSet(doc, tenant, "md-v1", {}, new, parse_sha256=sha("B"))
+    )
     assert written == 2
     assert await store.load_chunks(doc, "md-v1") == new
     assert (await store.count_rows(tenant))["embeddings"] == 0  # embeddings of old text went too
     # A late redelivery of the chunks cut from A is stale: nothing changes.
     old = make_chunks(texts)
-    assert await store.save_chunks(doc, tenant, "md-v1", {}, old, parse_sha256=sha("A")) == 0
+    assert (
+        await store.save_chunks(ChunkSet(doc, tenant, "md-v1", {}, old, parse_sha256=sha("A"))) == 0
+    )
     assert await store.load_chunks(doc, "md-v1") == new
 
 
@@ -466,14 +492,20 @@ async def test_status_only_moves_forward(store: Store) -> None:
 
     assert await status() == "embedded"
     # Late results of the same generation change nothing.
-    assert not await store.advance_status(doc, "chunked", current_chunker_version="md-v1")
-    assert not await store.advance_status(doc, "parsed", current_parse_sha256=sha("x"))
-    assert not await store.advance_status(doc, "failed", "late chunk failure", stage="chunk")
-    assert not await store.advance_status(doc, "failed", "stage unknown")
+    assert not await store.advance_status(
+        StatusChange(doc, "chunked", current_chunker_version="md-v1")
+    )
+    assert not await store.advance_status(
+        StatusChange(doc, "parsed", current_parse_sha256=sha("x"))
+    )
+    assert not await store.advance_status(
+        StatusChange(doc, "failed", "late chunk failure", stage="chunk")
+    )
+    assert not await store.advance_status(StatusChange(doc, "failed", "stage unknown"))
     assert await status() == "embedded"
 
     # A new chunker version starts a new generation; search keeps reading md-v1 meanwhile.
-    assert await store.advance_status(doc, "chunked", current_chunker_version="md-v2")
+    assert await store.advance_status(StatusChange(doc, "chunked", current_chunker_version="md-v2"))
     d = await store.get_document(doc)
     assert d is not None
     assert (d.status, d.current_chunker_version, d.searchable_chunker_version) == (
@@ -483,10 +515,14 @@ async def test_status_only_moves_forward(store: Store) -> None:
     )
     # An embedding of the chunker version the document has left is stale.
     assert not await store.advance_status(
-        doc, "embedded", current_chunker_version="md-v1", current_embedding_model=MODEL
+        StatusChange(
+            doc, "embedded", current_chunker_version="md-v1", current_embedding_model=MODEL
+        )
     )
     assert await store.advance_status(
-        doc, "embedded", current_chunker_version="md-v2", current_embedding_model=MODEL
+        StatusChange(
+            doc, "embedded", current_chunker_version="md-v2", current_embedding_model=MODEL
+        )
     )
     d = await store.get_document(doc)
     assert d is not None
@@ -496,15 +532,23 @@ async def test_status_only_moves_forward(store: Store) -> None:
 async def test_failed_is_left_by_a_later_success_but_not_by_a_stale_one(store: Store) -> None:
     tenant, doc = ids("redrive")
     await register(store, doc, tenant, "redrive me")
-    assert await store.advance_status(doc, "parsed", current_parse_sha256="p1", page_count=2)
-    assert await store.advance_status(doc, "failed", "Timeout", stage="chunk")
-    assert await store.advance_status(doc, "dead-lettered", "attempts used up", stage="chunk")
-    assert not await store.advance_status(doc, "parsed", current_parse_sha256="p1")  # stale
+    assert await store.advance_status(
+        StatusChange(doc, "parsed", current_parse_sha256="p1", page_count=2)
+    )
+    assert await store.advance_status(StatusChange(doc, "failed", "Timeout", stage="chunk"))
+    assert await store.advance_status(
+        StatusChange(doc, "dead-lettered", "attempts used up", stage="chunk")
+    )
+    assert not await store.advance_status(
+        StatusChange(doc, "parsed", current_parse_sha256="p1")
+    )  # stale
     d = await store.get_document(doc)
     assert d is not None
     assert (d.status, d.status_reason) == ("dead-lettered", "attempts used up")
     # The redrive: chunking now succeeds.
-    assert await store.advance_status(doc, "chunked", current_chunker_version="v1", chunk_count=4)
+    assert await store.advance_status(
+        StatusChange(doc, "chunked", current_chunker_version="v1", chunk_count=4)
+    )
     d = await store.get_document(doc)
     assert d is not None
     assert (d.status, d.status_reason, d.chunk_count) == ("chunked", None, 4)
@@ -513,13 +557,13 @@ async def test_failed_is_left_by_a_later_success_but_not_by_a_stale_one(store: S
     # does not move the document back, but fills in the count it carries.
     t2, d2 = ids("reorder")
     await register(store, d2, t2, "reordered")
-    await store.advance_status(d2, "parsed", current_parse_sha256="p")
-    assert await store.advance_status(
+    await store.advance_status(StatusChange(d2, "parsed", current_parse_sha256="p"))
+    assert await store.advance_status(StatusChange(
         d2, "embedded", current_chunker_version="v1", current_embedding_model=MODEL,
         current_embedding_dimensions=DIMS,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert not await store.advance_status(
-        d2, "chunked", current_chunker_version="v1", chunk_count=7
+        StatusChange(d2, "chunked", current_chunker_version="v1", chunk_count=7)
     )
     doc2 = await store.get_document(d2)
     assert doc2 is not None
@@ -527,9 +571,11 @@ async def test_failed_is_left_by_a_later_success_but_not_by_a_stale_one(store: S
 
     # A duplicate never advances.
     await register(store, f"{d2}-dup", t2, "reordered")
-    assert not await store.advance_status(f"{d2}-dup", "parsed", current_parse_sha256="p")
+    assert not await store.advance_status(
+        StatusChange(f"{d2}-dup", "parsed", current_parse_sha256="p")
+    )
     with pytest.raises(ValueError, match="cannot set status"):
-        await store.advance_status(d2, "duplicate")
+        await store.advance_status(StatusChange(d2, "duplicate"))
 
 
 # -- embeddings, cache, search -------------------------------------------------------------------
@@ -542,12 +588,15 @@ async def test_embedding_cache_counts_hits(store: Store) -> None:
     await ingest(store, doc, tenant, texts, [axis(1), axis(2)], model=model)
     wanted = [sha("cached one"), sha("cached two"), sha("never embedded")]
 
-    got = await store.cached_embeddings(model, DIMS, wanted, cache_scope=tenant)
+    got = await store.cached_embeddings(CacheLookup(model, DIMS, wanted, cache_scope=tenant))
     assert set(got) == {sha("cached one"), sha("cached two")}
     assert got[sha("cached one")] == pytest.approx(axis(1), abs=1e-6)
     # other dimensions
-    assert await store.cached_embeddings(model, DIMS + 1, wanted, cache_scope=tenant) == {}
-    await store.cached_embeddings(model, DIMS, wanted[:1], cache_scope=tenant)
+    assert (
+        await store.cached_embeddings(CacheLookup(model, DIMS + 1, wanted, cache_scope=tenant))
+        == {}
+    )
+    await store.cached_embeddings(CacheLookup(model, DIMS, wanted[:1], cache_scope=tenant))
 
     conn = await asyncpg.connect(store._dsn)
     try:
@@ -568,18 +617,22 @@ async def test_the_embedding_cache_is_scoped_by_tenant(store: Store) -> None:
     key = [sha("the same text")]
     await ingest(store, doc_a, a, ["the same text"], [axis(1)], model=model)
     # Another tenant's scope and the shared one hold nothing of a's.
-    assert await store.cached_embeddings(model, DIMS, key, cache_scope=b) == {}
-    assert await store.cached_embeddings(model, DIMS, key, cache_scope=SHARED_CACHE) == {}
-    assert set(await store.cached_embeddings(model, DIMS, key, cache_scope=a)) == set(key)
+    assert await store.cached_embeddings(CacheLookup(model, DIMS, key, cache_scope=b)) == {}
+    assert (
+        await store.cached_embeddings(CacheLookup(model, DIMS, key, cache_scope=SHARED_CACHE)) == {}
+    )
+    assert set(await store.cached_embeddings(CacheLookup(model, DIMS, key, cache_scope=a))) == set(
+        key
+    )
 
     # b embeds the same text into the shared cache (embed.share_cache_across_tenants).
     await ingest(store, doc_b, b, ["the same text"], [axis(2)], model=model)
     chunk = make_chunks(["the same text"])[0]
-    await store.save_embeddings(
+    await store.save_embeddings(EmbeddingSet(
         doc_b, b, "md-v1", model, DIMS, "local", [(0, chunk.text_sha256, axis(2))],
         cache_scope=SHARED_CACHE,
-    )  # fmt: skip
-    shared = await store.cached_embeddings(model, DIMS, key, cache_scope=SHARED_CACHE)
+    ))  # fmt: skip
+    shared = await store.cached_embeddings(CacheLookup(model, DIMS, key, cache_scope=SHARED_CACHE))
     assert shared[key[0]] == pytest.approx(axis(2), abs=1e-6)
 
     conn = await asyncpg.connect(store._dsn)
@@ -689,18 +742,20 @@ async def test_search_returns_the_nearest_current_chunks_of_one_tenant(store: St
 
     # Re-chunked as md-v2: search stays on md-v1 until md-v2 is embedded, then shows only md-v2.
     new = make_chunks(["fresh text"], heading="New")
-    await store.save_chunks(doc, tenant, "md-v2", {}, new)
-    await store.advance_status(doc, "chunked", current_chunker_version="md-v2", chunk_count=1)
+    await store.save_chunks(ChunkSet(doc, tenant, "md-v2", {}, new))
+    await store.advance_status(
+        StatusChange(doc, "chunked", current_chunker_version="md-v2", chunk_count=1)
+    )
     assert {h.chunker_version for h in await store.search(tenant, axis(0), MODEL, DIMS)} == {
         "md-v1"
     }
     await store.save_embeddings(
-        doc, tenant, "md-v2", MODEL, DIMS, "local", [(0, new[0].text_sha256, axis(5))]
+        EmbeddingSet(doc, tenant, "md-v2", MODEL, DIMS, "local", [(0, new[0].text_sha256, axis(5))])
     )
-    await store.advance_status(
+    await store.advance_status(StatusChange(
         doc, "embedded", current_chunker_version="md-v2", current_embedding_model=MODEL,
         current_embedding_dimensions=DIMS,
-    )  # fmt: skip
+    ))  # fmt: skip
     after = await store.search(tenant, axis(0), MODEL, DIMS, k=10)
     assert [(h.chunker_version, h.text) for h in after] == [("md-v2", "fresh text")]
     assert (await store.count_rows(tenant))["chunks"] == 7  # old versions are kept
@@ -728,12 +783,19 @@ async def _bulk_embeddings(store: Store, tenant: str, docs: int, per_doc: int) -
         texts = [f"{doc} chunk {i}" for i in range(per_doc)]
         await register(store, doc, tenant, doc)
         chunks = make_chunks(texts)
-        await store.save_chunks(doc, tenant, "md-v1", {}, chunks)
-        await store.advance_status(doc, "chunked", current_chunker_version="md-v1")
+        await store.save_chunks(ChunkSet(doc, tenant, "md-v1", {}, chunks))
+        await store.advance_status(StatusChange(doc, "chunked", current_chunker_version="md-v1"))
         rows = [(c.index, c.text_sha256, _clustered(rng, centroids)) for c in chunks]
-        await store.save_embeddings(doc, tenant, "md-v1", MODEL, BENCH_DIMS, "local", rows)
+        await store.save_embeddings(
+            EmbeddingSet(doc, tenant, "md-v1", MODEL, BENCH_DIMS, "local", rows)
+        )
         await store.advance_status(
-            doc, "embedded", current_embedding_model=MODEL, current_embedding_dimensions=BENCH_DIMS
+            StatusChange(
+                doc,
+                "embedded",
+                current_embedding_model=MODEL,
+                current_embedding_dimensions=BENCH_DIMS,
+            )
         )
 
 
@@ -807,10 +869,12 @@ async def test_save_chunks_of_a_thousand_rows(store: Store) -> None:
     await register(store, doc, tenant, doc)
     chunks = make_chunks([f"chunk {i} " + "lorem ipsum " * 60 for i in range(1000)])
     t0 = time.perf_counter()
-    assert await store.save_chunks(doc, tenant, "md-v1", {"max_tokens": 400}, chunks) == 1000
+    assert (
+        await store.save_chunks(ChunkSet(doc, tenant, "md-v1", {"max_tokens": 400}, chunks)) == 1000
+    )
     first_ms = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
-    assert await store.save_chunks(doc, tenant, "md-v1", {"max_tokens": 400}, chunks) == 0
+    assert await store.save_chunks(ChunkSet(doc, tenant, "md-v1", {"max_tokens": 400}, chunks)) == 0
     again_ms = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
     loaded = await store.load_chunks(doc, "md-v1")
@@ -910,18 +974,22 @@ async def test_bad_data_is_permanent(store: Store) -> None:
     tenant, doc = ids("bad")
     await register(store, doc, tenant, "bad")
     with pytest.raises(PermanentError, match="0x00"):
-        await store.save_parse(doc, tenant, "s", "local", "1", "nul \x00 byte", 1, None)
-    await store.save_chunks(doc, tenant, "v1", {}, make_chunks(["t"]))
+        await store.save_parse(
+            ParsedContent(doc, tenant, "s", "local", "1", "nul \x00 byte", 1, None)
+        )
+    await store.save_chunks(ChunkSet(doc, tenant, "v1", {}, make_chunks(["t"])))
     with pytest.raises(PermanentError, match="expected 8 dimensions, got 3"):
         await store.save_embeddings(
-            doc, tenant, "v1", MODEL, DIMS, "local", [(0, sha("t"), [1, 2, 3])]
+            EmbeddingSet(doc, tenant, "v1", MODEL, DIMS, "local", [(0, sha("t"), [1, 2, 3])])
         )
     with pytest.raises(PermanentError, match="NaN"):
         await store.save_embeddings(
-            doc, tenant, "v1", MODEL, DIMS, "local", [(0, sha("t"), [math.nan] * DIMS)]
+            EmbeddingSet(
+                doc, tenant, "v1", MODEL, DIMS, "local", [(0, sha("t"), [math.nan] * DIMS)]
+            )
         )
     with pytest.raises(PermanentError, match="ForeignKeyViolation"):  # chunks of no document
-        await store.save_chunks("never-registered", tenant, "v1", {}, make_chunks(["t"]))
+        await store.save_chunks(ChunkSet("never-registered", tenant, "v1", {}, make_chunks(["t"])))
 
 
 def test_error_classes_map_to_what_the_caller_must_do() -> None:

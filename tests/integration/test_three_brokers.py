@@ -75,7 +75,7 @@ async def test_a_broker_killed_while_documents_flow_loses_and_duplicates_nothing
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
             ids.append((await up.upload_bytes(body(i), f"n{i}.md", tenant_id="ha")).document_id)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # paced, so the kill falls among the uploads
 
         async def under() -> bool:
             return bool((await read_status(settings, sample_s=0)).under_replicated)

@@ -10,19 +10,12 @@ from ragstream.codec import Codec
 from ragstream.dlq import (
     DlqFilter,
     DlqRecord,
-    InvalidInput,
     decode_value,
     is_poison,
-    parse_position,
-    parse_positions,
-    parse_stage,
-    parse_time,
-    redrive_headers,
 )
-from ragstream.errors import ConfigError
 from ragstream.events import DocumentParsed
+from ragstream.operator_input import InvalidInput
 from ragstream.topology import (
-    H_ATTEMPT,
     H_CORRELATION_ID,
     H_ERR_ATTEMPTS,
     H_ERR_CLASS,
@@ -32,8 +25,6 @@ from ragstream.topology import (
     H_ERR_TENANT,
     H_ERR_TOPIC,
     H_EVENT_TYPE,
-    H_REDRIVE_OF,
-    Stage,
 )
 
 NOW = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
@@ -71,66 +62,6 @@ def record(
         value=value,
         headers=tuple(headers),
     )
-
-
-# -- times, stages, positions -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("30m", NOW - timedelta(minutes=30)),
-        ("2h", NOW - timedelta(hours=2)),
-        ("7d", NOW - timedelta(days=7)),
-        ("1w", NOW - timedelta(weeks=1)),
-        ("1h30m", NOW - timedelta(hours=1, minutes=30)),
-        ("45S", NOW - timedelta(seconds=45)),
-        ("0m", NOW),
-        ("2025-04-30T08:15:00Z", datetime(2025, 4, 30, 8, 15, tzinfo=UTC)),
-        ("2025-04-30T10:15:00+02:00", datetime(2025, 4, 30, 8, 15, tzinfo=UTC)),
-        ("2025-04-30 08:15", datetime(2025, 4, 30, 8, 15, tzinfo=UTC)),  # naive → UTC
-        ("2025-04-30", datetime(2025, 4, 30, tzinfo=UTC)),
-    ],
-)
-def test_times_are_iso_8601_or_an_age(text: str, expected: datetime) -> None:
-    assert parse_time(text, now=NOW) == expected
-
-
-@pytest.mark.parametrize("text", ["", "2x", "h", "yesterday", "-2h", "2025-13-01", "2 h 3"])
-def test_a_malformed_time_names_the_option(text: str) -> None:
-    with pytest.raises(InvalidInput, match=r"--since .*ISO 8601.*30m, 2h, 7d"):
-        parse_time(text, option="--since", now=NOW)
-
-
-def test_invalid_input_is_a_config_error_so_the_cli_exits_2() -> None:
-    assert issubclass(InvalidInput, ConfigError)
-
-
-def test_stages() -> None:
-    assert parse_stage(" Parse ") is Stage.PARSE
-    with pytest.raises(InvalidInput, match=r"--stage 'upload': unknown stage; choose one of parse"):
-        parse_stage("upload")
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"), [("0:42", (0, 42)), (" 2 : 7 ", (2, 7)), ("11:0", (11, 0))]
-)
-def test_positions(text: str, expected: tuple[int, int]) -> None:
-    assert parse_position(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "0", "0:", ":4", "a:1", "0:-1", "0:1:2", "0;1"])
-def test_a_malformed_position_is_refused(text: str) -> None:
-    with pytest.raises(InvalidInput, match="expected PARTITION:OFFSET"):
-        parse_position(text)
-
-
-def test_position_lists() -> None:
-    assert parse_positions("0:5,2:9") == {0: 5, 2: 9}
-    with pytest.raises(InvalidInput, match="partition 0 is given twice"):
-        parse_positions("0:5,0:9")
-    with pytest.raises(InvalidInput, match="--up-to '0:5,'"):
-        parse_positions("0:5,")
 
 
 # -- filters -------------------------------------------------------------------------------------
@@ -185,16 +116,6 @@ def test_record_fields_come_from_the_error_headers() -> None:
     assert r.message == "bad ünïcode"
     assert r.origin_topic == "p.documents.uploaded"
     assert r.summary()["correlation_id"] == "corr-1"
-
-
-def test_redrive_headers_keep_the_originals_and_name_the_dlq_position() -> None:
-    r = record(extra=((H_ATTEMPT, b"3"), (H_REDRIVE_OF, b"0:1"), ("custom", b"\xff")))
-    assert redrive_headers(r) == [
-        (H_EVENT_TYPE, b"DocumentUploaded"),
-        (H_CORRELATION_ID, b"corr-1"),
-        ("custom", b"\xff"),
-        (H_REDRIVE_OF, b"1:7"),
-    ]
 
 
 def test_poison_is_what_was_dead_lettered_as_poison_or_does_not_decode() -> None:

@@ -16,7 +16,7 @@ import pytest
 from ragstream.errors import PermanentError, RetryableError
 from ragstream.isolation import LimitedPool
 from ragstream.settings import ChildLimits
-from tests.hostile import descendants, running
+from tests.hostile import burning, cpu_seconds, descendants, running
 
 FOREVER = range(10**15)  # sum() over it holds the CPU, in C, for hours
 
@@ -36,8 +36,9 @@ async def test_cancelling_a_call_kills_its_process_and_the_pool_replaces_it() ->
     pool = _pool(workers=1)
     try:
         before = await pool.run(os.getpid, what="asking")
+        idle = {before: cpu_seconds(before)}
         call = asyncio.create_task(pool.run(sum, FOREVER, what="summing"))
-        await asyncio.sleep(0.3)
+        await _until(lambda: burning([before], idle), 2, "the child summing")
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -64,7 +65,7 @@ async def test_a_pool_broken_by_an_idle_child_killed_from_outside_is_replaced() 
     try:
         idle = await pool.run(os.getpid, what="asking")
         os.kill(idle, signal.SIGKILL)  # pebble gives up a pool whose idle worker dies
-        await asyncio.sleep(0.5)
+        await _until(lambda: not pool._pool or not pool._pool.active, 5, "pebble giving it up")
         assert await pool.run(os.getpid, what="asking") not in (idle, None)
     finally:
         await pool.aclose()
@@ -84,8 +85,9 @@ async def test_the_cpu_limit_is_per_call_not_per_process() -> None:
 async def test_closing_kills_busy_children_at_once_and_fails_what_waits() -> None:
     pool = _pool(workers=2)
     pids = {await pool.run(os.getpid, what="asking") for _ in range(8)}
+    idle = {pid: cpu_seconds(pid) for pid in pids}
     calls = [asyncio.create_task(pool.run(sum, FOREVER, what="summing")) for _ in range(3)]
-    await asyncio.sleep(0.3)
+    await _until(lambda: len(burning(pids, idle)) == len(pids), 2, "the children summing")
     started = time.monotonic()
     await pool.aclose()
     assert time.monotonic() - started < 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import os
 import re
 import time
 
@@ -25,7 +26,8 @@ from ragstream.providers.parse.local import LocalParser
 from ragstream.providers.parse.port import ParseResult, page_marker
 from ragstream.samples import SampleInfo, sample_dir, sample_manifest
 from ragstream.settings import ParseSettings
-from tests.hostile import cpu_bomb_pdf, memory_bomb_text
+from tests.hostile import burning, cpu_bomb_pdf, cpu_seconds, descendants, memory_bomb_text
+from tests.unit.test_isolation import _until
 
 MANIFEST = sample_manifest()
 
@@ -277,11 +279,12 @@ async def test_a_cpu_bomb_is_killed_at_the_wall_clock_limit_while_other_files_go
     parser = _parser(timeout_s=1.5, cpu_s=60, workers=2)
     try:
         await _parses_small_files_at_once(parser)  # the pool is warm
+        idle = {pid: cpu_seconds(pid) for pid in descendants(os.getpid())}
         started = time.monotonic()
         bomb = asyncio.create_task(
             parser.parse(cpu_bomb_pdf(), filename="x.pdf", content_type="application/pdf")
         )
-        await asyncio.sleep(0.3)
+        await _until(lambda: burning(descendants(os.getpid()), idle), 1.5, "the bomb parsing")
         await _parses_small_files_at_once(parser)  # in the other process, while the bomb runs
         assert not bomb.done()
         with pytest.raises(PermanentError) as info:

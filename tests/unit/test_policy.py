@@ -9,6 +9,7 @@ import pytest
 from aiokafka import errors as kafka_errors
 
 from consumers.policy import (
+    WAIT_RECHECK_S,
     DeadLetter,
     Hold,
     Park,
@@ -18,13 +19,17 @@ from consumers.policy import (
     decide,
 )
 from ragstream.errors import (
+    AuthenticationFailed,
     BudgetExceeded,
+    ClaimCheckRefused,
     ConfigError,
     DecodeError,
     InfrastructureError,
     InfrastructureUnavailable,
+    InvalidEvent,
     PermanentError,
     RetryableError,
+    TenantConflict,
 )
 from ragstream.providers.circuit import CircuitOpenError
 from ragstream.settings import RetrySettings
@@ -87,6 +92,7 @@ def test_backoff_is_capped() -> None:
         (kafka_errors.NotEnoughReplicasError(), "kafka"),
         (kafka_errors.TopicAuthorizationFailedError(), "kafka"),
         (InfrastructureError("cannot reach the broker"), ""),
+        (AuthenticationFailed("kafka.sasl_username: the broker refuses user 'ragstream'"), ""),
         (ConfigError("postgres.url: bad password"), ""),
     ],
 )
@@ -103,6 +109,8 @@ def test_our_own_infrastructure_being_away_waits_and_spends_no_attempt(
         kafka_errors.MessageSizeTooLargeError(),
         kafka_errors.RecordTooLargeError(),
         kafka_errors.CorruptRecordException(),
+        kafka_errors.RecordListTooLargeError(),
+        kafka_errors.InvalidTimestampError(),
     ],
 )
 def test_a_record_kafka_refuses_is_dead_lettered(exc: BaseException) -> None:
@@ -129,3 +137,36 @@ def test_a_tenants_budget_parks_the_record_until_its_window_ends() -> None:
 def test_an_open_circuit_parks_without_spending_an_attempt() -> None:
     exc = CircuitOpenError("openai", retry_after=15.0)
     assert decide(exc, 3, POLICY) == Park(15.0)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        InvalidEvent("invalid record key: missing; it must be the document_id"),
+        ClaimCheckRefused("claim check refused: outside the tenant's area"),
+        TenantConflict("doc-1", "globex"),
+    ],
+)
+def test_what_the_stages_refuse_at_the_door_is_dead_lettered_at_once(exc: Exception) -> None:
+    assert decide(exc, 1, POLICY) == DeadLetter("permanent")
+
+
+def test_bytes_that_do_not_decode_are_poison_not_merely_permanent() -> None:
+    assert isinstance(DecodeError("x"), PermanentError)
+    assert decide(DecodeError("truncated body"), 3, POLICY) == DeadLetter("poison")
+
+
+def test_the_last_attempt_is_dead_lettered_whatever_the_service_asked() -> None:
+    assert decide(RetryableError("429", retry_after=5.0), 3, POLICY) == DeadLetter("exhausted")
+    once = RetrySettings(base_s=1.0, factor=2.0, cap_s=60.0, max_attempts=1)
+    assert decide(RetryableError("HTTP 503"), 1, once) == DeadLetter("exhausted")
+
+
+def test_a_half_open_circuit_parks_for_the_recheck_interval() -> None:
+    assert decide(CircuitOpenError("openai", retry_after=0.0), 1, POLICY) == Park(WAIT_RECHECK_S)
+
+
+def test_a_budget_or_an_open_circuit_never_spends_the_last_attempt() -> None:
+    beyond = POLICY.max_attempts + 5
+    assert decide(BudgetExceeded("throttled", service="openai"), beyond, POLICY) == Hold()
+    assert decide(CircuitOpenError("openai", retry_after=15.0), beyond, POLICY) == Park(15.0)

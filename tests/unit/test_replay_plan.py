@@ -6,21 +6,18 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ragstream.dlq import Extent, epoch_ms
-from ragstream.errors import ConfigError
 from ragstream.events import DocumentUploaded
+from ragstream.kafkaio import Extent
+from ragstream.operator_input import InvalidInput, OffsetRange, epoch_ms
 from ragstream.replay import (
-    InvalidInput,
+    GroupState,
     Mode,
-    OffsetRange,
     RecordFilter,
+    ReplayPlan,
     ReplayRequest,
     build_partitions,
-    parse_offset_ranges,
-    parse_when,
-    replay_headers,
 )
-from ragstream.topology import H_CORRELATION_ID, H_REPLAY, Stage
+from ragstream.topology import Stage
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 TOPIC = "t.documents.uploaded"
@@ -28,59 +25,6 @@ TOPIC = "t.documents.uploaded"
 
 def request(stage: str = "parse", **kwargs: object) -> ReplayRequest:
     return ReplayRequest.build(stage, now=NOW, **kwargs)  # type: ignore[arg-type]
-
-
-# -- times -------------------------------------------------------------------------------------
-
-
-def test_times_are_iso_in_utc_or_ages_with_or_without_a_minus() -> None:
-    assert parse_when("2026-11-24T10:00", now=NOW) == datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-    assert parse_when("2026-11-24T11:00+01:00", now=NOW) == datetime(
-        2026, 11, 24, 10, 0, tzinfo=UTC
-    )
-    assert parse_when("2h", now=NOW) == parse_when("-2h", now=NOW) == NOW - timedelta(hours=2)
-    assert parse_when(" 1h30m ", now=NOW) == NOW - timedelta(minutes=90)
-
-
-@pytest.mark.parametrize("text", ["2026-11-24T12:00:01", "2027-01-01", "0s"])
-def test_a_time_after_now_is_refused_except_now_itself(text: str) -> None:
-    if text == "0s":
-        assert parse_when(text, now=NOW) == NOW
-        return
-    with pytest.raises(InvalidInput, match=r"--from .* is in the future"):
-        parse_when(text, now=NOW)
-
-
-@pytest.mark.parametrize("text", ["yesterday", "2h ago", "-", "24-11-2026 10:00", "2x"])
-def test_a_malformed_time_names_the_option_and_the_forms(text: str) -> None:
-    with pytest.raises(InvalidInput, match=r"--from .*ISO 8601.*2h") as caught:
-        parse_when(text, now=NOW)
-    assert isinstance(caught.value, ConfigError)  # exit code 2 on the CLI
-
-
-# -- offset ranges -----------------------------------------------------------------------------
-
-
-def test_offset_ranges_per_partition_end_exclusive_and_optional() -> None:
-    assert parse_offset_ranges("0:100-200, 2:5") == {
-        0: OffsetRange(100, 200),
-        2: OffsetRange(5, None),
-    }
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("0:10-5", "END 5 is before START 10"),
-        ("0:1,0:2", "partition 0 is given twice"),
-        ("0-10", "expected PARTITION:START"),
-        ("a:1", "expected PARTITION:START"),
-        ("", "expected PARTITION:START"),
-    ],
-)
-def test_bad_offset_ranges_say_what_is_wrong(text: str, message: str) -> None:
-    with pytest.raises(InvalidInput, match=message):
-        parse_offset_ranges(text)
 
 
 # -- combinations ------------------------------------------------------------------------------
@@ -140,15 +84,6 @@ def test_filter_matches_fields_with_and_values_with_or() -> None:
     assert not flt.matches(event("c", "d", "c1")) and not flt.matches(event("a", "d", "c2"))
     assert RecordFilter().matches(event("z", "z", "z")) and RecordFilter().empty
     assert flt.describe() == "tenant a, b; correlation id c1"
-
-
-def test_replay_headers_keep_the_record_headers_and_replace_an_earlier_replay_id() -> None:
-    headers = [(H_CORRELATION_ID, b"c1"), (H_REPLAY, b"old"), ("x", b"1")]
-    assert replay_headers(headers, "new") == [
-        (H_CORRELATION_ID, b"c1"),
-        ("x", b"1"),
-        (H_REPLAY, b"new"),
-    ]
 
 
 # -- plans -------------------------------------------------------------------------------------
@@ -213,3 +148,25 @@ def test_live_offset_ranges_take_only_the_partitions_named() -> None:
 def test_offsets_outside_the_log_are_refused(offsets: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         build_partitions(request(offsets=offsets, live=True), EXTENTS, {}, topic=TOPIC)
+
+
+def test_a_plan_sums_its_partitions_and_names_those_that_move() -> None:
+    parts = build_partitions(request(shift_by=-10), EXTENTS, {0: 90, 1: 50}, topic=TOPIC)
+    plan = ReplayPlan(request(shift_by=-10), TOPIC, GroupState("g", "Empty", ()), parts, "r1")
+    assert plan.stage is Stage.PARSE
+    assert (plan.records, plan.again) == (20 + 10, 10 + 10)  # read from the start; again
+    assert [p.partition for p in plan.moving] == [0, 1]
+    assert not plan.group.members and plan.group.known
+    assert not GroupState("g", "Dead", ()).known
+
+
+def test_a_group_that_never_committed_is_at_the_log_start() -> None:
+    # No committed offset: the workers start from the earliest record, so nothing moves back.
+    plan = build_partitions(
+        request(from_="2h"), EXTENTS, {}, topic=TOPIC, at_from={0: 60, 1: 20, 2: 0}
+    )
+    assert [(p.position, p.start, p.moves) for p in plan] == [
+        (0, 0, False),
+        (10, 10, False),
+        (0, 0, False),
+    ]

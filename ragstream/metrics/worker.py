@@ -1,47 +1,15 @@
-"""A worker's Prometheus metrics, on a registry of its own.
-
-Nothing is registered at import time: each `Metrics()` builds its metrics on an explicit
-`CollectorRegistry`, so tests and several workers in one process never collide. The consumer
-runtime calls the methods; `ragstream.health.HealthServer` serves `exposition()` at /metrics.
-
-    ragstream_records_total{stage,outcome}                        counter
-    ragstream_stage_duration_seconds{stage}                        histogram
-    ragstream_upload_to_embedded_seconds                           histogram
-    ragstream_inflight_records{stage}                              gauge
-    ragstream_consumer_lag{stage,topic,partition}                  gauge
-    ragstream_retries_total{stage,error_class}                     counter
-    ragstream_dead_letters_total{stage,error_class}                counter
-    ragstream_external_calls_total{service,operation,status}       counter
-    ragstream_external_call_duration_seconds{service,operation}    histogram
-    ragstream_circuit_state{service}                               gauge  0 closed, 1 half-open, 2 open
-    ragstream_usage_units_total{service,unit}                      counter
-    ragstream_spend_usd_total{service}                             counter
-    ragstream_throttle_state{service}                              gauge  0 open, 1 warning, 2 throttled
-    ragstream_budget_usd{service,window}                           gauge
-    ragstream_budget_spent_usd{service,window}                     gauge
-    ragstream_assigned_partitions{stage}                           gauge
-    ragstream_worker_up{stage}                                     gauge  1 while a group member
-    ragstream_batch_records{stage}                                 histogram  records per micro-batch
-    ragstream_build_info{version}                                  gauge  always 1
-
-plus the `process_*` and `python_info` series of prometheus_client's own collectors.
-
-Every label is bounded: stages (3), outcomes (`OUTCOMES` below), exception
-class names, services, operations, units, budget windows, and topic/partition (bounded by the
-topology). Never a document, tenant or correlation id.
-"""
+"""`Metrics`: every ragstream series of one process, on a registry of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator, Set
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
-from typing import Final, Protocol, TypeVar
+from typing import Protocol
 
-import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -50,54 +18,19 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
 )
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from ragstream.events import DocumentEmbedded
-
-log = structlog.get_logger(__name__)
-
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-
-# Seconds. A stage may wait minutes on a parsing service; a document may take an hour to get
-# through a backlog.
-STAGE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-# Milliseconds to hours, no step wider than about 2x, so a quantile resolves a backlog's wait too.
-PIPELINE_BUCKETS: Final = (
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2,
-    5,
-    10,
-    20,
-    30,
-    60,
-    120,
-    180,
-    300,
-    450,
-    600,
-    900,
-    1200,
-    1800,
-    2700,
-    3600,
-    5400,
-    7200,
+from ragstream.metrics.exposition import exposition
+from ragstream.metrics.labels import (
+    CALL_BUCKETS,
+    CIRCUIT_STATES,
+    OUTCOMES,
+    PIPELINE_BUCKETS,
+    STAGE_BUCKETS,
+    THROTTLE_STATES,
+    state_value,
 )
-CALL_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-CIRCUIT_STATES: Final = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
-THROTTLE_STATES: Final = {"open": 0, "warning": 1, "throttled": 2}
-# Every outcome a record can end with, each shown at 0 from the start (so rate() sees its first):
-# the stage's own (ok, duplicate, skipped), then the runtime's: retried (to the retry topic),
-# waiting (held or parked: budget, open circuit), dead-lettered, poison (undecodable, DLQ).
-OUTCOMES: Final = ("ok", "duplicate", "skipped", "retried", "waiting", "dead-lettered", "poison")
 
 
 class TopicPartitionLike(Protocol):
@@ -106,19 +39,6 @@ class TopicPartitionLike(Protocol):
 
     @property
     def partition(self) -> int: ...
-
-
-TP = TypeVar("TP", bound=TopicPartitionLike)
-
-
-class LagSource(Protocol[TP]):
-    """What `observe_lag` reads of a consumer (aiokafka's AIOKafkaConsumer has it)."""
-
-    def assignment(self) -> Set[TP]: ...
-
-    def highwater(self, partition: TP, /) -> int | None: ...
-
-    async def position(self, partition: TP, /) -> int: ...
 
 
 class Metrics:
@@ -363,7 +283,7 @@ class Metrics:
 
     def set_circuit_state(self, service: str, state: str) -> None:
         """`state` is a CircuitState (closed, half_open, open)."""
-        self.circuit_state.labels(service).set(_state_value(CIRCUIT_STATES, state, "circuit"))
+        self.circuit_state.labels(service).set(state_value(CIRCUIT_STATES, state, "circuit"))
 
     def on_circuit_change(self, name: str, old: str, new: str) -> None:
         """A `CircuitBreaker` listener: `breaker.add_listener(metrics.on_circuit_change)`."""
@@ -377,7 +297,7 @@ class Metrics:
 
     def set_throttle(self, service: str, state: str) -> None:
         """`state` is a ThrottleState (OPEN, WARNING, THROTTLED)."""
-        self.throttle_state.labels(service).set(_state_value(THROTTLE_STATES, state, "throttle"))
+        self.throttle_state.labels(service).set(state_value(THROTTLE_STATES, state, "throttle"))
 
     def set_budget(
         self,
@@ -393,7 +313,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The registry in the text format (0.0.4), without the `_created` series."""
-        return generate_latest(_WithoutCreated(self.registry))
+        return exposition(self.registry)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -405,45 +325,6 @@ class Metrics:
                     self.lag.remove(labels["stage"], labels["topic"], labels["partition"])
                 except KeyError:  # removed meanwhile
                     pass
-
-
-async def observe_lag(
-    metrics: Metrics, stage: str, consumer: LagSource[TP], *, timeout_s: float = 0.5
-) -> None:
-    """Set the lag of every partition the consumer owns: its high watermark (from the last
-    fetch) minus its position. Call it right after a batch's offsets are committed, where the
-    position is the committed offset. Never raises: a partition whose numbers are not known
-    yet (or that moved during a rebalance) keeps its last value."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            for tp in list(consumer.assignment()):
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue
-                position = await consumer.position(tp)
-                metrics.set_lag(stage, tp.topic, tp.partition, highwater - position)
-    except Exception as exc:  # metrics must never stop a consumer
-        log.debug("consumer lag not observed", stage=stage, error=repr(exc))
-
-
-class _WithoutCreated(Collector):
-    """The registry's metrics minus the `_created` samples (creation times Prometheus does
-    not need; they would double the series of every counter)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-    def collect(self) -> Iterable[Metric]:
-        for metric in self._registry.collect():
-            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
-            yield metric
-
-
-def _state_value(states: dict[str, int], state: str, what: str) -> int:
-    try:
-        return states[str(state).lower()]
-    except KeyError:
-        raise ValueError(f"unknown {what} state {state!r}") from None
 
 
 def _version() -> str:
