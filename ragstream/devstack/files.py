@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,13 +33,19 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def tail(path: Path, lines: int = 60) -> str:
-    """The last `lines` lines of a text file ('' if it does not exist)."""
+def tail(
+    path: Path, lines: int = 60, *, window: int = 128 * 1024, drop: re.Pattern[str] | None = None
+) -> str:
+    """The last `lines` lines of a text file ('' if it does not exist), read from its last
+    `window` bytes, leaving out the lines `drop` matches."""
     try:
         with path.open("rb") as fh:
             fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 128 * 1024))
+            fh.seek(max(0, fh.tell() - window))
             data = fh.read()
     except FileNotFoundError:
         return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+    kept = data.decode("utf-8", "replace").splitlines()
+    if drop is not None:
+        kept = [line for line in kept if not drop.match(line)]
+    return "\n".join(kept[-lines:])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from ragstream.devstack import files
 from ragstream.devstack.files import file_lock
 from ragstream.errors import InfrastructureError
 from ragstream.resources import config_dir
@@ -80,15 +81,7 @@ def kafka_tool_command(
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last `lines` lines of a log file ('' if it does not exist), Java stack frames left
     out so the messages and their causes fit."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 256 * 1024))
-            data = fh.read()
-    except FileNotFoundError:
-        return ""
-    kept = [ln for ln in data.decode("utf-8", "replace").splitlines() if not _FRAME.match(ln)]
-    return "\n".join(kept[-lines:])
+    return files.tail(path, lines, window=256 * 1024, drop=_FRAME)
 
 
 class KafkaJars:
