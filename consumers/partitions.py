@@ -9,7 +9,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import structlog
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from consumers.handling import (
     Handled,
@@ -31,6 +31,24 @@ log = structlog.get_logger("consumers.runtime")  # one logger for the runtime's 
 
 class PartitionWork:
     """A stage runner's partitions (a part of StageRunner)."""
+
+    def _apply_gate(self: StageRunner) -> None:  # type: ignore[misc]  # a part of StageRunner
+        """Pause every assigned partition while the budget gate is closed or a dependency is
+        away; resume when both allow."""
+        assert self.consumer is not None
+        budget = self.gate() if self.gate is not None else None
+        reason = self.watch.reason or budget
+        was, self.blocked = self.blocked, reason
+        self.metrics.set_stage_paused(self.name, bool(budget))
+        if bool(reason) == bool(was):
+            return
+        if reason:
+            log.warning("consumer paused", stage=self.name, reason=reason)
+            self.consumer.pause(*self.consumer.assignment())
+        else:
+            log.info("consumer resumed", stage=self.name)
+            for tp in self.consumer.assignment():
+                self._resume(tp)
 
     def _resume(self: StageRunner, tp: TopicPartition) -> None:  # type: ignore[misc]  # a part of StageRunner
         """Resume a partition unless it waits for a due time, its queue is full, or the gate
@@ -238,3 +256,34 @@ class PartitionWork:
         self._rewind(tp, record.offset)
         self.consumer.pause(tp)
         self._waiting[tp] = _now_ms() + int(Hold().recheck_s * 1000)
+
+
+class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Finish the records in hand and commit them before giving partitions away."""
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        runner = self.runner
+        await runner._drain(runner.settings.kafka.shutdown_grace_s, only=set(revoked))
+        await runner.commit_pending()
+        for tp in revoked:
+            self.runner._waiting.pop(tp, None)
+            self.runner._queued.pop(tp, None)  # uncommitted: the next owner reads them
+        self.runner.assignment -= set(revoked)
+        runner.metrics.drop_lag(runner.name, revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        consumer = self.runner.consumer
+        if self.runner.blocked and consumer is not None and assigned:
+            consumer.pause(*assigned)  # a paused consumer takes over partitions paused
+        self.runner.assignment = set(assigned)
+        self.runner.joined = True
+        self.runner.metrics.set_member(self.runner.name, len(assigned))
+        log.info(
+            "partitions assigned",
+            stage=self.runner.name,
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+        )
+        self.runner.assigned.set()

@@ -70,7 +70,6 @@ from typing import Final
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from opentelemetry.trace import Span
@@ -87,7 +86,7 @@ from consumers.handling import (
     _Released,
 )
 from consumers.infrastructure import InfrastructureWatch, Waited, until_kafka
-from consumers.partitions import PartitionWork
+from consumers.partitions import Listener, PartitionWork
 from consumers.policy import (
     WaitForInfrastructure,
     decide,
@@ -210,7 +209,7 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
                 # paused (its records queue), so this wait is not on the busy path.
                 fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             )
-            consumer.subscribe([self.input_topic, self.retry_topic], listener=_Listener(self))
+            consumer.subscribe([self.input_topic, self.retry_topic], listener=Listener(self))
             return consumer
 
         self.producer = await until_kafka(kafka, lambda: started(make_producer), stop)
@@ -272,24 +271,6 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
                 # The group moved on, or the coordinator is away: whoever reads these
                 # partitions next re-reads the records; every write is idempotent.
                 log.warning("commit failed; records will be redelivered", error=str(exc))
-
-    def _apply_gate(self) -> None:
-        """Pause every assigned partition while the budget gate is closed or a dependency is
-        away; resume when both allow."""
-        assert self.consumer is not None
-        budget = self.gate() if self.gate is not None else None
-        reason = self.watch.reason or budget
-        was, self.blocked = self.blocked, reason
-        self.metrics.set_stage_paused(self.name, bool(budget))
-        if bool(reason) == bool(was):
-            return
-        if reason:
-            log.warning("consumer paused", stage=self.name, reason=reason)
-            self.consumer.pause(*self.consumer.assignment())
-        else:
-            log.info("consumer resumed", stage=self.name)
-            for tp in self.consumer.assignment():
-                self._resume(tp)
 
     async def _handle_record(
         self,
@@ -439,34 +420,3 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
             attempt=ctx.attempt,
             duration_ms=round(seconds * 1000, 1),
         )
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Finish the records in hand and commit them before giving partitions away."""
-
-    def __init__(self, runner: StageRunner) -> None:
-        self.runner = runner
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        runner = self.runner
-        await runner._drain(runner.settings.kafka.shutdown_grace_s, only=set(revoked))
-        await runner.commit_pending()
-        for tp in revoked:
-            self.runner._waiting.pop(tp, None)
-            self.runner._queued.pop(tp, None)  # uncommitted: the next owner reads them
-        self.runner.assignment -= set(revoked)
-        runner.metrics.drop_lag(runner.name, revoked)
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        consumer = self.runner.consumer
-        if self.runner.blocked and consumer is not None and assigned:
-            consumer.pause(*assigned)  # a paused consumer takes over partitions paused
-        self.runner.assignment = set(assigned)
-        self.runner.joined = True
-        self.runner.metrics.set_member(self.runner.name, len(assigned))
-        log.info(
-            "partitions assigned",
-            stage=self.runner.name,
-            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
-        )
-        self.runner.assigned.set()

@@ -27,8 +27,9 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from consumers.compose import Providers
 from consumers.runtime import StageRunner
-from consumers.worker import Providers, run_workers
+from consumers.worker import run_workers
 from producers.wait import TERMINAL
 from ragstream.admin import admin_client, describe_group, describe_topics
 from ragstream.codec import Codec

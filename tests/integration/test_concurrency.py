@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumers.worker import Providers
+from consumers.compose import Providers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cost.meter import current_call

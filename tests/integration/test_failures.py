@@ -15,8 +15,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from typer.testing import CliRunner
 
+from consumers.compose import Providers
 from consumers.runtime import StageRunner
-from consumers.worker import Providers, run_workers
+from consumers.worker import run_workers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.cli import app

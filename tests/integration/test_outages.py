@@ -16,10 +16,12 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
+from consumers.compose import build_handler
 from consumers.infrastructure import InfrastructureWatch
+from consumers.journey import JourneyRecorder
 from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
-from consumers.worker import JourneyRecorder, build_handler, run_workers
+from consumers.worker import run_workers
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.codec import Codec

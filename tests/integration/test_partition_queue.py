@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
+from consumers.compose import build_handler
+from consumers.journey import JourneyRecorder
 from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
-from consumers.worker import JourneyRecorder, build_handler
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
 from ragstream.codec import Codec

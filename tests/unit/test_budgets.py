@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from consumers.worker import _observe_control
+from consumers.compose import observe_control
 from ragstream.cli import app
 from ragstream.control import ControlState
 from ragstream.cost.budget import (
@@ -407,7 +407,7 @@ def test_cost_budget_refuses_bad_input_with_one_line(args: list[str], message: s
 def test_worker_metrics_carry_the_daily_budget_whichever_window_throttled() -> None:
     metrics = Metrics(process_metrics=False)
     by_requests = throttle(ThrottleState.THROTTLED, spent="0.40", budget="5.00", requests=100)
-    _observe_control(metrics, replace(by_requests, window="hour"))
+    observe_control(metrics, replace(by_requests, window="hour"))
     text = metrics.exposition().decode()
     assert 'ragstream_budget_usd{service="openai",window="daily"} 5.0' in text
     assert 'ragstream_budget_spent_usd{service="openai",window="daily"} 0.4' in text
