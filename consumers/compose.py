@@ -33,6 +33,7 @@ from ragstream.events import (
     DocumentParsed,
     DocumentUploaded,
     Event,
+    ServiceModeChanged,
     ThrottleEvent,
 )
 from ragstream.kafka_clients import closing
@@ -134,6 +135,7 @@ async def follow_control(
     for service, (mode, throttle) in {
         s: (state.mode(s), guard.active_throttle(s)) for s in (EMBED_SERVICE, PARSE_SERVICE)
     }.items():
+        metrics.set_mode(service, mode.value)
         log.info(
             "service state",
             service=service,
@@ -211,6 +213,8 @@ async def following_providers(
 
 
 def observe_control(metrics: Metrics, event: Event) -> None:
+    if isinstance(event, ServiceModeChanged):
+        metrics.set_mode(event.service, event.mode.value)
     if isinstance(event, ThrottleEvent) and event.tenant_id is None:
         metrics.set_throttle(event.service, event.state)
         # The USD figures are the daily window's, whichever window decided the state.

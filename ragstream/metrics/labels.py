@@ -37,6 +37,7 @@ CALL_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 
 CIRCUIT_STATES: Final = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
 THROTTLE_STATES: Final = {"open": 0, "warning": 1, "throttled": 2}
+SERVICE_MODES: Final = ("local", "real", "hybrid")
 # Every outcome a record can end with, each shown at 0 from the start (so rate() sees its first):
 # the stage's own (ok, duplicate, skipped), then the runtime's: retried (to the retry topic),
 # waiting (held or parked: budget, open circuit), dead-lettered, poison (undecodable, DLQ).

@@ -27,6 +27,7 @@ from ragstream.metrics.labels import (
     CIRCUIT_STATES,
     OUTCOMES,
     PIPELINE_BUCKETS,
+    SERVICE_MODES,
     STAGE_BUCKETS,
     THROTTLE_STATES,
     state_value,
@@ -140,6 +141,13 @@ class Metrics:
             "ragstream_throttle_state",
             "Budget throttle per service: 0 open, 1 warning, 2 throttled.",
             ["service"],
+            registry=r,
+        )
+        self.service_mode = Gauge(
+            "ragstream_service_mode",
+            "1 for the mode each service is in as this worker follows the control topic "
+            "(local, real, hybrid), 0 for the others.",
+            ["service", "mode"],
             registry=r,
         )
         self.budget = Gauge(
@@ -298,6 +306,11 @@ class Metrics:
     def set_throttle(self, service: str, state: str) -> None:
         """`state` is a ThrottleState (OPEN, WARNING, THROTTLED)."""
         self.throttle_state.labels(service).set(state_value(THROTTLE_STATES, state, "throttle"))
+
+    def set_mode(self, service: str, mode: str) -> None:
+        """The mode the worker serves `service` in now (a ServiceMode value)."""
+        for each in SERVICE_MODES:
+            self.service_mode.labels(service, each).set(1 if each == str(mode).lower() else 0)
 
     def set_budget(
         self,

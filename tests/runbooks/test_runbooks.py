@@ -161,7 +161,15 @@ class Runbook:
 
     def mode(self, service: str, mode: str) -> None:
         asyncio.run(publish_mode(self.settings(), service, mode, requested_by="runbook test"))
-        time.sleep(1.5)  # the workers poll the control topic every second
+
+        def every_worker_moved() -> bool:  # the gauge is the highest over the worker processes
+            others = [m for m in ("local", "real", "hybrid") if m != mode]
+            gauge = "ragstream_service_mode"
+            return self.metric(gauge, service=service, mode=mode) == 1 and not any(
+                self.metric(gauge, service=service, mode=m) for m in others
+            )
+
+        wait_for(every_worker_moved, f"every worker serving {service} in {mode} mode")
 
     def metric(self, name: str, **labels: str) -> float | None:
         """The highest value of `name` with these labels at the workers' /metrics."""

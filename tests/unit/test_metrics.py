@@ -43,6 +43,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "ragstream_usage_units": ("counter", {"service", "unit"}),
     "ragstream_spend_usd": ("counter", {"service"}),
     "ragstream_throttle_state": ("gauge", {"service"}),
+    "ragstream_service_mode": ("gauge", {"service", "mode"}),
     "ragstream_budget_usd": ("gauge", {"service", "window"}),
     "ragstream_budget_spent_usd": ("gauge", {"service", "window"}),
     "ragstream_assigned_partitions": ("gauge", {"stage"}),
@@ -79,6 +80,7 @@ def exercise(metrics: Metrics) -> None:
     metrics.set_circuit_state("openai", "half_open")
     metrics.record_usage("openai", "tokens", 1200, Decimal("0.000024"))
     metrics.set_throttle("openai", ThrottleState.WARNING)
+    metrics.set_mode("openai", "hybrid")
     metrics.set_budget("openai", "daily", Decimal("5.00"), Decimal("4.10"))
 
 
@@ -501,3 +503,19 @@ def test_no_secret_reaches_a_log_line(
     if fmt == "json":
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         assert len(lines) == 7  # every line is still valid JSON after masking
+
+
+def test_the_service_mode_gauge_follows_the_control_topic() -> None:
+    from consumers.compose import observe_control
+    from ragstream.events import ServiceMode, ServiceModeChanged
+
+    metrics = Metrics(process_metrics=False)
+    metrics.set_mode("openai", "local")
+    observe_control(metrics, ServiceModeChanged(service="openai", mode=ServiceMode.HYBRID))
+    got = samples(metrics)
+    modes = {
+        dict(labels)["mode"]: v
+        for (name, labels), v in got.items()
+        if name == "ragstream_service_mode" and dict(labels)["service"] == "openai"
+    }
+    assert modes == {"local": 0, "real": 0, "hybrid": 1}
