@@ -60,6 +60,8 @@ class MicroBatches:
                 items.append((record, self._decode(record)))
         if not items:  # a batch of one is still one transaction instead of one per write
             return [await self._handle_record(record) for record in records]
+        if self.ahead is not None:
+            self.ahead([event for _, event in items])
         spans: dict[int, Span | None] = {}  # by offset: each record's span, however it ends
         try:
             return await self._run_batch(records, items, spans)

@@ -3,7 +3,7 @@ that follow the control topic (modes, throttles, circuits, meters) and the store
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -12,6 +12,7 @@ import structlog
 
 from consumers.chunk import ChunkDeps, chunk
 from consumers.embed import EmbedDeps, embed
+from consumers.embed_ahead import EmbeddingsAhead
 from consumers.handling import StageHandler
 from consumers.parse import ParseDeps, parse
 from consumers.stage import Outcome, RecordContext
@@ -80,6 +81,15 @@ def _typed(
 
 
 @dataclass(frozen=True)
+class StageParts:
+    """A stage's handler, and what it starts for a whole micro-batch before its records run
+    (the embed stage's local vectors made ahead); None when nothing."""
+
+    handler: StageHandler
+    ahead: Callable[[Sequence[Event]], None] | None = None
+
+
+@dataclass(frozen=True)
 class Providers:
     """The services the stages call; None means the one the settings choose."""
 
@@ -87,15 +97,15 @@ class Providers:
     embedder: Embedder | None = None
 
 
-def build_handler(
+def build_stage(
     stage: Stage,
     settings: Settings,
     store: Store,
     providers: Providers | None = None,
     *,
     stack: AsyncExitStack | None = None,
-) -> StageHandler:
-    """The stage's handler with its dependencies. Local parsing and chunking run in pools of
+) -> StageParts:
+    """The stage's handler with its dependencies, and what it starts for a whole batch. Local parsing and chunking run in pools of
     child processes: with `stack`, the pools made here are closed (their children killed)
     when it closes."""
     providers = providers or Providers()
@@ -108,17 +118,32 @@ def build_handler(
     if stage is Stage.PARSE:
         parser = providers.parser or owned(LocalParser(settings.parse))
         deps_p = ParseDeps.from_settings(settings, store, parser)
-        return _typed(DocumentUploaded, lambda e, ctx: parse(e, deps_p, ctx))
+        return StageParts(_typed(DocumentUploaded, lambda e, ctx: parse(e, deps_p, ctx)))
     if stage is Stage.CHUNK:
         chunker = owned(Chunker(settings.chunk, get_tokenizer()))
         deps_c = ChunkDeps(store=store, chunker=chunker)
-        return _typed(DocumentParsed, lambda e, _: chunk(e, deps_c))
+        return StageParts(_typed(DocumentParsed, lambda e, _: chunk(e, deps_c)))
+    embedder = providers.embedder or LocalEmbedder(settings.embed.dimensions)
+    ahead = EmbeddingsAhead(store, embedder, LocalEmbedder(settings.embed.dimensions))
     deps_e = EmbedDeps(
         store=store,
-        embedder=providers.embedder or LocalEmbedder(settings.embed.dimensions),
+        embedder=embedder,
         share_cache=settings.embed.share_cache_across_tenants,
+        ahead=ahead,
     )
-    return _typed(DocumentChunked, lambda e, _: embed(e, deps_e))
+    return StageParts(_typed(DocumentChunked, lambda e, _: embed(e, deps_e)), ahead.start)
+
+
+def build_handler(
+    stage: Stage,
+    settings: Settings,
+    store: Store,
+    providers: Providers | None = None,
+    *,
+    stack: AsyncExitStack | None = None,
+) -> StageHandler:
+    """The stage's handler alone (see `build_stage`)."""
+    return build_stage(stage, settings, store, providers, stack=stack).handler
 
 
 async def follow_control(

@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
+from consumers.embed_ahead import EmbeddingsAhead, Made
 from consumers.stage import Outcome, StatusStore, stale_input
 from ragstream.errors import PermanentError
 from ragstream.events import DocumentChunked, DocumentEmbedded
@@ -41,6 +42,7 @@ class EmbedDeps:
     store: EmbedStore
     embedder: Embedder
     share_cache: bool = False  # embed.share_cache_across_tenants
+    ahead: EmbeddingsAhead | None = None  # a batch's local vectors, made while it writes
 
     def cache_scope(self, tenant_id: str) -> str:
         return SHARED_CACHE if self.share_cache else tenant_id
@@ -52,15 +54,20 @@ def _for_this_document(embedder: Embedder) -> Embedder:
 
 
 async def _embed_missing(
-    embedder: Embedder, texts: dict[str, str], model: str
+    embedder: Embedder, texts: dict[str, str], model: str, made: Made | None = None
 ) -> tuple[dict[str, list[float]], int, str, str]:
-    """Embed `texts` (sha -> text) in one call; the provider packs requests to its limits.
-    Returns vectors, tokens, and the provider and model that really produced them."""
-    if not texts:
-        return {}, 0, embedder.name, model
-    result = await embedder.embed(list(texts.values()))
-    vectors = dict(zip(texts, result.vectors, strict=True))
-    return vectors, result.token_count, result.provider, result.model
+    """Embed `texts` (sha -> text) in one call, but for those `made` ahead by this very
+    embedder; the provider packs requests to its limits. Returns vectors, tokens, and the
+    provider and model that really produced them."""
+    made = made or {}
+    vectors = {sha: made[sha][0] for sha in texts if sha in made}
+    tokens = sum(made[sha][1] for sha in vectors)
+    rest = {sha: text for sha, text in texts.items() if sha not in made}
+    if not rest:
+        return vectors, tokens, embedder.name, model
+    result = await embedder.embed(list(rest.values()))
+    vectors.update(zip(rest, result.vectors, strict=True))
+    return vectors, tokens + result.token_count, result.provider, result.model
 
 
 async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
@@ -94,7 +101,10 @@ async def embed(chunked: DocumentChunked, deps: EmbedDeps) -> Outcome:
     )
     cached = len(vectors)
     todo = {sha: text for sha, text in texts.items() if sha not in vectors}
-    fresh, tokens, provider, model = await _embed_missing(embedder, todo, embedder.model)
+    made: Made = {}
+    if todo and deps.ahead is not None and deps.ahead.serves(embedder):
+        made = await deps.ahead.take(chunked.document_id, chunked.chunker_version, list(todo))
+    fresh, tokens, provider, model = await _embed_missing(embedder, todo, embedder.model, made)
     if model != embedder.model:  # served by the fallback: no vector of another model may stay
         rest = {sha: text for sha, text in texts.items() if sha not in fresh}
         more, more_tokens, _, _ = await _embed_missing(embedder, rest, model)

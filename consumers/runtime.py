@@ -63,7 +63,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Final
@@ -139,6 +139,7 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
         watch: InfrastructureWatch | None = None,
         max_poll_records: int = 200,
         batching: Batching | None = None,
+        ahead: Callable[[Sequence[Event]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
@@ -156,6 +157,7 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
         # `kafka.batch_records` records.
         self.batching = batching if self.concurrency == 1 else None
         self.batch_size = settings.kafka.batch_records
+        self.ahead = ahead  # told a batch's events before its records run one by one
         self.scrub = Scrubber.from_settings(settings)  # error text leaves this process scrubbed
         self.joined = False  # holds group membership (readiness), with or without partitions
         self.topology = Topology(settings.kafka.topic_prefix)

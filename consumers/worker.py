@@ -16,7 +16,7 @@ import structlog
 
 from consumers.compose import (
     Providers,
-    build_handler,
+    build_stage,
     follow_control,
     following_providers,
     open_store,
@@ -179,11 +179,12 @@ async def run_workers(
             )
             if providers is None:
                 return []
+        parts = {s: build_stage(s, settings, store, providers, stack=stack) for s in stages}
         runners = [
             StageRunner(
                 settings,
                 stage,
-                build_handler(stage, settings, store, providers, stack=stack),
+                parts[stage].handler,
                 codec,
                 recorder,
                 concurrency=concurrency,
@@ -191,6 +192,7 @@ async def run_workers(
                 gate=control.gate(stage) if control is not None else None,
                 watch=watch,
                 batching=store.batch,
+                ahead=parts[stage].ahead,
             )
             for stage in stages
         ]

@@ -206,3 +206,81 @@ async def test_a_chunk_count_the_store_does_not_hold_is_permanent(stages: Stages
         await stages.embed(replace(chunked, chunk_count=chunked.chunk_count + 1))
     assert stages.embedder.calls == []
     assert stages.store.documents["doc-1"].status == "chunked"
+
+
+# -- a micro-batch's local vectors made ahead ------------------------------------------------
+
+
+def _doc(n: int) -> bytes:
+    return (
+        GUIDE + f"\n## Part {n}\n\nSection {n} of the guide, on its own: item {n * 7}.\n".encode()
+    )
+
+
+async def test_a_batch_s_later_documents_are_embedded_with_vectors_made_ahead(
+    stages: Stages,
+) -> None:
+    """While the stage works on a batch's first document, the local vectors of the others are
+    made in the background; the stage then sends none of their texts to its embedder, and
+    stores the very vectors it would have made."""
+    from consumers.embed import EmbedDeps, embed
+    from consumers.embed_ahead import EmbeddingsAhead
+
+    chunked = [await stages.chunked(uploaded(f"doc-{n}", _doc(n))) for n in range(3)]
+    dims = stages.embedder.dimensions
+    ahead = EmbeddingsAhead(stages.store, stages.embedder, LocalEmbedder(dims))
+    deps = EmbedDeps(stages.store, stages.embedder, ahead=ahead)
+    ahead.start(chunked)
+    outcomes = [await embed(event, deps) for event in chunked]
+
+    first_texts = await texts_of(stages, chunked[0])
+    assert stages.embedder.calls == [first_texts]  # only the first document's, by the stage
+    for event, outcome in zip(chunked, outcomes, strict=True):
+        texts = await texts_of(stages, event)
+        out = outcome.output
+        assert isinstance(out, DocumentEmbedded)
+        assert (out.embedder, out.model) == ("local", LOCAL_MODEL)
+        # the guide's sections are cached from the first document; each part is new
+        assert out.new_embeddings == len(texts) - out.cached_embeddings >= 1
+        assert out.token_count > 0
+        assert same_vectors(
+            vectors_of(stages, event.document_id), LocalEmbedder(dims).embed_sync(texts).vectors
+        )
+
+
+async def test_vectors_made_ahead_are_not_used_by_another_model(stages: Stages) -> None:
+    """A hybrid embedder serving the real model: nothing is made ahead, and what the stage
+    stores comes from the embedder that served the call."""
+    from consumers.embed import EmbedDeps, embed
+    from consumers.embed_ahead import EmbeddingsAhead
+
+    dims = stages.embedder.dimensions
+    real = RecordingEmbedder(LocalEmbedder(dims), named=REAL_MODEL)
+    chunked = [await stages.chunked(uploaded(f"doc-{n}", _doc(n))) for n in range(2)]
+    ahead = EmbeddingsAhead(stages.store, real, LocalEmbedder(dims))
+    ahead.start(chunked)
+    assert not ahead.serves(real)
+    for event in chunked:
+        await embed(event, EmbedDeps(stages.store, real, ahead=ahead))
+    assert len(real.calls) == 2  # each document embedded by the stage's embedder
+
+
+async def test_a_document_the_ahead_work_could_not_read_is_embedded_by_the_stage(
+    stages: Stages,
+) -> None:
+    from consumers.embed import EmbedDeps, embed
+    from consumers.embed_ahead import EmbeddingsAhead
+
+    class Unreadable:
+        async def load_chunks(self, document_id: str, chunker_version: str) -> list[object]:
+            raise ConnectionError("the pool is gone")
+
+    chunked = [await stages.chunked(uploaded(f"doc-{n}", _doc(n))) for n in range(2)]
+    dims = stages.embedder.dimensions
+    ahead = EmbeddingsAhead(Unreadable(), stages.embedder, LocalEmbedder(dims))  # type: ignore[arg-type]
+    ahead.start(chunked)
+    deps = EmbedDeps(stages.store, stages.embedder, ahead=ahead)
+    for event in chunked:
+        out = (await embed(event, deps)).output
+        assert isinstance(out, DocumentEmbedded) and out.new_embeddings > 0
+    assert len(stages.embedder.calls) == 2  # the stage embedded both itself

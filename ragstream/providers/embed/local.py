@@ -64,14 +64,15 @@ class LocalEmbedder(Embedder):
         vectors: list[list[float]] = []
         tokens = 0
         for text in texts:
-            vector, words = self._vector(text)
+            vector, words = self.vector_of(text)
             vectors.append(vector)
             tokens += words
         return EmbedResult(
             vectors=vectors, token_count=tokens, provider=PROVIDER, model=LOCAL_MODEL
         )
 
-    def _vector(self, text: str) -> tuple[list[float], int]:
+    def vector_of(self, text: str) -> tuple[list[float], int]:
+        """One text's vector and its word count (what `embed` counts as tokens)."""
         words = _WORD.findall(text.casefold())
         features = _features(words)
         if not features and text.strip():

@@ -1,0 +1,93 @@
+"""Local embeddings of a micro-batch's documents, made ahead.
+
+The embed stage handles a batch's records one after another in one transaction, and about half
+of each record's time is PostgreSQL adding its vectors to the HNSW index. When the local
+embedder serves, the vectors of the batch's later documents are made meanwhile, in a thread,
+from the chunks as the chunk stage stored them. A local vector depends on its text alone (see
+`ragstream.providers.embed.local`), so one made ahead is the very one the stage would make; the
+stage still decides everything else (stale input, the cache, what is written). Ahead work is a
+help, never a dependency: a document it has not reached, or could not read, is embedded by the
+stage as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Sequence
+from typing import Protocol
+
+import structlog
+
+from ragstream.events import DocumentChunked, Event
+from ragstream.providers.embed.local import LocalEmbedder
+from ragstream.providers.embed.port import Embedder
+from ragstream.store.models import ChunkRow
+
+log = structlog.get_logger(__name__)
+
+# text sha256 -> (vector, word count)
+Made = dict[str, tuple[list[float], int]]
+
+
+class ChunkReader(Protocol):
+    def load_chunks(self, document_id: str, chunker_version: str) -> Awaitable[list[ChunkRow]]: ...
+
+
+class EmbeddingsAhead:
+    """`start(events)` when a batch begins; the stage `take`s a document's vectors."""
+
+    def __init__(self, store: ChunkReader, embedder: Embedder, local: LocalEmbedder) -> None:
+        self.store = store  # read on a connection of its own, outside the batch's transaction
+        self.embedder = embedder  # the stage's (a mode switch picks per document)
+        self.local = local
+        self._documents: dict[tuple[str, str], asyncio.Future[Made]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def serves(self, embedder: Embedder) -> bool:
+        """Whether vectors made ahead are this embedder's (the local model, same size)."""
+        return embedder.model == self.local.model and embedder.dimensions == self.local.dimensions
+
+    def start(self, events: Sequence[Event]) -> None:
+        """Begin making the local vectors of a batch's documents, all but the first (the stage
+        is on it at once); what an earlier batch left is dropped."""
+        if self._task is not None:
+            self._task.cancel()
+        self._documents = {}
+        if not self.serves(self.embedder.current()):
+            return
+        later = [e for e in events[1:] if isinstance(e, DocumentChunked)]
+        if not later:
+            return
+        loop = asyncio.get_running_loop()
+        documents = {(e.document_id, e.chunker_version): loop.create_future() for e in later}
+        self._documents = documents
+        self._task = asyncio.create_task(self._make(dict(documents)))  # `take` pops its own
+
+    async def take(self, document_id: str, chunker_version: str, shas: Sequence[str]) -> Made:
+        """The vectors made ahead for these texts of the document; empty when there are none."""
+        future = self._documents.pop((document_id, chunker_version), None)
+        if future is None:
+            return {}
+        made = await future
+        return {sha: made[sha] for sha in shas if sha in made}
+
+    async def _make(self, documents: dict[tuple[str, str], asyncio.Future[Made]]) -> None:
+        try:
+            for (document_id, version), future in documents.items():
+                rows = await self.store.load_chunks(document_id, version)
+                texts = {row.text_sha256: row.text for row in rows}
+                made = await asyncio.to_thread(self._vectors, texts)
+                if not future.done():
+                    future.set_result(made)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # the stage embeds what is not made
+            log.debug("embeddings ahead stopped", error=repr(exc))
+        finally:
+            for future in documents.values():
+                with contextlib.suppress(asyncio.InvalidStateError):
+                    future.set_result({})
+
+    def _vectors(self, texts: dict[str, str]) -> Made:
+        return {sha: self.local.vector_of(text) for sha, text in texts.items()}
