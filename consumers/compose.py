@@ -134,18 +134,6 @@ def build_stage(
     return StageParts(_typed(DocumentChunked, lambda e, _: embed(e, deps_e)), ahead.start)
 
 
-def build_handler(
-    stage: Stage,
-    settings: Settings,
-    store: Store,
-    providers: Providers | None = None,
-    *,
-    stack: AsyncExitStack | None = None,
-) -> StageHandler:
-    """The stage's handler alone (see `build_stage`)."""
-    return build_stage(stage, settings, store, providers, stack=stack).handler
-
-
 async def follow_control(
     settings: Settings, codec: Codec, stack: AsyncExitStack, metrics: Metrics
 ) -> Control:

@@ -16,7 +16,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from consumers.compose import build_handler
+from consumers.compose import build_stage
 from consumers.infrastructure import InfrastructureWatch
 from consumers.journey import JourneyRecorder
 from consumers.runtime import StageRunner
@@ -102,7 +102,7 @@ async def test_a_record_whose_output_was_published_is_never_dead_lettered(
 
     recorder = RefusingJourney(store)
     runner = StageRunner(
-        settings, Stage.PARSE, build_handler(Stage.PARSE, settings, store), Codec(), recorder
+        settings, Stage.PARSE, build_stage(Stage.PARSE, settings, store).handler, Codec(), recorder
     )
     (doc,) = await _upload(settings, make_corpus(tmp_path / "in", 1), tenant)
     topology = Topology(settings.kafka.topic_prefix)
@@ -146,7 +146,7 @@ async def test_a_failure_that_cannot_be_recorded_is_not_dead_lettered_until_it_i
     runner = StageRunner(
         settings,
         Stage.PARSE,
-        build_handler(Stage.PARSE, settings, store),
+        build_stage(Stage.PARSE, settings, store).handler,
         Codec(),
         DownJourney(store),
         watch=watch,

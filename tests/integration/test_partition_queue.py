@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
-from consumers.compose import build_handler
+from consumers.compose import build_stage
 from consumers.journey import JourneyRecorder
 from consumers.runtime import StageRunner
 from consumers.stage import Outcome, RecordContext
@@ -40,7 +40,7 @@ async def test_records_fetched_while_a_partition_works_queue_behind_it_in_order(
 ) -> None:
     settings = variant(settings, kafka={"partitions": 1})
     await ensure_topics(settings)
-    inner = build_handler(Stage.PARSE, settings, store)
+    inner = build_stage(Stage.PARSE, settings, store).handler
     release = asyncio.Event()
     handled: list[str] = []  # document ids, in the order their records were done
     paused_in_hand: list[bool] = []  # was the record's partition paused while it was in hand?
