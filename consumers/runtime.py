@@ -8,8 +8,7 @@ nothing of Kafka; they take a typed event and return an `Outcome`.
 Ordering: a partition's records are handled by one task at a time, and the loop keeps polling
 meanwhile, so a slow record never exceeds `max.poll.interval.ms`. Records fetched for a
 partition while its task runs queue behind it (the task takes them next, in offset order); the
-partition is paused only while that queue is full, so a busy partition never waits for a long
-poll of the idle ones to return. With
+partition is paused only while that queue is full. With
 `concurrency` 1, records are handled one at a time in offset order. With `concurrency` N, up to
 N records are handled at once in the process, across partitions and across keys within a
 batch: records are keyed by document_id and each key's records run in offset order, so one
@@ -112,7 +111,6 @@ from ragstream.topology import Stage, Topology
 log = structlog.get_logger(__name__)
 
 COMMIT_TIMEOUT_S: Final = 2.0
-FETCH_MAX_WAIT_MS: Final = 500
 
 
 class StageRunner(PartitionWork, MicroBatches, Failures):
@@ -205,11 +203,11 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
                 session_timeout_ms=kafka.session_timeout_ms,
                 heartbeat_interval_ms=min(3000, kafka.session_timeout_ms // 3),
                 max_poll_records=self.max_poll_records,
-                # A partition resumed (after a hold, a due time, a full queue or the gate) is
-                # fetched with the next request; a long poll in flight for the other
-                # partitions holds that back at most this. A partition being worked on is not
-                # paused (its records queue), so this wait is not on the busy path.
-                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+                # A partition that has just delivered, or was resumed, is fetched with the next
+                # request: the long poll in flight for the other partitions holds it back at
+                # most this (see the setting). A partition being worked on is not paused (its
+                # records queue), so under load the fetches return at once.
+                fetch_max_wait_ms=kafka.fetch_max_wait_ms,
             )
             consumer.subscribe([self.input_topic, self.retry_topic], listener=Listener(self))
             return consumer

@@ -47,6 +47,11 @@ class KafkaSettings(_Section):
     # many (one transaction, one producer flush, one commit each); 1 handles them one by one.
     # Each record is a subtransaction: above 64, PostgreSQL's per-backend cache overflows.
     batch_records: int = Field(50, ge=1, le=1_000)
+    # How long a stage consumer's fetch waits for records. The broker answers at once when
+    # records come; a partition that has just delivered waits for the fetch in flight to end
+    # (one per broker), so this bounds the time it adds per stage at low load. Higher: less
+    # broker CPU while the pipeline is idle (each fetch names every partition), more latency.
+    fetch_max_wait_ms: int = Field(100, ge=10, le=30_000)
 
     @field_validator("sasl_mechanism", mode="before")
     @classmethod

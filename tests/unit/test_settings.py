@@ -70,6 +70,7 @@ def test_extra_config_file_merges_over_defaults(
         ("RAGSTREAM_SERVICES__OPENAI__MODE", "mock", "services.openai.mode"),
         ("RAGSTREAM_BUDGETS__DAILY_USD", "-1", "budgets.daily_usd"),
         ("RAGSTREAM_KAFKA__PARTITIONS", "zero", "kafka.partitions"),
+        ("RAGSTREAM_KAFKA__FETCH_MAX_WAIT_MS", "0", "kafka.fetch_max_wait_ms"),
     ],
 )
 def test_wrong_value_is_one_line_naming_the_key(
@@ -139,6 +140,7 @@ def test_config_show_is_toml_that_reads_back(monkeypatch: pytest.MonkeyPatch) ->
     assert result.exit_code == 0, result.output
     shown = tomllib.loads(result.output)  # valid TOML, whole
     assert shown["kafka"]["partitions"] == 12 and shown["kafka"]["batch_records"] == 50
+    assert shown["kafka"]["fetch_max_wait_ms"] == 100
     assert "sasl_username" not in shown["kafka"]  # unset: a comment line, not a value
     assert "# sasl_username = (unset)" in result.output
     assert shown["budgets"]["tenants"]["acme corp"]["daily_usd"] == "2.5"  # a key quoted
