@@ -124,14 +124,21 @@ def build_stage(
         deps_c = ChunkDeps(store=store, chunker=chunker)
         return StageParts(_typed(DocumentParsed, lambda e, _: chunk(e, deps_c)))
     embedder = providers.embedder or LocalEmbedder(settings.embed.dimensions)
-    ahead = EmbeddingsAhead(store, embedder, LocalEmbedder(settings.embed.dimensions))
+    # The work ahead reads on a pooled connection of its own, beside the batch's.
+    ahead = (
+        EmbeddingsAhead(store, embedder, LocalEmbedder(settings.embed.dimensions))
+        if settings.postgres.pool_max_size >= 2
+        else None
+    )
     deps_e = EmbedDeps(
         store=store,
         embedder=embedder,
         share_cache=settings.embed.share_cache_across_tenants,
         ahead=ahead,
     )
-    return StageParts(_typed(DocumentChunked, lambda e, _: embed(e, deps_e)), ahead.start)
+    return StageParts(
+        _typed(DocumentChunked, lambda e, _: embed(e, deps_e)), ahead.start if ahead else None
+    )
 
 
 async def follow_control(

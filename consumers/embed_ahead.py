@@ -29,6 +29,10 @@ log = structlog.get_logger(__name__)
 # text sha256 -> (vector, word count)
 Made = dict[str, tuple[list[float], int]]
 
+# Longest a document waits for its vectors made ahead: they take milliseconds; a read waiting
+# for a pooled connection (the batch holds one) must never hold the stage.
+TAKE_WAIT_S = 5.0
+
 
 class ChunkReader(Protocol):
     def load_chunks(self, document_id: str, chunker_version: str) -> Awaitable[list[ChunkRow]]: ...
@@ -65,11 +69,16 @@ class EmbeddingsAhead:
         self._task = asyncio.create_task(self._make(dict(documents)))  # `take` pops its own
 
     async def take(self, document_id: str, chunker_version: str, shas: Sequence[str]) -> Made:
-        """The vectors made ahead for these texts of the document; empty when there are none."""
+        """The vectors made ahead for these texts of the document; empty when there are none,
+        or when they are not made within `TAKE_WAIT_S` (the stage then makes them itself)."""
         future = self._documents.pop((document_id, chunker_version), None)
         if future is None:
             return {}
-        made = await future
+        try:
+            made = await asyncio.wait_for(asyncio.shield(future), TAKE_WAIT_S)
+        except TimeoutError:
+            log.debug("embeddings ahead too slow", document_id=document_id)
+            return {}
         return {sha: made[sha] for sha in shas if sha in made}
 
     async def _make(self, documents: dict[tuple[str, str], asyncio.Future[Made]]) -> None:

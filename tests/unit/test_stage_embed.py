@@ -284,3 +284,44 @@ async def test_a_document_the_ahead_work_could_not_read_is_embedded_by_the_stage
         out = (await embed(event, deps)).output
         assert isinstance(out, DocumentEmbedded) and out.new_embeddings > 0
     assert len(stages.embedder.calls) == 2  # the stage embedded both itself
+
+
+async def test_a_document_the_ahead_work_is_slow_on_does_not_hold_the_stage(
+    stages: Stages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that never ends (a pool with no connection to spare) costs the stage at most
+    TAKE_WAIT_S: it then embeds the document itself."""
+    import asyncio
+
+    import consumers.embed_ahead
+    from consumers.embed import EmbedDeps, embed
+    from consumers.embed_ahead import EmbeddingsAhead
+
+    monkeypatch.setattr(consumers.embed_ahead, "TAKE_WAIT_S", 0.2)
+
+    class Stuck:
+        async def load_chunks(self, document_id: str, chunker_version: str) -> list[object]:
+            await asyncio.Event().wait()
+            return []
+
+    chunked = [await stages.chunked(uploaded(f"doc-{n}", _doc(n))) for n in range(2)]
+    dims = stages.embedder.dimensions
+    ahead = EmbeddingsAhead(Stuck(), stages.embedder, LocalEmbedder(dims))  # type: ignore[arg-type]
+    ahead.start(chunked)
+    deps = EmbedDeps(stages.store, stages.embedder, ahead=ahead)
+    for event in chunked:
+        out = (await asyncio.wait_for(embed(event, deps), 5)).output
+        assert isinstance(out, DocumentEmbedded) and out.new_embeddings > 0
+    assert len(stages.embedder.calls) == 2
+    ahead.start([])  # the next batch: the stuck read is cancelled
+
+
+def test_no_work_ahead_when_the_pool_has_no_connection_to_spare(stages: Stages) -> None:
+    from consumers.compose import build_stage
+    from ragstream.settings import load_settings
+    from ragstream.topology import Stage
+
+    for size, expected in ((1, False), (2, True)):
+        settings = load_settings(postgres={"pool_max_size": size})
+        parts = build_stage(Stage.EMBED, settings, stages.store)  # type: ignore[arg-type]
+        assert (parts.ahead is not None) is expected, size
