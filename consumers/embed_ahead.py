@@ -49,8 +49,9 @@ class EmbeddingsAhead:
         self._task: asyncio.Task[None] | None = None
 
     def serves(self, embedder: Embedder) -> bool:
-        """Whether vectors made ahead are this embedder's (the local model, same size)."""
-        return embedder.model == self.local.model and embedder.dimensions == self.local.dimensions
+        """Whether vectors made ahead are this embedder's: it is the local embedder itself, of
+        the same size (not another provider, nor a wrapper that only names the local model)."""
+        return isinstance(embedder, LocalEmbedder) and embedder.dimensions == self.local.dimensions
 
     def start(self, events: Sequence[Event]) -> None:
         """Begin making the local vectors of a batch's documents, all but the first (the stage
