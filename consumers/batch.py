@@ -60,13 +60,14 @@ class MicroBatches:
                 items.append((record, self._decode(record)))
         if not items:  # a batch of one is still one transaction instead of one per write
             return [await self._handle_record(record) for record in records]
-        if self.ahead is not None:
-            self.ahead([event for _, event in items])
+        stop_ahead = self.ahead([event for _, event in items]) if self.ahead else None
         spans: dict[int, Span | None] = {}  # by offset: each record's span, however it ends
         try:
             return await self._run_batch(records, items, spans)
         finally:
             tracing.end(spans.values())
+            if stop_ahead is not None:
+                stop_ahead()
 
     async def _run_batch(  # type: ignore[misc]  # a part of StageRunner
         self: StageRunner,

@@ -3,7 +3,7 @@ that follow the control topic (modes, throttles, circuits, meters) and the store
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -15,7 +15,7 @@ from consumers.embed import EmbedDeps, embed
 from consumers.embed_ahead import EmbeddingsAhead
 from consumers.handling import StageHandler
 from consumers.parse import ParseDeps, parse
-from consumers.stage import Outcome, RecordContext
+from consumers.stage import Ahead, Outcome, RecordContext
 from ragstream.chunking import Chunker
 from ragstream.codec import Codec
 from ragstream.control import (
@@ -86,7 +86,7 @@ class StageParts:
     (the embed stage's local vectors made ahead); None when nothing."""
 
     handler: StageHandler
-    ahead: Callable[[Sequence[Event]], None] | None = None
+    ahead: Ahead | None = None
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,10 @@ def build_stage(
         deps_c = ChunkDeps(store=store, chunker=chunker)
         return StageParts(_typed(DocumentParsed, lambda e, _: chunk(e, deps_c)))
     embedder = providers.embedder or LocalEmbedder(settings.embed.dimensions)
-    # The work ahead reads on a pooled connection of its own, beside the batch's.
+    # The work ahead reads on a pooled connection of its own, beside the batches' (one each).
     ahead = (
         EmbeddingsAhead(store, embedder, LocalEmbedder(settings.embed.dimensions))
-        if settings.postgres.pool_max_size >= 2
+        if settings.postgres.pool_max_size > settings.kafka.concurrent_batches
         else None
     )
     deps_e = EmbedDeps(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -34,40 +34,50 @@ Made = dict[str, tuple[list[float], int]]
 TAKE_WAIT_S = 5.0
 
 
+def _nothing() -> None:
+    return None
+
+
 class ChunkReader(Protocol):
     def load_chunks(self, document_id: str, chunker_version: str) -> Awaitable[list[ChunkRow]]: ...
 
 
 class EmbeddingsAhead:
-    """`start(events)` when a batch begins; the stage `take`s a document's vectors."""
+    """`start(events)` when a batch begins (several batches may run at once); the stage
+    `take`s a document's vectors; what `start` returns stops the batch's work when it ends."""
 
     def __init__(self, store: ChunkReader, embedder: Embedder, local: LocalEmbedder) -> None:
         self.store = store  # read on a connection of its own, outside the batch's transaction
         self.embedder = embedder  # the stage's (a mode switch picks per document)
         self.local = local
+        # The batches at once are of different partitions, so of different documents.
         self._documents: dict[tuple[str, str], asyncio.Future[Made]] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def serves(self, embedder: Embedder) -> bool:
         """Whether vectors made ahead are this embedder's: it is the local embedder itself, of
         the same size (not another provider, nor a wrapper that only names the local model)."""
         return isinstance(embedder, LocalEmbedder) and embedder.dimensions == self.local.dimensions
 
-    def start(self, events: Sequence[Event]) -> None:
+    def start(self, events: Sequence[Event]) -> Callable[[], None]:
         """Begin making the local vectors of a batch's documents, all but the first (the stage
-        is on it at once); what an earlier batch left is dropped."""
-        if self._task is not None:
-            self._task.cancel()
-        self._documents = {}
+        is on it at once); the callable returned drops what the stage has not taken."""
         if not self.serves(self.embedder.current()):
-            return
+            return _nothing
         later = [e for e in events[1:] if isinstance(e, DocumentChunked)]
         if not later:
-            return
+            return _nothing
         loop = asyncio.get_running_loop()
         documents = {(e.document_id, e.chunker_version): loop.create_future() for e in later}
-        self._documents = documents
-        self._task = asyncio.create_task(self._make(dict(documents)))  # `take` pops its own
+        self._documents.update(documents)
+        task = asyncio.create_task(self._make(dict(documents)))  # `take` pops its own
+
+        def stop() -> None:
+            task.cancel()
+            for key, future in documents.items():
+                if self._documents.get(key) is future:
+                    del self._documents[key]
+
+        return stop
 
     async def take(self, document_id: str, chunker_version: str, shas: Sequence[str]) -> Made:
         """The vectors made ahead for these texts of the document; empty when there are none,

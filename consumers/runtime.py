@@ -9,7 +9,9 @@ Ordering: a partition's records are handled by one task at a time, and the loop 
 meanwhile, so a slow record never exceeds `max.poll.interval.ms`. Records fetched for a
 partition while its task runs queue behind it (the task takes them next, in offset order); the
 partition is paused only while that queue is full. With
-`concurrency` 1, records are handled one at a time in offset order. With `concurrency` N, up to
+`concurrency` 1, a partition's records are handled one at a time in offset order, in
+micro-batches; up to `kafka.concurrent_batches` batches of different partitions (so of different
+documents) run at once, each in its own transaction. With `concurrency` N, up to
 N records are handled at once in the process, across partitions and across keys within a
 batch: records are keyed by document_id and each key's records run in offset order, so one
 document's events keep their order (retry topics stay sequential: they wait on due times).
@@ -62,7 +64,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Final
@@ -91,7 +93,7 @@ from consumers.policy import (
     decide,
     retry_or_give_up,
 )
-from consumers.stage import Outcome, RecordContext
+from consumers.stage import Ahead, Outcome, RecordContext
 from ragstream import kafkaio, tracing
 from ragstream.codec import Codec
 from ragstream.cost.meter import CallContext, current_call
@@ -137,7 +139,7 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
         watch: InfrastructureWatch | None = None,
         max_poll_records: int = 200,
         batching: Batching | None = None,
-        ahead: Callable[[Sequence[Event]], None] | None = None,
+        ahead: Ahead | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
@@ -152,10 +154,11 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
         self.max_poll_records = max_poll_records
         # With `batching` and concurrency 1, a partition's records run as micro-batches: one
         # transaction, one flush of the producer and one commit for up to
-        # `kafka.batch_records` records.
+        # `kafka.batch_records` records; up to `kafka.concurrent_batches` of them (of
+        # different partitions) at once.
         self.batching = batching if self.concurrency == 1 else None
         self.batch_size = settings.kafka.batch_records
-        self.ahead = ahead  # told a batch's events before its records run one by one
+        self.ahead = ahead  # starts a batch's work ahead; what it returns stops that work
         self.scrub = Scrubber.from_settings(settings)  # error text leaves this process scrubbed
         self.joined = False  # holds group membership (readiness), with or without partitions
         self.topology = Topology(settings.kafka.topic_prefix)
@@ -166,7 +169,10 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
         self.stats = RunnerStats()
         self._rng = rng or random.Random()
         self._commit_lock = asyncio.Lock()
-        self._gate = asyncio.Semaphore(self.concurrency)
+        # Units of work at once: records (lanes), or micro-batches and retried records.
+        self._gate = asyncio.Semaphore(
+            settings.kafka.concurrent_batches if self.batching is not None else self.concurrency
+        )
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +18,11 @@ class Outcome:
     output: Event | None
     status: str = "ok"  # ok | duplicate | skipped
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+# What a stage starts for a whole micro-batch before its records run one by one (given the
+# batch's events); the callable it returns stops that work when the batch ends.
+Ahead = Callable[[Sequence[Event]], Callable[[], None]]
 
 
 @dataclass(frozen=True)

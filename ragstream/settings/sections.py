@@ -47,6 +47,11 @@ class KafkaSettings(_Section):
     # many (one transaction, one producer flush, one commit each); 1 handles them one by one.
     # Each record is a subtransaction: above 64, PostgreSQL's per-backend cache overflows.
     batch_records: int = Field(50, ge=1, le=1_000)
+    # With concurrency 1, up to this many micro-batches (of different partitions, so of
+    # different documents) run at once in a process, each on its own pooled connection in its
+    # own transaction: while one batch waits on PostgreSQL, another's Python runs. A
+    # partition's batches still run one after another, in offset order.
+    concurrent_batches: int = Field(2, ge=1, le=16)
     # How long a stage consumer's fetch waits for records. The broker answers at once when
     # records come; a partition that has just delivered waits for the fetch in flight to end
     # (one per broker), so this bounds the time it adds per stage at low load. Higher: less

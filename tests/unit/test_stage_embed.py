@@ -325,7 +325,7 @@ async def test_a_document_the_ahead_work_is_slow_on_does_not_hold_the_stage(
     dims = stages.embedder.dimensions
     local = CountingLocal(dims)
     ahead = EmbeddingsAhead(Stuck(), local, LocalEmbedder(dims))  # type: ignore[arg-type]
-    ahead.start(chunked)
+    stop = ahead.start(chunked)
     deps = EmbedDeps(stages.store, local, ahead=ahead)
     started = asyncio.get_running_loop().time()
     for event in chunked:
@@ -333,7 +333,36 @@ async def test_a_document_the_ahead_work_is_slow_on_does_not_hold_the_stage(
         assert isinstance(out, DocumentEmbedded) and out.new_embeddings > 0
     assert len(local.calls) == 2
     assert asyncio.get_running_loop().time() - started >= 0.2  # it did wait for the stuck read
-    ahead.start([])  # the next batch: the stuck read is cancelled
+    stop()  # the batch ends: the stuck read is cancelled
+    await asyncio.sleep(0)
+    assert all(t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+
+async def test_two_batches_at_once_each_take_their_own_vectors_made_ahead(
+    stages: Stages,
+) -> None:
+    """Batches of two partitions run at once: each one's later documents get the vectors
+    made ahead for them, and a batch that ends drops only what it left."""
+    from consumers.embed import EmbedDeps, embed
+    from consumers.embed_ahead import EmbeddingsAhead
+
+    chunked = [await stages.chunked(uploaded(f"doc-{n}", _doc(n))) for n in range(6)]
+    dims = stages.embedder.dimensions
+    local = CountingLocal(dims)
+    ahead = EmbeddingsAhead(stages.store, local, LocalEmbedder(dims))
+    deps = EmbedDeps(stages.store, local, ahead=ahead)
+    first, second = chunked[:3], chunked[3:]
+    stop_first = ahead.start(first)
+    stop_second = ahead.start(second)
+    await embed(first[0], deps)
+    await embed(second[0], deps)
+    stop_first()  # the first batch ends early: its last document was not taken
+    for event in (second[1], second[2]):
+        out = (await embed(event, deps)).output
+        assert isinstance(out, DocumentEmbedded) and out.new_embeddings > 0
+    stop_second()
+    assert len(local.calls) == 2  # the stage embedded each batch's first document itself
+    assert await ahead.take(first[2].document_id, first[2].chunker_version, ["x"]) == {}
 
 
 def test_no_work_ahead_when_the_pool_has_no_connection_to_spare(stages: Stages) -> None:
@@ -341,7 +370,10 @@ def test_no_work_ahead_when_the_pool_has_no_connection_to_spare(stages: Stages) 
     from ragstream.settings import load_settings
     from ragstream.topology import Stage
 
-    for size, expected in ((1, False), (2, True)):
-        settings = load_settings(postgres={"pool_max_size": size})
+    # one connection per batch at once, and one for the work ahead
+    for size, batches, expected in ((1, 1, False), (2, 1, True), (2, 2, False), (3, 2, True)):
+        settings = load_settings(
+            postgres={"pool_max_size": size}, kafka={"concurrent_batches": batches}
+        )
         parts = build_stage(Stage.EMBED, settings, stages.store)  # type: ignore[arg-type]
-        assert (parts.ahead is not None) is expected, size
+        assert (parts.ahead is not None) is expected, (size, batches)
