@@ -56,14 +56,21 @@ class OnConnection:
         return self._can_rerun
 
 
+# An embedding cache row: (scope, model, dimensions, text_sha256, vector, provider).
+CacheRow = tuple[str, str, int, str, Vector, str]
+
+
 @dataclass
 class Pinned:
     """The connection a `Store.batch()` holds for the task inside it, the store it belongs
-    to, and the documents' tenants read on it in this transaction."""
+    to, the documents' tenants read on it in this transaction, and the embedding cache rows
+    the batch writes when it ends (all at once, in key order: two batches at once that embed
+    the same texts then never wait for each other in a cycle)."""
 
     store: object
     conn: Any
     tenants: dict[str, str] = field(default_factory=dict)
+    cache: dict[tuple[str, str, int, str], CacheRow] = field(default_factory=dict)
 
 
 pinned: ContextVar[Pinned | None] = ContextVar("ragstream_store_batch", default=None)
@@ -72,14 +79,20 @@ pinned: ContextVar[Pinned | None] = ContextVar("ragstream_store_batch", default=
 def known_tenant(conn: Any, document_id: str) -> str | None:
     """The tenant `document_id` was seen to belong to in this batch's transaction (a
     document's tenant never changes), else None."""
-    batch = pinned.get()
-    return batch.tenants.get(document_id) if batch is not None and batch.conn is conn else None
+    batch = batch_on(conn)
+    return batch.tenants.get(document_id) if batch is not None else None
 
 
 def remember_tenant(conn: Any, document_id: str, tenant_id: str) -> None:
-    batch = pinned.get()
-    if batch is not None and batch.conn is conn:
+    batch = batch_on(conn)
+    if batch is not None:
         batch.tenants[document_id] = tenant_id
+
+
+def batch_on(conn: Any) -> Pinned | None:
+    """The batch whose transaction `conn` is in, if any (in this task)."""
+    batch = pinned.get()
+    return batch if batch is not None and batch.conn is conn else None
 
 
 def atomic(conn: Any) -> AbstractAsyncContextManager[Any]:

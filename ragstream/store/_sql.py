@@ -103,12 +103,15 @@ SET text_sha256 = excluded.text_sha256, embedding = excluded.embedding,
 WHERE e.text_sha256 <> excluded.text_sha256
 """
 
-# The embedding cache is scoped: $1 is a tenant id, or '' for the cache every tenant shares.
+# The embedding cache is scoped: a row's tenant_id is a tenant id, or '' for the cache every
+# tenant shares. Rows are written in key order, so two transactions writing the same keys wait
+# for each other in one direction only (never a deadlock).
 INSERT_CACHE = """
 INSERT INTO embedding_cache (tenant_id, model, dimensions, text_sha256, embedding, provider)
-SELECT DISTINCT ON (u.s) $1, $2, $3, u.s, u.v, $4
-FROM unnest($5::text[], $6::vector[]) AS u(s, v)
-ORDER BY u.s
+SELECT DISTINCT ON (u.t, u.m, u.d, u.s) u.t, u.m, u.d, u.s, u.v, u.p
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::vector[], $6::text[])
+     AS u(t, m, d, s, v, p)
+ORDER BY u.t, u.m, u.d, u.s
 ON CONFLICT (tenant_id, model, dimensions, text_sha256) DO NOTHING
 """
 

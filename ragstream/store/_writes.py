@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -11,8 +11,10 @@ import structlog
 from ragstream.errors import PermanentError, TenantConflict
 from ragstream.store import _sql as sql
 from ragstream.store._base import (
+    CacheRow,
     OnConnection,
     atomic,
+    batch_on,
     check_dimensions,
     check_vector,
     json_dumps,
@@ -38,6 +40,15 @@ from ragstream.store.models import (
 from ragstream.validation import check_no_nul
 
 log = structlog.get_logger(__name__)
+
+
+async def write_cache(conn: Any, rows: Iterable[CacheRow]) -> None:
+    """Cache embeddings (rows already checked), in key order; a key cached already stays."""
+    ordered = sorted(rows, key=lambda row: row[:4])
+    if ordered:
+        await conn.execute(
+            sql.INSERT_CACHE, *(list(column) for column in zip(*ordered, strict=True))
+        )
 
 
 async def check_tenant(conn: Any, document_id: str, tenant_id: str) -> None:
@@ -314,11 +325,17 @@ class WriteOperations(OnConnection):
         if not keys:
             return {}
         dimensions = check_dimensions(lookup.dimensions)
+        scope, model = lookup.cache_scope, lookup.model
         async with self._conn() as conn:
-            rows = await conn.fetch(
-                sql.CACHE_HITS, lookup.cache_scope, lookup.model, dimensions, keys
-            )
-        return {r["text_sha256"]: r["embedding"].to_list() for r in rows}
+            rows = await conn.fetch(sql.CACHE_HITS, scope, model, dimensions, keys)
+            batch = batch_on(conn)
+        found = {r["text_sha256"]: r["embedding"].to_list() for r in rows}
+        if batch is not None:  # cached earlier in this batch, written when it ends
+            for sha in keys:
+                row = batch.cache.get((scope, model, dimensions, sha))
+                if row is not None and sha not in found:
+                    found[sha] = row[4].to_list()
+        return found
 
     @translate_errors
     async def save_embeddings(self, embeddings: EmbeddingSet) -> int:
@@ -326,7 +343,8 @@ class WriteOperations(OnConnection):
 
         They are cached in `cache_scope`: the tenant's own by default, or SHARED_CACHE. An
         embedding whose text_sha256 is not the chunk's current text is not written (a late
-        result for replaced text) but is cached.
+        result for replaced text) but is cached. Inside `Store.batch()` the cache rows are
+        written when the batch ends (its lookups see them meanwhile).
         """
         document_id, tenant_id, rows = embeddings.document_id, embeddings.tenant_id, embeddings.rows
         model, dimensions, provider = embeddings.model, embeddings.dimensions, embeddings.provider
@@ -351,7 +369,15 @@ class WriteOperations(OnConnection):
                 shas,
                 vectors,
             )
-            await conn.execute(sql.INSERT_CACHE, scope, model, dimensions, provider, shas, vectors)
+            cached = [
+                (scope, model, dimensions, sha, vector, provider)
+                for sha, vector in zip(shas, vectors, strict=True)
+            ]
+            batch = batch_on(conn)
+            if batch is None:
+                await write_cache(conn, cached)
+            else:  # when the batch ends (see Store.batch)
+                batch.cache.update((row[:4], row) for row in cached)
         return int(status.rsplit(" ", 1)[-1])
 
     # -- reading ------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ragstream.store._errors import connecting, translating
 from ragstream.store._prune import PruneOperations
 from ragstream.store._reads import ReadOperations
 from ragstream.store._versions import VersionOperations
-from ragstream.store._writes import WriteOperations
+from ragstream.store._writes import WriteOperations, write_cache
 from ragstream.store.migrate import ensure_vector_index as _ensure_vector_index
 from ragstream.store.migrate import migrate as _migrate
 
@@ -195,9 +195,11 @@ class Store(
         make them at once."""
         with translating():
             async with self._pool.acquire() as conn, _TracedCommit(conn.transaction()):
-                token = pinned.set(Pinned(self, conn))
+                batch = Pinned(self, conn)
+                token = pinned.set(batch)
                 try:
                     yield Batch(conn)
+                    await write_cache(conn, batch.cache.values())  # see Pinned
                 finally:
                     pinned.reset(token)
 

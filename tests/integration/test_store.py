@@ -1072,3 +1072,46 @@ async def test_a_journey_is_found_by_the_start_of_its_id(store: Store) -> None:
     assert (
         await store.journey(doc.replace("-", "_", 1)[:6] + "%") is None
     )  # LIKE characters are literal
+
+
+async def test_batches_at_once_that_cache_the_same_texts_crosswise_both_commit(
+    store: Store, migrated: str
+) -> None:
+    """Two batches embed the same two texts in opposite orders. Written as each document is
+    saved, the second batch would wait on the first's row while the first waited on its own:
+    a deadlock, one batch failed after a second. A batch's cache rows are written when it
+    ends, in key order, so both commit; its own lookups see them meanwhile, others only after."""
+    tenant, doc = ids("crosswise")
+    x, y = sha("text x"), sha("text y")
+    a_first, b_first = asyncio.Event(), asyncio.Event()
+
+    def saving(document_id: str, text_sha: str, n: int) -> EmbeddingSet:
+        return EmbeddingSet(
+            document_id, tenant, "v1", MODEL, DIMS, "local", [(0, text_sha, axis(n))]
+        )
+
+    async with await Store.connect(migrated, min_size=1, max_size=2) as other:
+        lookup = CacheLookup(MODEL, DIMS, [x, y], cache_scope=tenant)
+
+        async def batch_a() -> None:
+            async with store.batch():
+                await store.save_embeddings(saving(f"{doc}-a1", x, 1))
+                assert set(await store.cached_embeddings(lookup)) == {x}  # its own, pending
+                assert await other.cached_embeddings(lookup) == {}  # not before it commits
+                a_first.set()
+                await asyncio.wait_for(b_first.wait(), 10)
+                await store.save_embeddings(saving(f"{doc}-a2", y, 2))
+
+        async def batch_b() -> None:
+            async with store.batch():
+                await asyncio.wait_for(a_first.wait(), 10)
+                await store.save_embeddings(saving(f"{doc}-b1", y, 2))
+                b_first.set()
+                await store.save_embeddings(saving(f"{doc}-b2", x, 1))
+
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(batch_a(), batch_b()), 30)
+        assert time.monotonic() - started < 1.0  # no wait for PostgreSQL's deadlock check
+        cached = await other.cached_embeddings(lookup)
+    assert set(cached) == {x, y}
+    assert cached[y] == pytest.approx(axis(2))
