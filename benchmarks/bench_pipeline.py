@@ -19,8 +19,9 @@ One invocation, one generated corpus (`--documents` distinct Markdown documents 
 - combined ceiling = 1 / (1/ceiling + 1/logic): the pipeline's work at the ceiling's cost;
   ratio = pipeline / combined ceiling.
 - latency: a fresh pipeline, warmed up with a few documents (its parse and chunk processes
-  start on the first), then fed at half the measured pipeline rate for `--latency-s`; each
-  document's upload-to-embedded time as PostgreSQL holds it (uploaded_at to updated_at).
+  start on the first), then fed at half the measured pipeline rate for `--latency-s` after a
+  first `LATENCY_WARM_UP_S` at that rate that is not counted (fresh topics and tables settle);
+  each document's upload-to-embedded time as PostgreSQL holds it (uploaded_at to updated_at).
 - memory: the peak RSS (VmHWM) of the worker process and every process under it, and of the
   ceiling's stage processes.
 
@@ -42,6 +43,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -71,6 +73,7 @@ from ragstream.topology import Stage, Topology
 
 TENANT = "bench"
 WARM_UP = 5  # documents through a fresh pipeline before its latency is measured
+LATENCY_WARM_UP_S = 5.0  # then the first seconds of the half-load feed, not counted
 
 # -- the corpus --------------------------------------------------------------------------------
 
@@ -575,8 +578,10 @@ async def latency_pass(
         try:
             rows = await conn.fetch(
                 "SELECT extract(epoch FROM updated_at - uploaded_at)::float8 * 1000 AS ms "
-                "FROM documents WHERE status = 'embedded' AND tenant_id = $1",
+                "FROM documents WHERE status = 'embedded' AND tenant_id = $1 AND uploaded_at >= "
+                "(SELECT min(uploaded_at) FROM documents WHERE tenant_id = $1) + $2::interval",
                 TENANT,
+                timedelta(seconds=LATENCY_WARM_UP_S),
             )
         finally:
             await conn.close()
@@ -826,7 +831,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
         rss = [(f"pipeline: {n}", p, m) for n, p, m in worker_rss.rows()]
         if args.latency_s > 0:
             rate = pipeline.docs_per_s / 2
-            count = max(5, round(rate * args.latency_s)) + WARM_UP
+            count = max(5, round(rate * (args.latency_s + LATENCY_WARM_UP_S))) + WARM_UP
             more = write_corpus(work / "latency", count, start=args.documents)
             say("latency: starting a fresh `ragstream worker all`")
             latency, latency_rss = await latency_pass(
