@@ -115,13 +115,12 @@ ORDER BY u.t, u.m, u.d, u.s
 ON CONFLICT (tenant_id, model, dimensions, text_sha256) DO NOTHING
 """
 
-# One statement reads the vectors and counts the hits. Rows come (and are locked) in primary-key
-# order through the index, so two workers hitting the same texts do not deadlock.
+# A plain read: no lock. (Hits are not counted any more, so `hits` and `last_hit_at` stay as
+# they were: a write per hit that nothing read, and its row locks made two batches at once that
+# hit the same texts in opposite orders deadlock.)
 CACHE_HITS = """
-UPDATE embedding_cache
-SET hits = hits + 1, last_hit_at = clock_timestamp()
+SELECT text_sha256, embedding FROM embedding_cache
 WHERE tenant_id = $1 AND model = $2 AND dimensions = $3 AND text_sha256 = ANY($4::text[])
-RETURNING text_sha256, embedding
 """
 
 # Forward-only status. A success is applied when

@@ -320,7 +320,7 @@ class WriteOperations(OnConnection):
     @translate_errors
     async def cached_embeddings(self, lookup: CacheLookup) -> dict[str, list[float]]:
         """The cached vectors among these texts (by sha256) in one cache scope (a tenant id, or
-        SHARED_CACHE); each hit is counted. Another scope's rows are never read."""
+        SHARED_CACHE). Another scope's rows are never read."""
         keys = sorted(set(lookup.text_sha256s))
         if not keys:
             return {}
