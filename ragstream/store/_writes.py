@@ -43,12 +43,11 @@ log = structlog.get_logger(__name__)
 
 
 async def write_cache(conn: Any, rows: Iterable[CacheRow]) -> None:
-    """Cache embeddings (rows already checked), in key order; a key cached already stays."""
-    ordered = sorted(rows, key=lambda row: row[:4])
-    if ordered:
-        await conn.execute(
-            sql.INSERT_CACHE, *(list(column) for column in zip(*ordered, strict=True))
-        )
+    """Cache embeddings (rows already checked) in one statement, which writes them in key
+    order (see sql.INSERT_CACHE); a key cached already stays."""
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    if columns:
+        await conn.execute(sql.INSERT_CACHE, *columns)
 
 
 async def check_tenant(conn: Any, document_id: str, tenant_id: str) -> None:
