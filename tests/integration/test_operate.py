@@ -124,8 +124,14 @@ async def test_three_embed_processes_share_a_backlog_and_status_shows_the_spread
                 EMBED,
                 tmp_path / f"embed-{n}.log",
                 client_id=f"embed-{n}",
-                env=paid_embeddings(server),
-                args=("--concurrency", "1"),  # a known pace: a backlog is left to share
+                # A known pace, so a backlog is left to share when the others join: one
+                # record per call, one call at a time (0.3 s or more a document).
+                env=paid_embeddings(
+                    server,
+                    RAGSTREAM_KAFKA__BATCH_RECORDS="1",
+                    RAGSTREAM_KAFKA__CONCURRENT_BATCHES="1",
+                ),
+                args=("--concurrency", "1"),
             )
             for n in (1, 2, 3)
         ]
