@@ -261,6 +261,7 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
         env = paid_embeddings(
             server,
             RAGSTREAM_KAFKA__SESSION_TIMEOUT_MS="45000",
+            RAGSTREAM_KAFKA__CONCURRENT_BATCHES="1",
         )
         a, b = (
             # One batch at a time (the remote service would size it to 8): mid-batch, slowly.
