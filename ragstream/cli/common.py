@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar, get_args
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperArgument, TyperOption
@@ -96,7 +96,7 @@ class ScrubbedStream:
 def run(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Run an async operation; turn ragstream's errors into one line and an exit code."""
     try:
-        return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
+        return uvloop.run(fn(*args, **kwargs))  # type: ignore[arg-type]
     except ConfigError as exc:
         raise fail(str(exc), EXIT_CONFIG) from None
     except RagstreamError as exc:

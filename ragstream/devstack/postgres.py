@@ -46,10 +46,14 @@ SUPERUSER = "postgres"
 LOG_TAIL_LINES = 60
 # A Unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
 _MAX_SOCKET_PATH = 100
-# Appended to postgresql.conf after initdb: room for several workers' pools and the tests.
+# Appended to postgresql.conf after initdb: room for several workers' pools and the tests,
+# and a buffer cache that holds the HNSW index of a few tens of thousands of vectors (with
+# initdb's 128MB, inserts read index pages back from the OS once it outgrows that, and
+# PostgreSQL's CPU per document triples). Memory is taken as pages are used, not at start.
 _SERVER_CONF = """
 # --- ragstream dev stack (ragstream.devstack.postgres) ---
 max_connections = 200
+shared_buffers = 1GB
 """
 
 
