@@ -197,7 +197,9 @@ class StageRunner(PartitionWork, MicroBatches, Failures):
         kafka = self.settings.kafka
 
         def make_producer() -> AIOKafkaProducer:
-            return kafkaio.producer(self.settings, linger_ms=5)
+            # No linger: a batch's outputs are all handed to the producer before it sends
+            # (one request), and a record alone should not wait for company.
+            return kafkaio.producer(self.settings)
 
         def make_consumer() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(

@@ -99,7 +99,9 @@ class Uploader:
         self.codec = codec or Codec()
         self.topic = Topology(settings.kafka.topic_prefix).uploaded
         self.blobs = blob_writer(settings)
-        self._producer = kafkaio.producer(settings, linger_ms=10)
+        # No linger: uploads sent while a request is in flight go out together in the next
+        # one, and an upload alone is not held back.
+        self._producer = kafkaio.producer(settings)
         self.window = window
         self._pending: deque[tuple[UploadReceipt, asyncio.Future[Any]]] = deque()
         self._failed: list[tuple[UploadReceipt, BaseException]] = []
