@@ -228,6 +228,19 @@ async def test_pgvector_hnsw_nearest_neighbours(database_url: str, prefix: str) 
         await conn.close()
 
 
+async def test_the_dev_stack_postgres_is_configured_for_the_pipeline(
+    own_postgres: LocalPostgres, database_url: str
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # A buffer cache the HNSW index fits in (initdb's 128MB is outgrown at some 30,000
+        # vectors, and every insert then reads pages back from the OS), and room for pools.
+        assert await conn.fetchval("SHOW shared_buffers") == "1GB"
+        assert await conn.fetchval("SHOW max_connections") == "200"
+    finally:
+        await conn.close()
+
+
 def test_postgres_start_again_and_ensure_database_are_idempotent(
     own_postgres: LocalPostgres, database_url: str
 ) -> None:
