@@ -320,7 +320,7 @@ class WriteOperations(OnConnection):
     async def cached_embeddings(self, lookup: CacheLookup) -> dict[str, list[float]]:
         """The cached vectors among these texts (by sha256) in one cache scope (a tenant id, or
         SHARED_CACHE). Another scope's rows are never read."""
-        keys = sorted(set(lookup.text_sha256s))
+        keys = list(set(lookup.text_sha256s))  # a plain read: no lock order to keep
         if not keys:
             return {}
         dimensions = check_dimensions(lookup.dimensions)

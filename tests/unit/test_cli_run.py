@@ -28,4 +28,6 @@ def test_a_ragstream_error_is_one_line_and_exit_code_1(capsys: pytest.CaptureFix
     with pytest.raises(typer.Exit) as raised:
         run(_fails)
     assert raised.value.exit_code == 1
-    assert "the broker said no" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the broker said no" in err
+    assert len(err.strip().splitlines()) == 1
