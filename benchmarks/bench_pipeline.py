@@ -17,7 +17,10 @@ One invocation, one generated corpus (`--documents` distinct Markdown documents 
 - logic: parse, chunk and local embedding of every document, one at a time in one process,
   with no Kafka and no database (the pipeline's own parser, chunker and embedder).
 - combined ceiling = 1 / (1/ceiling + 1/logic): the pipeline's work at the ceiling's cost;
-  ratio = pipeline / combined ceiling.
+  ratio = pipeline / combined ceiling. The logic and ceiling passes run twice, before the
+  pipeline and latency passes and after them (logic, ceiling, pipeline, latency, ceiling,
+  logic), and each counts at the mean of its two rates: the speed of a shared machine drifts
+  over minutes, and a drift then moves both sides of the ratio alike instead of one.
 - latency: a fresh pipeline, warmed up with a few documents (its parse and chunk processes
   start on the first), then fed at half the measured pipeline rate for `--latency-s` after a
   first `LATENCY_WARM_UP_S` at that rate that is not counted (fresh topics and tables settle);
@@ -42,7 +45,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -296,6 +299,19 @@ class PassResult:
     @property
     def chunks_per_s(self) -> float:
         return self.chunks / self.seconds
+
+    @classmethod
+    def mean_of(cls, runs: Sequence[PassResult]) -> PassResult:
+        """Runs of one pass as one: the mean of their rates (and of their CPU); the note
+        gives each run's rate, in the order they ran."""
+        first = runs[0]
+        rate = statistics.mean(r.docs_per_s for r in runs)
+        groups = {g for r in runs for g in r.cpu_s}
+        cpu = {g: statistics.mean(r.cpu_s.get(g, 0.0) for r in runs) for g in sorted(groups)}
+        note = first.note
+        if len(runs) > 1:
+            note = "runs: " + ", ".join(f"{r.docs_per_s:.1f}" for r in runs) + " docs/s"
+        return cls(first.name, first.documents, first.chunks, first.documents / rate, note, cpu)
 
 
 async def follow(
@@ -698,12 +714,13 @@ class Report:
     documents: int
     mean_kib: float
     pipeline: PassResult
-    ceiling: PassResult
-    logic: PassResult
+    ceiling: PassResult  # the mean of `runs["ceiling"]`
+    logic: PassResult  # the mean of `runs["logic"]`
     latency: Latency | None
     rss: list[tuple[str, int, float]]  # (process, pid, peak MiB)
     ceiling_stages: dict[str, StageTimes]
     pipeline_steps: dict[str, StageSteps]
+    runs: dict[str, list[PassResult]] = field(default_factory=dict)  # before and after
 
     @property
     def combined(self) -> float:
@@ -714,10 +731,12 @@ class Report:
         return self.pipeline.docs_per_s / self.combined
 
     def as_json(self) -> dict[str, Any]:
-        passes = {
-            p.name: {**asdict(p), "docs_per_s": p.docs_per_s, "chunks_per_s": p.chunks_per_s}
-            for p in (self.pipeline, self.ceiling, self.logic)
-        }
+        def figures(p: PassResult) -> dict[str, Any]:
+            return {**asdict(p), "docs_per_s": p.docs_per_s, "chunks_per_s": p.chunks_per_s}
+
+        passes = {p.name: figures(p) for p in (self.pipeline, self.ceiling, self.logic)}
+        for name, runs in self.runs.items():
+            passes[name]["runs"] = [figures(r) for r in runs]
         return {
             "documents": self.documents,
             "mean_kib": self.mean_kib,
@@ -741,8 +760,8 @@ class Report:
         table.add_column("note")
         label = {
             "pipeline": "pipeline (`worker all`, from upload start)",
-            "ceiling": "ceiling (Kafka + PostgreSQL, no logic)",
-            "logic": "logic only (parse + chunk + embed)",
+            "ceiling": "ceiling (Kafka + PostgreSQL, no logic), mean",
+            "logic": "logic only (parse + chunk + embed), mean",
         }
         for p in (self.pipeline, self.ceiling, self.logic):
             table.add_row(
@@ -784,7 +803,9 @@ class Report:
             cells = [f"{per[g]:.0f}" if g in p.cpu_s else "" for g in groups]
             cpu.add_row(p.name, *cells, f"{sum(per.values()):.0f}")
         console.print(cpu)
-        stages = Table(title="the ceiling's stage processes: where their time went")
+        stages = Table(
+            title="the ceiling's stage processes: where their time went (mean of its runs)"
+        )
         for column in ("stage", "busy s", "in PostgreSQL s", "in Kafka s"):
             stages.add_column(column, justify="left" if column == "stage" else "right")
         for stage, t in self.ceiling_stages.items():
@@ -815,14 +836,26 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
     )
     say = progress.console.print
     meter = CpuMeter(servers_under(work))
+    logic: list[PassResult] = []
+    ceilings: list[PassResult] = []
     with progress:
-        say("logic only: parsing, chunking and embedding in this process")
-        logic, vectors = await logic_pass(settings, paths, progress, meter)
-        say("ceiling: starting its three stage processes")
-        ceiling_result, stages = await ceiling_pass(
-            bootstrap, server_dsn, paths, vectors, settings.kafka.partitions, progress, meter
-        )
-        del vectors
+
+        async def logic_run(when: str) -> list[list[bytes]]:
+            say(f"logic only ({when}): parsing, chunking and embedding in this process")
+            result, made = await logic_pass(settings, paths, progress, meter)
+            logic.append(result)
+            return made
+
+        async def ceiling_run(when: str) -> dict[str, ceiling.StageReport]:
+            say(f"ceiling ({when}): starting its three stage processes")
+            result, reports = await ceiling_pass(
+                bootstrap, server_dsn, paths, vectors, settings.kafka.partitions, progress, meter
+            )
+            ceilings.append(result)
+            return reports
+
+        vectors = await logic_run("before")
+        stages = await ceiling_run("before")
         say("pipeline: starting `ragstream worker all` as `stack up` does")
         pipeline, worker_rss, steps = await pipeline_pass(
             bootstrap, server_dsn, work, paths, progress, meter
@@ -838,10 +871,30 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
                 bootstrap, server_dsn, work, more, rate, progress
             )
             rss += [(f"latency run: {n}", p, m) for n, p, m in latency_rss.rows()]
-        rss += [(f"ceiling: {s} stage", r.pid, r.peak_rss_kib / 1024) for s, r in stages.items()]
-    times = {s: r.times for s, r in stages.items()}
+        again = await ceiling_run("after")
+        await logic_run("after")
+    for label, run in (("ceiling", stages), ("ceiling, after", again)):
+        rss += [(f"{label}: {s} stage", r.pid, r.peak_rss_kib / 1024) for s, r in run.items()]
+    times = {
+        s: StageTimes(
+            *(
+                statistics.mean(pair)
+                for pair in zip(astuple(r.times), astuple(again[s].times), strict=True)
+            )
+        )
+        for s, r in stages.items()
+    }
     return Report(
-        args.documents, mean_kib, pipeline, ceiling_result, logic, latency, rss, times, steps
+        args.documents,
+        mean_kib,
+        pipeline,
+        PassResult.mean_of(ceilings),
+        PassResult.mean_of(logic),
+        latency,
+        rss,
+        times,
+        steps,
+        {"ceiling": ceilings, "logic": logic},
     )
 
 
