@@ -846,7 +846,9 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
             logic.append(result)
             return made
 
-        async def ceiling_run(when: str) -> dict[str, ceiling.StageReport]:
+        async def ceiling_run(
+            when: str, vectors: Sequence[Sequence[bytes]]
+        ) -> dict[str, ceiling.StageReport]:
             say(f"ceiling ({when}): starting its three stage processes")
             result, reports = await ceiling_pass(
                 bootstrap, server_dsn, paths, vectors, settings.kafka.partitions, progress, meter
@@ -855,7 +857,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
             return reports
 
         vectors = await logic_run("before")
-        stages = await ceiling_run("before")
+        stages = await ceiling_run("before", vectors)
         say("pipeline: starting `ragstream worker all` as `stack up` does")
         pipeline, worker_rss, steps = await pipeline_pass(
             bootstrap, server_dsn, work, paths, progress, meter
@@ -871,7 +873,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
                 bootstrap, server_dsn, work, more, rate, progress
             )
             rss += [(f"latency run: {n}", p, m) for n, p, m in latency_rss.rows()]
-        again = await ceiling_run("after")
+        again = await ceiling_run("after", vectors)
         await logic_run("after")
     for label, run in (("ceiling", stages), ("ceiling, after", again)):
         rss += [(f"{label}: {s} stage", r.pid, r.peak_rss_kib / 1024) for s, r in run.items()]
