@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -72,6 +74,28 @@ async def test_same_text_same_vector_in_a_batch_and_alone() -> None:
     assert batch.vectors[0] == batch.vectors[2]
     assert batch.vectors[1] == (await embedder.embed([texts[1]])).vectors[0]
     assert batch.vectors[0] != batch.vectors[1]
+
+
+# sha256 of each vector's float64 bytes: a stored or cached vector of local-hash-v1 stays the
+# vector the embedder makes for its text, bit for bit, from one release to the next.
+_FINGERPRINTS = [
+    ("Static membership removes another source of churn.", 7, "9e4faa469a150547"),
+    (
+        "The the THE the: a word, a Word, and a WORD again; naïve café Zoë 日本語 ß.",
+        17,
+        "8cf66e878fb7e865",
+    ),
+    ("!!! ???", 0, "8179b49109996295"),
+    ("", 0, "ad7facb2586fc6e9"),
+    ("word " * 300, 300, "1230501b0320c0ed"),
+]
+
+
+@pytest.mark.parametrize(("text", "words", "fingerprint"), _FINGERPRINTS)
+def test_a_text_keeps_its_vector_bit_for_bit(text: str, words: int, fingerprint: str) -> None:
+    vector, counted = LocalEmbedder(512).vector_of(text)
+    packed = struct.pack(f"<{len(vector)}d", *vector)
+    assert (counted, hashlib.sha256(packed).hexdigest()[:16]) == (words, fingerprint)
 
 
 def test_same_vector_in_other_processes_whatever_their_hash_seed() -> None:

@@ -16,8 +16,10 @@ import functools
 import hashlib
 import itertools
 import math
+import operator
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Final
 
 from ragstream.providers.embed.port import Embedder, EmbedResult
@@ -30,6 +32,11 @@ _UNIGRAM_WEIGHT: Final = 1.0
 _BIGRAM_WEIGHT: Final = 1.0
 _TRIGRAM_WEIGHT: Final = 0.25
 _STOPWORD_WEIGHT: Final = 0.2
+_TF_WEIGHTS: Final = [0.0] + [1.0 + math.log(tf) for tf in range(1, 256)]
+# Features whose dimension and sign are kept, per size of vector (some 200 bytes each, so up to
+# about 25 MiB): a corpus reuses most of its features.
+_SLOT_CACHE_SIZE: Final = 1 << 17
+_SLOT_CACHES: dict[int, dict[str, tuple[int, float]]] = {}
 _STOPWORDS: Final = frozenset(
     "a an and are as at be but by for from has have in is it its of on or that the this to "
     "was were will with you your we our they their not can if then than so do does".split()
@@ -43,6 +50,8 @@ class LocalEmbedder(Embedder):
         if dimensions < 1:
             raise ValueError("dimensions must be positive")
         self._dimensions = dimensions
+        # one per size of vector in the process (the embed stage has two embedders)
+        self._slot_cache = _SLOT_CACHES.setdefault(dimensions, {})
 
     @property
     def name(self) -> str:
@@ -74,45 +83,58 @@ class LocalEmbedder(Embedder):
     def vector_of(self, text: str) -> tuple[list[float], int]:
         """One text's vector and its word count (what `embed` counts as tokens)."""
         words = _WORD.findall(text.casefold())
-        features = _features(words)
-        if not features and text.strip():
-            features = {"raw:" + text.strip(): 1.0}
         vector = [0.0] * self._dimensions
-        for feature, weight in features.items():
-            h = _hash64(feature)
-            sign = 1.0 if h >> 63 else -1.0
-            vector[h % self._dimensions] += sign * weight
-        norm = math.sqrt(sum(x * x for x in vector))
+        if not _add_features(vector, words, self._slots) and text.strip():
+            index, sign = self._slots("raw:" + text.strip())
+            vector[index] += sign * 1.0
+        norm = math.sqrt(sum(map(operator.mul, vector, vector)))
         if norm > 0.0:
-            vector = [x / norm for x in vector]
+            vector = list(map(norm.__rtruediv__, vector))  # x / norm
         return vector, len(words)
 
+    def _slots(self, feature: str) -> tuple[int, float]:
+        """A feature's dimension and sign (cached: a corpus reuses most of its features)."""
+        slot = self._slot_cache.get(feature)
+        if slot is None:
+            if len(self._slot_cache) >= _SLOT_CACHE_SIZE:
+                self._slot_cache.clear()
+            h = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "big")
+            slot = self._slot_cache[feature] = (h % self._dimensions, 1.0 if h >> 63 else -1.0)
+        return slot
 
-def _features(words: list[str]) -> dict[str, float]:
-    """Feature -> weight: (1 + ln tf) times the weight of the feature's kind."""
+
+def _add_features(
+    vector: list[float], words: list[str], slot_of: Callable[[str], tuple[int, float]]
+) -> bool:
+    """Add each feature's signed weight, (1 + ln tf) times its kind's, to its dimension: the
+    unigrams, then the bigrams, then the trigrams, each kind in order of first appearance (the
+    order fixes the float sums, so a text's vector is the same bits everywhere). Whether there
+    was any feature."""
     unigrams = Counter(words)
     bigrams = Counter(f"b:{a} {b}" for a, b in itertools.pairwise(words))
-    trigrams: Counter[str] = Counter()
+    trigrams: dict[str, int] = {}
     for word, tf in unigrams.items():
         for trigram in _trigrams(word):
-            trigrams[trigram] += tf
-    weighted: dict[str, float] = {}
+            trigrams[trigram] = trigrams.get(trigram, 0) + tf
     for word, tf in unigrams.items():
         kind = _STOPWORD_WEIGHT if word in _STOPWORDS else _UNIGRAM_WEIGHT
-        weighted["w:" + word] = (1.0 + math.log(tf)) * kind
+        index, sign = slot_of("w:" + word)
+        vector[index] += sign * (_tf_weight(tf) * kind)
     for bigram, tf in bigrams.items():
-        weighted[bigram] = (1.0 + math.log(tf)) * _BIGRAM_WEIGHT
+        index, sign = slot_of(bigram)
+        vector[index] += sign * (_tf_weight(tf) * _BIGRAM_WEIGHT)
     for trigram, tf in trigrams.items():
-        weighted[trigram] = (1.0 + math.log(tf)) * _TRIGRAM_WEIGHT
-    return weighted
+        index, sign = slot_of(trigram)
+        vector[index] += sign * (_tf_weight(tf) * _TRIGRAM_WEIGHT)
+    return bool(unigrams)
+
+
+def _tf_weight(tf: int) -> float:
+    """1 + ln tf (tables the common small counts)."""
+    return _TF_WEIGHTS[tf] if tf < len(_TF_WEIGHTS) else 1.0 + math.log(tf)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _trigrams(word: str) -> tuple[str, ...]:
     padded = f"<{word}>"
     return tuple("c:" + padded[k : k + 3] for k in range(len(padded) - 2))
-
-
-@functools.lru_cache(maxsize=1 << 17)
-def _hash64(feature: str) -> int:
-    return int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "big")
