@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import threading
@@ -72,6 +73,15 @@ def shutdown_bound_s(settings: Settings) -> float:
     records in hand, then 5 s to commit, leave the group and close. A Kubernetes pod's
     terminationGracePeriodSeconds covers it (deploy/k8s)."""
     return settings.kafka.shutdown_grace_s + 5.0
+
+
+def freeze_start_up() -> None:
+    """Take what start-up made (the modules, some 95,000 objects that live as long as the
+    process) out of the collector's full passes. Each full pass would walk them all while every
+    record in flight waits: 60-200 ms once or twice a minute per stage process, measured on a
+    busy 2-core machine. For a worker process's entry point, after its imports."""
+    gc.collect()
+    gc.freeze()
 
 
 def _exit_after(seconds: float) -> None:

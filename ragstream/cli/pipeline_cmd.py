@@ -53,7 +53,7 @@ def worker(
             f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}", EXIT_CONFIG
         )
     from consumers.processes import run_processes, sized_concurrency
-    from consumers.worker import run_workers
+    from consumers.worker import freeze_start_up, run_workers
 
     settings = settings_or_exit(quiet=False, traced=stage != "all" or one_process)
     if stage == "all" and not one_process:
@@ -62,6 +62,7 @@ def worker(
             raise typer.Exit(code)
         return
     stages = list(Stage) if stage == "all" else [] if stage == "cost" else [Stage(stage)]
+    freeze_start_up()
     run(
         run_workers,
         settings,

@@ -1,14 +1,19 @@
 """`consumers.worker.supervise`: a consumer that crashes is reported and run again; the others
-in the process go on; a wrong setting stops the process."""
+in the process go on; a wrong setting stops the process. A worker process freezes what its
+start-up made before it runs."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
+from typer.testing import CliRunner
 
 from consumers import worker
 from consumers.worker import supervise
+from ragstream.cli import app, pipeline_cmd
 from ragstream.errors import ConfigError
 from ragstream.metrics import Metrics
 
@@ -64,3 +69,28 @@ async def test_a_wrong_setting_stops_the_process() -> None:
     with pytest.raises(ConfigError, match=r"budgets\.prices"):
         await asyncio.wait_for(supervise(member, asyncio.Event()), 5)  # type: ignore[arg-type]
     assert member.runs == 1
+
+
+def test_freezing_start_up_takes_the_modules_out_of_full_collections() -> None:
+    # in a process of its own: freezing is for a worker's whole life, not for the test run's
+    script = (
+        "import gc; from consumers.worker import freeze_start_up; "
+        "before = gc.get_freeze_count(); freeze_start_up(); print(before, gc.get_freeze_count())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    before, frozen = map(int, out.stdout.split())
+    assert before == 0 and frozen > 10_000, out.stdout
+
+
+@pytest.mark.parametrize("stage", ["parse", "cost", "all --one-process"])
+def test_a_worker_process_freezes_its_start_up_before_it_runs(
+    stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(worker, "freeze_start_up", lambda: calls.append("freeze"))
+    monkeypatch.setattr(pipeline_cmd, "run", lambda fn, *a, **k: calls.append(fn.__name__))
+    result = CliRunner().invoke(app, ["worker", *stage.split()])
+    assert result.exit_code == 0, result.output
+    assert calls == ["freeze", "run_workers"]
