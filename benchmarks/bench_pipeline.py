@@ -27,6 +27,10 @@ One invocation, one generated corpus (`--documents` distinct Markdown documents 
   each document's upload-to-embedded time as PostgreSQL holds it (uploaded_at to updated_at).
 - memory: the peak RSS (VmHWM) of the worker process and every process under it, and of the
   ceiling's stage processes.
+- machine speed: a fixed piece of pure-Python work, timed by its own CPU time every 2 s in a
+  process of its own (waiting for a core does not count), reported per pass against the
+  pipeline pass. A shared machine's speed moves by a third and more within minutes; when it
+  drops during the latency pass, that pass ran above half of what the machine could do then.
 
 It starts its own Kafka broker and PostgreSQL in a temporary directory (or uses those named by
 `--bootstrap` and `--database-url`, or RAGSTREAM_KAFKA_BOOTSTRAP and RAGSTREAM_DATABASE_URL),
@@ -48,7 +52,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, astuple, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
@@ -195,7 +199,11 @@ class CpuMeter:
         return {name: s + tree_cpu_s(self.servers[name]) for name, s in self.spent.items()}
 
 
+T = TypeVar("T")
+
 POOL_PROCESS: Final = "pool process (forked by the forkserver)"
+# A latency pass that ran below this share of the pipeline pass's machine speed is flagged.
+SLOWER: Final = 0.85
 
 
 def _label(pid: int, root: int, forkservers: set[int]) -> str:
@@ -215,6 +223,54 @@ def _label(pid: int, root: int, forkservers: set[int]) -> str:
     if "-m ragstream" in text:
         return "ragstream " + text.split("-m ragstream", 1)[1].strip()
     return text[:60] if pid != root else "worker process"
+
+
+# The probe's work: some 10 ms of CPU on the 2-core machine, every 2 s (half a percent of a core).
+_PROBE = """
+import sys, time
+while True:
+    began = time.process_time()
+    total = 0
+    for i in range(100_000):
+        total += i
+    print(f"{time.time():.3f} {(time.process_time() - began) * 1000:.3f}", flush=True)
+    time.sleep(2)
+"""
+
+
+class SpeedProbe:
+    """How fast the machine runs: the CPU milliseconds of a fixed piece of work, sampled in a
+    process of its own while the passes run; `during` gives a window's median."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []  # (time, work ms)
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PROBE, stdout=asyncio.subprocess.PIPE
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        async for line in self._process.stdout:
+            at, ms = line.split()
+            self.samples.append((float(at), float(ms)))
+
+    def during(self, windows: Iterable[tuple[float, float]]) -> float | None:
+        """The median work time (ms) of the samples inside these (start, end) windows."""
+        inside = [ms for at, ms in self.samples if any(t0 <= at <= t1 for t0, t1 in windows)]
+        return statistics.median(inside) if inside else None
+
+    async def stop(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader
 
 
 @dataclass
@@ -740,6 +796,14 @@ class Report:
     ceiling_stages: dict[str, StageTimes]
     pipeline_steps: dict[str, StageSteps]
     runs: dict[str, list[PassResult]] = field(default_factory=dict)  # before and after
+    # (pass, the speed probe's median work ms during it), in the order run
+    speeds: list[tuple[str, float | None]] = field(default_factory=list)
+
+    def speed(self, name: str) -> float | None:
+        """The machine's speed during a pass against the pipeline pass (below 1: slower)."""
+        work = dict(self.speeds)
+        reference, during = work.get("pipeline"), work.get(name)
+        return reference / during if reference and during else None
 
     @property
     def combined(self) -> float:
@@ -766,6 +830,10 @@ class Report:
             "peak_rss": [{"process": n, "pid": p, "mib": m} for n, p, m in self.rss],
             "ceiling_stages": {s: asdict(t) for s, t in self.ceiling_stages.items()},
             "pipeline_steps": {s: asdict(t) for s, t in self.pipeline_steps.items()},
+            "machine_speed": [
+                {"pass": name, "probe_ms": ms, "vs_pipeline": self.speed(name)}
+                for name, ms in self.speeds
+            ],
         }
 
     def print(self, console: Console) -> None:
@@ -796,15 +864,24 @@ class Report:
         console.print(table)
         if self.latency:
             lat = Table(title="upload → embedded at half the pipeline's rate")
-            for column in ("docs/s offered", "documents", "p50 ms", "p99 ms"):
+            columns = ("docs/s offered", "documents", "p50 ms", "p99 ms", "machine speed")
+            for column in columns:
                 lat.add_column(column, justify="right")
+            speed = self.speed("latency")
             lat.add_row(
                 f"{self.latency.rate:.1f}",
                 str(self.latency.documents),
                 f"{self.latency.p50_ms:.0f}",
                 f"{self.latency.p99_ms:.0f}",
+                f"{speed:.2f}" if speed else "",
             )
             console.print(lat)
+            if speed is not None and speed < SLOWER:
+                console.print(
+                    f"[yellow]the machine ran at {speed:.2f} of its pipeline-pass speed during "
+                    "the latency pass: the load offered was more than half of what it could "
+                    "do then"
+                )
         steps = Table(title="the pipeline's stages: one record's step, from its journey")
         for column in ("stage", "steps", "mean ms", "p50 ms", "p99 ms"):
             steps.add_column(column, justify="left" if column == "stage" else "right")
@@ -830,6 +907,16 @@ class Report:
         for stage, t in self.ceiling_stages.items():
             stages.add_row(stage, f"{t.busy_s:.1f}", f"{t.postgres_s:.1f}", f"{t.kafka_s:.1f}")
         console.print(stages)
+        speeds = Table(
+            title="machine speed: a fixed piece of work's CPU ms (median), against the pipeline "
+            "pass (below 1: slower)"
+        )
+        for column in ("pass", "probe ms", "speed"):
+            speeds.add_column(column, justify="left" if column == "pass" else "right")
+        for name, ms in self.speeds:
+            speed = self.speed(name)
+            speeds.add_row(name, f"{ms:.1f}" if ms else "", f"{speed:.2f}" if speed else "")
+        console.print(speeds)
         mem = Table(title="peak RSS (VmHWM)")
         mem.add_column("process")
         mem.add_column("pid", justify="right")
@@ -857,43 +944,59 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
     meter = CpuMeter(servers_under(work))
     logic: list[PassResult] = []
     ceilings: list[PassResult] = []
-    with progress:
+    probe = SpeedProbe()
+    windows: list[tuple[str, float, float]] = []  # (pass, start, end) in the order run
 
-        async def logic_run(when: str) -> list[list[bytes]]:
-            say(f"logic only ({when}): parsing, chunking and embedding in this process")
-            result, made = await logic_pass(settings, paths, progress, meter)
-            logic.append(result)
-            return made
+    async def marked(name: str, running: Awaitable[T]) -> T:
+        began = time.time()
+        try:
+            return await running
+        finally:
+            windows.append((name, began, time.time()))
 
-        async def ceiling_run(
-            when: str, vectors: Sequence[Sequence[bytes]]
-        ) -> dict[str, ceiling.StageReport]:
-            say(f"ceiling ({when}): starting its three stage processes")
-            result, reports = await ceiling_pass(
+    async def logic_run(when: str) -> list[list[bytes]]:
+        say(f"logic only ({when}): parsing, chunking and embedding in this process")
+        result, made = await marked(f"logic ({when})", logic_pass(settings, paths, progress, meter))
+        logic.append(result)
+        return made
+
+    async def ceiling_run(
+        when: str, vectors: Sequence[Sequence[bytes]]
+    ) -> dict[str, ceiling.StageReport]:
+        say(f"ceiling ({when}): starting its three stage processes")
+        result, reports = await marked(
+            f"ceiling ({when})",
+            ceiling_pass(
                 bootstrap, server_dsn, paths, vectors, settings.kafka.partitions, progress, meter
-            )
-            ceilings.append(result)
-            return reports
-
-        vectors = await logic_run("before")
-        stages = await ceiling_run("before", vectors)
-        say("pipeline: starting `ragstream worker all` as `stack up` does")
-        pipeline, worker_rss, steps = await pipeline_pass(
-            bootstrap, server_dsn, work, paths, progress, meter
+            ),
         )
-        latency = None
-        rss = [(f"pipeline: {n}", p, m) for n, p, m in worker_rss.rows()]
-        if args.latency_s > 0:
-            rate = pipeline.docs_per_s / 2
-            count = max(5, round(rate * (args.latency_s + LATENCY_WARM_UP_S))) + WARM_UP
-            more = write_corpus(work / "latency", count, start=args.documents)
-            say("latency: starting a fresh `ragstream worker all`")
-            latency, latency_rss = await latency_pass(
-                bootstrap, server_dsn, work, more, rate, progress
+        ceilings.append(result)
+        return reports
+
+    await probe.start()
+    try:
+        with progress:
+            vectors = await logic_run("before")
+            stages = await ceiling_run("before", vectors)
+            say("pipeline: starting `ragstream worker all` as `stack up` does")
+            pipeline, worker_rss, steps = await marked(
+                "pipeline", pipeline_pass(bootstrap, server_dsn, work, paths, progress, meter)
             )
-            rss += [(f"latency run: {n}", p, m) for n, p, m in latency_rss.rows()]
-        again = await ceiling_run("after", vectors)
-        await logic_run("after")
+            latency = None
+            rss = [(f"pipeline: {n}", p, m) for n, p, m in worker_rss.rows()]
+            if args.latency_s > 0:
+                rate = pipeline.docs_per_s / 2
+                count = max(5, round(rate * (args.latency_s + LATENCY_WARM_UP_S))) + WARM_UP
+                more = write_corpus(work / "latency", count, start=args.documents)
+                say("latency: starting a fresh `ragstream worker all`")
+                latency, latency_rss = await marked(
+                    "latency", latency_pass(bootstrap, server_dsn, work, more, rate, progress)
+                )
+                rss += [(f"latency run: {n}", p, m) for n, p, m in latency_rss.rows()]
+            again = await ceiling_run("after", vectors)
+            await logic_run("after")
+    finally:
+        await probe.stop()
     for label, run in (("ceiling", stages), ("ceiling, after", again)):
         rss += [(f"{label}: {s} stage", r.pid, r.peak_rss_kib / 1024) for s, r in run.items()]
     times = {
@@ -916,6 +1019,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, server_dsn: str, work:
         times,
         steps,
         {"ceiling": ceilings, "logic": logic},
+        [(name, probe.during([(t0, t1)])) for name, t0, t1 in windows],
     )
 
 

@@ -75,3 +75,18 @@ async def test_bench_pipeline_reports_rates_ratio_latency_and_memory(
     for name in ("pipeline", "ceiling", "logic"):
         assert report[name]["cpu_s"]["stages"] > 0, (name, report[name]["cpu_s"])
     assert "CPU seconds per 1,000 documents" in done.stdout
+    # the machine's speed during each pass, in the order run, against the pipeline pass's
+    speeds = report["machine_speed"]
+    assert [s["pass"] for s in speeds] == [
+        "logic (before)",
+        "ceiling (before)",
+        "pipeline",
+        "latency",
+        "ceiling (after)",
+        "logic (after)",
+    ]
+    (pipeline,) = [s for s in speeds if s["pass"] == "pipeline"]
+    assert pipeline["probe_ms"] > 0 and pipeline["vs_pipeline"] == pytest.approx(1.0)
+    for s in speeds:  # a pass too short for a sample has none
+        assert s["probe_ms"] is None or s["vs_pipeline"] > 0, s
+    assert "machine speed" in done.stdout
