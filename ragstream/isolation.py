@@ -2,12 +2,11 @@
 killed.
 
 A `LimitedPool` is a small pebble `ProcessPool` that its owner (the local parser, the chunker)
-starts on first use, or ahead of it with `warm()`, and closes with `aclose()`. A task that runs
-past `timeout_s` of wall-clock time is killed by the pool, past `cpu_s` seconds of CPU time by
-the kernel (RLIMIT_CPU, SIGXCPU), and one that asks for more than `memory_mb` of address space
-(RLIMIT_AS) fails its allocation; the pool replaces a killed process at once, and the caller
-gets a `PermanentError` that names the limit (`parse.timeout_s=2.0`). Other tasks go on in the
-other processes.
+starts on first use, or ahead of it with `warm()`, and closes with `aclose()`. A task that runs past `timeout_s` of wall-clock
+time is killed by the pool, past `cpu_s` seconds of CPU time by the kernel (RLIMIT_CPU,
+SIGXCPU), and one that asks for more than `memory_mb` of address space (RLIMIT_AS) fails its
+allocation; the pool replaces a killed process at once, and the caller gets a `PermanentError`
+that names the limit (`parse.timeout_s=2.0`). Other tasks go on in the other processes.
 
 The children are forked by the multiprocessing forkserver (started once per process, with the
 parsing and chunking modules imported), so a replacement costs a fork rather than an
