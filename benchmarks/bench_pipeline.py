@@ -10,8 +10,7 @@ One invocation, one generated corpus (`--documents` distinct Markdown documents 
 - pipeline: the default shape, `ragstream worker all` as `ragstream stack up` starts it
   (`ragstream.stack.start_workers`), against topics and a database of its own; timed from the
   start of the upload (the library publisher, as `ragstream upload` publishes) until the last
-  document is `embedded` in PostgreSQL, once every stage holds its partitions and the parse
-  and chunk pools (which the workers start as they start) are up.
+  document is `embedded` in PostgreSQL.
 - ceiling: the same documents through the same four topics by three consumer groups that
   commit, and the same rows written in batches, with no pipeline logic, written with aiokafka
   and asyncpg only (benchmarks/ceiling.py).
@@ -22,7 +21,8 @@ One invocation, one generated corpus (`--documents` distinct Markdown documents 
   pipeline and latency passes and after them (logic, ceiling, pipeline, latency, ceiling,
   logic), and each counts at the mean of its two rates: the speed of a shared machine drifts
   over minutes, and a drift then moves both sides of the ratio alike instead of one.
-- latency: a fresh pipeline, warmed up with a few documents, then fed at half the measured pipeline rate for `--latency-s` after a
+- latency: a fresh pipeline, warmed up with a few documents (its parse and chunk processes
+  start on the first), then fed at half the measured pipeline rate for `--latency-s` after a
   first `LATENCY_WARM_UP_S` at that rate that is not counted (fresh topics and tables settle);
   each document's upload-to-embedded time as PostgreSQL holds it (uploaded_at to updated_at).
 - memory: the peak RSS (VmHWM) of the worker process and every process under it, and of the
@@ -201,7 +201,6 @@ class CpuMeter:
 
 T = TypeVar("T")
 
-POOL_PROCESS: Final = "pool process (forked by the forkserver)"
 # A latency pass that ran below this share of the pipeline pass's machine speed is flagged.
 SLOWER: Final = 0.85
 
@@ -217,7 +216,7 @@ def _label(pid: int, root: int, forkservers: set[int]) -> str:
         forkservers.add(pid)
         return "multiprocessing forkserver"
     if parent in forkservers:
-        return POOL_PROCESS
+        return "pool process (forked by the forkserver)"
     if "resource_tracker" in text:
         return "multiprocessing resource tracker"
     if "-m ragstream" in text:
@@ -467,7 +466,6 @@ class Pipeline:
                 pid, _ = await asyncio.to_thread(start_workers, settings, 120.0)
             pipeline.rss = PeakRss(pid)
             await pipeline.wait_assigned()
-            await pipeline.wait_pools()
         except BaseException:
             await pipeline.stop()
             raise
@@ -490,21 +488,6 @@ class Pipeline:
                             f"the {stage} group got no partitions: {self.log_tail()}"
                         )
                     await asyncio.sleep(0.2)
-
-    async def wait_pools(self, timeout_s: float = 60.0) -> None:
-        """Until the parse and chunk stages' pools have their processes (the workers start
-        them as they start, beside joining their groups)."""
-        assert self.rss is not None
-        want = self.settings.parse.workers + self.settings.chunk.workers
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.rss.sample()
-            pools = [p for p in _tree(self.rss.root) if self.rss.labels.get(p) == POOL_PROCESS]
-            if len(pools) >= want:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(pools)} of {want} pool processes: {self.log_tail()}")
-            await asyncio.sleep(0.2)
 
     def problem(self) -> str | None:
         if self.rss is None or not Path(f"/proc/{self.rss.root}").exists():
@@ -656,8 +639,8 @@ async def latency_pass(
     rate: float,
     progress: Progress,
 ) -> tuple[Latency, PeakRss]:
-    """A fresh pipeline, warmed up with a few documents of another tenant, then fed `paths` at
-    `rate`."""
+    """A fresh pipeline, warmed up with a few documents of another tenant (its parse and chunk
+    processes start on the first document), then fed `paths` at `rate`."""
     pipeline = await Pipeline.start(bootstrap, server_dsn, work)
     warm, paced = paths[:WARM_UP], paths[WARM_UP:]
     try:
