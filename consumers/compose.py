@@ -82,13 +82,11 @@ def _typed(
 
 @dataclass(frozen=True)
 class StageParts:
-    """A stage's handler, what it starts for a whole micro-batch before its records run (the
-    embed stage's local vectors made ahead), and what starts its child processes ahead of the
-    first record (the parse and chunk stages' pools); None when nothing."""
+    """A stage's handler, and what it starts for a whole micro-batch before its records run
+    (the embed stage's local vectors made ahead); None when nothing."""
 
     handler: StageHandler
     ahead: Ahead | None = None
-    warm: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,13 +118,11 @@ def build_stage(
     if stage is Stage.PARSE:
         parser = providers.parser or owned(LocalParser(settings.parse))
         deps_p = ParseDeps.from_settings(settings, store, parser)
-        return StageParts(
-            _typed(DocumentUploaded, lambda e, ctx: parse(e, deps_p, ctx)), warm=parser.warm
-        )
+        return StageParts(_typed(DocumentUploaded, lambda e, ctx: parse(e, deps_p, ctx)))
     if stage is Stage.CHUNK:
         chunker = owned(Chunker(settings.chunk, get_tokenizer()))
         deps_c = ChunkDeps(store=store, chunker=chunker)
-        return StageParts(_typed(DocumentParsed, lambda e, _: chunk(e, deps_c)), warm=chunker.warm)
+        return StageParts(_typed(DocumentParsed, lambda e, _: chunk(e, deps_c)))
     embedder = providers.embedder or LocalEmbedder(settings.embed.dimensions)
     # The work ahead reads on a pooled connection of its own, beside the batches' (one each).
     ahead = (

@@ -190,9 +190,6 @@ async def run_workers(
             if providers is None:
                 return []
         parts = {s: build_stage(s, settings, store, providers, stack=stack) for s in stages}
-        for part in parts.values():  # pools start while the consumers join their groups
-            if part.warm is not None:
-                part.warm()
         runners = [
             StageRunner(
                 settings,

@@ -109,10 +109,6 @@ class Chunker:
             for i, (start, end, path, tokens, page) in enumerate(spans)
         ]
 
-    def warm(self) -> None:
-        """Start the chunking processes in the background, ahead of the first document."""
-        self._pool.warm()
-
     async def aclose(self) -> None:
         """Kill the chunking processes (a chunking in flight fails) and stop the pool."""
         await self._pool.aclose()

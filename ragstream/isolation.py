@@ -2,7 +2,7 @@
 killed.
 
 A `LimitedPool` is a small pebble `ProcessPool` that its owner (the local parser, the chunker)
-starts on first use, or ahead of it with `warm()`, and closes with `aclose()`. A task that runs past `timeout_s` of wall-clock
+starts on first use and closes with `aclose()`. A task that runs past `timeout_s` of wall-clock
 time is killed by the pool, past `cpu_s` seconds of CPU time by the kernel (RLIMIT_CPU,
 SIGXCPU), and one that asks for more than `memory_mb` of address space (RLIMIT_AS) fails its
 allocation; the pool replaces a killed process at once, and the caller gets a `PermanentError`
@@ -39,15 +39,12 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import forkserver
 from typing import Any, Final, TypeVar
 
-import structlog
 from pebble import ProcessExpired, ProcessPool
 
 from ragstream.errors import PermanentError, RetryableError
 from ragstream.settings import ChildLimits
 
 T = TypeVar("T")
-
-log = structlog.get_logger(__name__)
 
 # Imported once by the forkserver, so every child starts with them loaded.
 PRELOAD: Final = (
@@ -76,7 +73,6 @@ class LimitedPool:
         self._lock = asyncio.Lock()
         self._waiting: set[asyncio.Future[Any]] = set()
         self._started: asyncio.Future[bool] | None = None
-        self._warming: asyncio.Task[None] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
 
@@ -118,32 +114,9 @@ class LimitedPool:
             self._discard(pool)
             raise RetryableError(f"the local {self.section} pool broke: {exc!r}") from exc
 
-    def warm(self) -> None:
-        """Start the pool in the background, so the first task does not wait for the
-        forkserver and the children (a second or two on a busy machine). A start that fails
-        is logged; the first `run` tries again."""
-        if self._closed or self._pool is not None or self._warming is not None:
-            return
-        self._warming = asyncio.create_task(self._warm(), name=f"warm the {self.section} pool")
-
-    async def _warm(self) -> None:
-        try:
-            await self._ready()
-        except Exception as exc:  # the first task starts it (and reports what stops it)
-            if not self._closed:
-                log.warning(
-                    "could not start the local pool ahead of its first task",
-                    pool=self.section,
-                    error=str(exc),
-                )
-
     async def aclose(self) -> None:
         """Kill the children at once (whatever they are doing) and stop the pool's threads."""
         self._closed = True
-        if self._warming is not None:  # a start under way is stopped below, once it is up
-            self._warming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._warming
         for waiter in list(self._waiting):
             if not waiter.done():
                 waiter.set_exception(

@@ -69,6 +69,3 @@ class SwitchingParser(ModeSwitch[Parser]):
 
     async def parse(self, data: bytes, *, filename: str, content_type: str) -> ParseResult:
         return await self.current().parse(data, filename=filename, content_type=content_type)
-
-    def warm(self) -> None:
-        self.current().warm()

@@ -227,11 +227,6 @@ class GuardedParser(_Guard, Parser):
             lambda: self._fallback().parse(data, filename=filename, content_type=content_type),
         )
 
-    def warm(self) -> None:
-        self.primary.warm()
-        if self.fallback is not None:
-            self.fallback.warm()
-
     def _fallback(self) -> Parser:
         assert self.fallback is not None
         return self.fallback

@@ -73,14 +73,6 @@ async def test_crafted_pdfs_are_killed_at_the_limit_and_cannot_hold_the_worker(
             assert worker.alive(), worker.tail()
             assert time.monotonic() < deadline, f"no partitions assigned:\n{worker.tail()}"
             await asyncio.sleep(0.1)
-        # The parse and chunk pools start with the worker, not with the first document:
-        # worker all > stage process > forkserver > the pool's processes.
-        await wait_until(
-            lambda: len(descendants(worker.pid, below=3)) >= PARSE_WORKERS + 2,
-            60,
-            "the parse and chunk pools started ahead of the first document",
-            explain=worker.tail,
-        )
 
         with Watch(worker.pid) as watch:
             async with Uploader(settings) as uploader:

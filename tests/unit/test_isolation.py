@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from multiprocessing import forkserver
 
 import pytest
 
@@ -48,38 +47,6 @@ async def test_cancelling_a_call_kills_its_process_and_the_pool_replaces_it() ->
         assert after != before
     finally:
         await pool.aclose()
-
-
-def _forked() -> set[int]:
-    """The children of this process's forkserver (started with the first pool, kept for the
-    next): the pools' processes."""
-    server = forkserver._forkserver._forkserver_pid
-    return set(descendants(server)) if server is not None else set()
-
-
-async def test_warming_starts_the_children_before_any_task() -> None:
-    before = _forked()
-    pool = _pool(workers=2)
-    try:
-        pool.warm()
-        pool.warm()  # once is enough; again does nothing
-        await _until(lambda: len(_forked() - before) == 2, 20, "two children, started ahead")
-        started = _forked() - before
-        assert await pool.run(os.getpid, what="asking") in started
-    finally:
-        await pool.aclose()
-    await _until(lambda: not _forked() - before, 5, "closing stops them")
-
-
-async def test_closing_a_pool_while_it_warms_leaves_no_child_and_no_task() -> None:
-    before = _forked()
-    pool = _pool(workers=2)
-    pool.warm()
-    await pool.aclose()
-    await _until(lambda: not _forked() - before, 10, "no child of the pool left")
-    assert not [t for t in asyncio.all_tasks() if "warm" in t.get_name()]
-    with pytest.raises(RuntimeError, match="closed"):
-        await pool.run(os.getpid, what="asking")
 
 
 async def test_a_process_that_dies_fails_its_call_permanently_and_is_replaced() -> None:

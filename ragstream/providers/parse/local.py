@@ -9,8 +9,8 @@ the PDF is open. The parse itself runs in a child process of the parser's own po
 (`ragstream.isolation`), killed and replaced when it passes `parse.timeout_s` of wall-clock
 time, `parse.cpu_s` of CPU time or `parse.memory_mb` of memory, so a crafted file cannot hold
 a thread or the worker. Passing a limit, a corrupt or encrypted file, or a document with no
-text is a `PermanentError` (retrying cannot help). The pool starts on the first parse, or
-ahead of it with `warm()` (a stage worker does so as it starts); its owner calls `aclose()`.
+text is a `PermanentError` (retrying cannot help). The pool starts on the first parse; its
+owner calls `aclose()`.
 """
 
 from __future__ import annotations
@@ -54,10 +54,6 @@ class LocalParser(Parser):
     def __init__(self, settings: ParseSettings) -> None:
         self.settings = settings
         self._pool = LimitedPool("parse", settings)
-
-    def warm(self) -> None:
-        """Start the parsing processes in the background, ahead of the first document."""
-        self._pool.warm()
 
     async def aclose(self) -> None:
         """Kill the parsing processes (a parse in flight fails) and stop the pool."""

@@ -37,8 +37,8 @@ class ParseResult:
 
 
 class Parser(Protocol):
-    """The parse port. A provider that subclasses it gets `current` (itself), `warm` and
-    `aclose` (nothing to start or close); a mode switch (`ragstream.providers.modes`) answers `current` with the
+    """The parse port. A provider that subclasses it gets `current` (itself) and `aclose`
+    (nothing to close); a mode switch (`ragstream.providers.modes`) answers `current` with the
     parser of the mode in force."""
 
     @property
@@ -49,10 +49,6 @@ class Parser(Protocol):
     def current(self) -> Parser:
         """The parser serving now."""
         return self
-
-    def warm(self) -> None:
-        """Start in the background what the first parse would start (child processes)."""
-        return None
 
     async def aclose(self) -> None:
         """Release what the parser holds (child processes, HTTP clients, pollers)."""
