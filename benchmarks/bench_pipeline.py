@@ -226,7 +226,7 @@ def _label(pid: int, root: int, forkservers: set[int]) -> str:
 
 # The probe's work: some 10 ms of CPU on the 2-core machine, every 2 s (half a percent of a core).
 _PROBE = """
-import sys, time
+import time
 while True:
     began = time.process_time()
     total = 0
