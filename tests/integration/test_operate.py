@@ -262,9 +262,11 @@ async def test_sigterm_mid_batch_hands_over_at_once_and_loses_and_repeats_nothin
             server,
             RAGSTREAM_KAFKA__SESSION_TIMEOUT_MS="45000",
             RAGSTREAM_KAFKA__CONCURRENT_BATCHES="1",
+            RAGSTREAM_KAFKA__BATCH_RECORDS="1",
         )
         a, b = (
-            # One batch at a time (the remote service would size it to 8): mid-batch, slowly.
+            # One document at a time, each a request of 0.3 s or more: embed-a is almost always
+            # in the middle of one, and its share of the backlog lasts seconds after the split.
             WorkerProcess(
                 settings,
                 EMBED,
