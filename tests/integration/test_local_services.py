@@ -19,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from ragstream.devstack.jars import CONSUMER_GROUPS, kafka_tool_command
+from ragstream.devstack.jars import CONSUMER_GROUPS, java_binary, kafka_tool_command
 from ragstream.devstack.kafka import LocalKafka
 from ragstream.devstack.postgres import LocalPostgres
 from ragstream.errors import InfrastructureError
@@ -93,6 +93,17 @@ def test_start_again_returns_at_once_with_the_same_broker(own_kafka: LocalKafka)
     # Another process (a fresh object on the same directory) sees it running too.
     twin = LocalKafka(own_kafka.data_dir, own_kafka.port, own_kafka.controller_port)
     assert twin.is_running() and twin.pid() == pid
+
+
+def test_the_broker_jvm_compiles_with_c1_only(own_kafka: LocalKafka) -> None:
+    # The running JVM's own flags: no C2 compiler threads competing with the pipeline.
+    pid = own_kafka.pid()
+    assert pid is not None
+    jcmd = Path(java_binary()).resolve().with_name("jcmd")
+    flags = subprocess.run(
+        [str(jcmd), str(pid), "VM.flags"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "-XX:TieredStopAtLevel=1" in flags.split(), flags
 
 
 def test_a_taken_port_fails_with_the_broker_log(
