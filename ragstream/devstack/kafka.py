@@ -303,9 +303,9 @@ class LocalKafka:
             f"-Xms{_initial_heap(self.heap)}",
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
-            # C1 only: on a machine of two or four cores the broker shares with the workers
-            # and PostgreSQL, C2's compilations took 7-16% of a core for minutes after a start
-            # (and came back with each new mix of requests), more than its faster code saved.
+            # C1 only: on the 2-core machine the broker shares with the workers and PostgreSQL,
+            # C2's compilations took 7-16% of a core for minutes after a start (and came back
+            # with each new mix of requests), more than its faster code saved.
             "-XX:TieredStopAtLevel=1",
             "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true",
