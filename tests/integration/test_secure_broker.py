@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
-from typer.testing import CliRunner
 
 from producers.upload import Uploader
 from ragstream.admin import ensure_topics
-from ragstream.cli import app
 from ragstream.devstack.kafka import LocalKafka
 from ragstream.devstack.secure import ADMIN, PUBLISHER, WORKER, SecureSetup
 from ragstream.settings import Settings, load_settings
@@ -66,9 +64,23 @@ async def secured(settings: Settings, secure_kafka: LocalKafka) -> Settings:
 
 
 async def _cli(env: dict[str, str], *args: str) -> tuple[int, str]:
-    env = {k: v for k, v in env.items() if k.startswith("RAGSTREAM_")} | {"COLUMNS": "200"}
-    result = await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env)
-    return result.exit_code, result.output
+    """`python -m ragstream ARGS` as an operator runs it, in a process of its own (an event
+    loop in a thread of this process, beside the workers' forkservers, could miss a wake-up
+    as it closed): exit code, stdout and stderr together."""
+    ours = {k: v for k, v in env.items() if k.startswith("RAGSTREAM_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ragstream",
+        *args,
+        env=base | ours | {"COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
 
 
 async def test_the_pipeline_runs_against_the_secure_broker(
