@@ -206,12 +206,19 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 async def ragstream(settings: Settings, *args: str) -> tuple[int, str, str]:
     """`python -m ragstream ARGS` for this test's broker and prefix: exit code, stdout, stderr."""
+    env = worker_env(settings, RAGSTREAM_OBSERVABILITY__LOG_FORMAT="console", COLUMNS="200")
+    return await ragstream_in(env, *args)
+
+
+async def ragstream_in(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """`python -m ragstream ARGS` in a process of its own with exactly `env`: exit code,
+    stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "ragstream",
         *args,
-        env=worker_env(settings, RAGSTREAM_OBSERVABILITY__LOG_FORMAT="console", COLUMNS="200"),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

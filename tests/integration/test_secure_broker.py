@@ -25,6 +25,7 @@ from ragstream.topology import Stage, Topology
 from tests.conftest import new_local_kafka, running_kafka
 from tests.integration.pipeline_helpers import (
     make_corpus,
+    ragstream_in,
     wait_for_statuses,
     worker_env,
     workers,
@@ -64,23 +65,11 @@ async def secured(settings: Settings, secure_kafka: LocalKafka) -> Settings:
 
 
 async def _cli(env: dict[str, str], *args: str) -> tuple[int, str]:
-    """`python -m ragstream ARGS` as an operator runs it, in a process of its own (an event
-    loop in a thread of this process, beside the workers' forkservers, could miss a wake-up
-    as it closed): exit code, stdout and stderr together."""
-    ours = {k: v for k, v in env.items() if k.startswith("RAGSTREAM_")}
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ragstream",
-        *args,
-        env=base | ours | {"COLUMNS": "200"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 90)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    """`ragstream ARGS` as an operator runs it, in a process of its own (an event loop in a
+    thread of this process, beside the workers' forkservers, could miss a wake-up as it
+    closed): exit code, and stdout then stderr."""
+    code, out, err = await ragstream_in(env | {"COLUMNS": "200"}, *args)
+    return code, out + err
 
 
 async def test_the_pipeline_runs_against_the_secure_broker(
