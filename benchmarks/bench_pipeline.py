@@ -695,9 +695,6 @@ async def ceiling_pass(
         try:
             # sampled as they run: each stage process ends once it has seen every document
             samplers = [PeakRss(stage.process.pid) for stage in stages]
-            for sampler in samplers:
-                sampler.sample()
-            stages_before = sum(sampler.cpu_s for sampler in samplers)
             following = [asyncio.create_task(sampler.follow()) for sampler in samplers]
             meter.start()
             started = time.time()
@@ -707,12 +704,11 @@ async def ceiling_pass(
             finally:
                 for task in following:
                     task.cancel()
-            for sampler in samplers:
-                sampler.sample()
-            own = sum(sampler.cpu_s for sampler in samplers) - stages_before
-            cpu = {"stages": own, **meter.stop()}
+            servers_cpu = meter.stop()
             published_s = await publishing
             reports = await ceiling.finish_stages(stages, timeout_s=60)
+            # each stage process counts its own CPU from `ready` on, to its end
+            cpu = {"stages": sum(r.times.cpu_s for r in reports.values()), **servers_cpu}
         finally:
             await ceiling.stop_stages(stages)
         chunks = await count_rows(dsn, "chunks")

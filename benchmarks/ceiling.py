@@ -195,6 +195,8 @@ class StageTimes:
     busy_s: float = 0.0  # from its first poll with records to its last commit
     postgres_s: float = 0.0  # in its transactions
     kafka_s: float = 0.0  # sending, waiting for acknowledgements, committing
+    cpu_s: float = 0.0  # the process's CPU seconds from `ready` to the end (ns-precise, unlike
+    # /proc's ticks, which round a short pass's few milliseconds to nothing)
 
 
 async def run_stage(stage: str, config: CeilingConfig) -> StageTimes:
@@ -222,6 +224,7 @@ async def run_stage(stage: str, config: CeilingConfig) -> StageTimes:
     try:
         await assigned.all.wait()  # the group joins in the background
         print("ready", flush=True)
+        cpu_at_ready = time.process_time()
         handled = 0
         write = {"parse": _parse, "chunk": _chunk, "embed": _embed}[stage]
         while handled < config.documents:
@@ -242,6 +245,7 @@ async def run_stage(stage: str, config: CeilingConfig) -> StageTimes:
             times.postgres_s += written - started
             times.kafka_s += done - written
             times.busy_s = done - first
+        times.cpu_s = time.process_time() - cpu_at_ready
     finally:
         await consumer.stop()
         await producer.stop()
