@@ -60,6 +60,12 @@ def node_properties(
         "log.cleaner.threads": "1",
         "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
         "log.cleaner.backoff.ms": "5000",
+        # Index files of 1 MiB, not 10: each is a sparse file the broker maps, and its first
+        # write faults in a read-around of the disk's whole readahead window (read_ahead_kb,
+        # 8 MiB on some virtual disks), zero pages the kernel fills and charges to the request
+        # handler: about 10 CPU-seconds, with every request waiting, when a fresh set of topics
+        # takes its first records. A segment still rolls only after hundreds of MiB.
+        "log.index.size.max.bytes": str(1024 * 1024),
         "num.network.threads": "2",
         "num.io.threads": "4",
         "num.recovery.threads.per.data.dir": "1",

@@ -106,6 +106,31 @@ def test_the_broker_jvm_compiles_with_c1_only(own_kafka: LocalKafka) -> None:
     assert "-XX:TieredStopAtLevel=1" in flags.split(), flags
 
 
+async def test_the_broker_maps_index_files_of_one_mib(own_kafka: LocalKafka, prefix: str) -> None:
+    # A partition's index files are sparse files of their maximum size, mapped; the first write
+    # faults in the disk's readahead window of zero pages, so they are kept small (10 MiB is
+    # Kafka's default).
+    topic = f"{prefix}.index-size"
+    admin = AIOKafkaAdminClient(bootstrap_servers=own_kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=own_kafka.bootstrap)
+    await producer.start()
+    try:
+        for n in range(3):  # batches past index.interval.bytes (4 KiB): an index entry is made
+            await producer.send_and_wait(topic, bytes(8192), key=str(n).encode())
+    finally:
+        await producer.stop()
+    # the entry was written (its files made) before the broker acknowledged the batch
+    indexes = sorted((own_kafka.log_dirs / f"{topic}-0").glob("*.*index"))
+    sizes = {path.name: path.stat().st_size for path in indexes}
+    assert {path.suffix for path in indexes} == {".index", ".timeindex"}, sizes
+    assert all(0 < size <= 1024 * 1024 for size in sizes.values()), sizes
+
+
 def test_a_taken_port_fails_with_the_broker_log(
     tmp_path: Path, taken_port: int, own_kafka: LocalKafka
 ) -> None:
