@@ -875,8 +875,8 @@ class Report:
             cpu.add_column(column, justify="left" if column == "pass" else "right")
         for p in (self.pipeline, self.ceiling, self.logic):
             per = {g: p.cpu_s.get(g, 0.0) * 1000 / p.documents for g in groups}
-            cells = [f"{per[g]:.0f}" if g in p.cpu_s else "" for g in groups]
-            cpu.add_row(p.name, *cells, f"{sum(per.values()):.0f}")
+            cells = [f"{per[g]:.1f}" if g in p.cpu_s else "" for g in groups]
+            cpu.add_row(p.name, *cells, f"{sum(per.values()):.1f}")
         console.print(cpu)
         stages = Table(
             title="the ceiling's stage processes: where their time went (mean of its runs)"
