@@ -35,6 +35,24 @@ def free_port() -> int:
         return port
 
 
+async def _topic_with(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    """A new topic of one partition holding `records` (key, value), each sent as its own batch
+    and acknowledged."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
 @pytest.fixture
 def own_kafka(local_kafka: LocalKafka | None) -> LocalKafka:
     if local_kafka is None:
@@ -111,19 +129,10 @@ async def test_the_broker_maps_index_files_of_one_mib(own_kafka: LocalKafka, pre
     # faults in the disk's readahead window of zero pages, so they are kept small (10 MiB is
     # Kafka's default).
     topic = f"{prefix}.index-size"
-    admin = AIOKafkaAdminClient(bootstrap_servers=own_kafka.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=own_kafka.bootstrap)
-    await producer.start()
-    try:
-        for n in range(3):  # batches past index.interval.bytes (4 KiB): an index entry is made
-            await producer.send_and_wait(topic, bytes(8192), key=str(n).encode())
-    finally:
-        await producer.stop()
+    # batches past index.interval.bytes (4 KiB): an index entry is made
+    await _topic_with(
+        own_kafka.bootstrap, topic, [(str(n).encode(), bytes(8192)) for n in range(3)]
+    )
     # the entry was written (its files made) before the broker acknowledged the batch
     indexes = sorted((own_kafka.log_dirs / f"{topic}-0").glob("*.*index"))
     sizes = {path.name: path.stat().st_size for path in indexes}
@@ -202,18 +211,7 @@ async def test_kafkas_consumer_group_command_lists_our_group(
     kafka_bootstrap: str, kafka_classpath: list[Path], prefix: str
 ) -> None:
     topic, group = f"{prefix}.tools", f"{prefix}-tools"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, b"hello", key=b"k")
-    finally:
-        await producer.stop()
+    await _topic_with(kafka_bootstrap, topic, [(b"k", b"hello")])
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=kafka_bootstrap,
